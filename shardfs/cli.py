@@ -1,0 +1,346 @@
+"""The `shardfs` command line. User errors: one line on stderr and a non-zero exit.
+
+Nothing here imports pyfuse3 or talks to Redis before a subcommand needs it, so
+`--help` works on a machine with neither.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import ShardfsError, UsageError
+
+EPILOG = """\
+Where the index lives: --redis URL, else $SHARDFS_REDIS, else an embedded redis-server
+that shardfs starts on a unix socket under $SHARDFS_HOME (default ~/.local/share/shardfs).
+With no node registered, `put` registers the local node file://$SHARDFS_HOME/nodes/local.
+"""
+
+
+def _index(args):
+    from .connect import open_index
+    return open_index(args.redis)
+
+
+def _size(text):
+    from .units import parse_size
+    return parse_size(text)
+
+
+def _print_json(obj):
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# -- nodes ------------------------------------------------------------------------------
+
+def cmd_node_add(args):
+    from .nodeserver import read_token
+    from .stores import open_store
+    from .errors import NodeError
+    idx = _index(args)
+    if args.weight <= 0:
+        raise UsageError("--weight must be positive")
+    token = read_token(args.token_file)
+    store = open_store(args.url, token)
+    if args.url.startswith("file://"):
+        try:
+            os.makedirs(store.root, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create node directory {store.root}: {e.strerror}") from None
+    try:
+        health = store.health()
+    except NodeError as e:
+        if not args.offline:
+            raise ShardfsError(f"node {args.url} does not answer ({e}); use --offline to add it anyway") from None
+        health = None
+    finally:
+        store.close()
+    node = idx.add_node(args.url, args.weight, token)
+    extra = f", {health['free'] / 2**30:.1f} GiB free" if health else ", not reachable now"
+    print(f"added node {node.id} {node.url} (weight {node.weight:g}{extra})")
+
+
+def cmd_node_ls(args):
+    from .errors import NodeError
+    from .pool import NodePool
+    idx = _index(args)
+    pool = NodePool(idx.nodes())
+    health = pool.probe()
+    rows = []
+    for nid, node in pool.nodes.items():
+        h = health.get(nid)
+        up = not isinstance(h, NodeError)
+        rows.append({"id": nid, "url": node.url, "weight": node.weight, "state": node.state, "up": up,
+                     "used": h.get("used") if up else None, "free": h.get("free") if up else None,
+                     "error": None if up else str(h)})
+    pool.close()
+    if args.json:
+        _print_json(rows)
+        return
+    if not rows:
+        print("no nodes registered; add one with `shardfs node add URL`")
+        return
+    from .units import human
+    print(f"{'ID':<5} {'STATE':<9} {'UP':<5} {'WEIGHT':>6} {'USED':>10} {'FREE':>10}  URL")
+    for r in rows:
+        used = human(r["used"]) if r["used"] is not None else "-"
+        free = human(r["free"]) if r["free"] is not None else "-"
+        print(f"{r['id']:<5} {r['state']:<9} {'yes' if r['up'] else 'NO':<5} {r['weight']:>6g} {used:>10} "
+              f"{free:>10}  {r['url']}")
+
+
+def cmd_node_rm(args):
+    idx = _index(args)
+    idx.remove_node(args.id)
+    print(f"removed node {args.id}; run `shardfs verify --repair` to restore replicas it held")
+
+
+def cmd_node_drain(args):
+    idx = _index(args)
+    idx.set_node_state(args.id, "draining" if not args.undo else "active")
+    print(f"node {args.id} is {'draining: new chunks go elsewhere' if not args.undo else 'active again'}")
+
+
+def cmd_node_serve(args):
+    from .nodeserver import serve
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(args.root, args.listen, args.token_file)
+
+
+# -- models -----------------------------------------------------------------------------
+
+def cmd_put(args):
+    from .connect import home
+    from .ingest import put_file, summary
+    idx = _index(args)
+    name = args.name or os.path.basename(os.path.abspath(args.file))
+    default_node = "file://" + os.path.join(home(), "nodes", "local")
+    res = put_file(idx, args.file, name, replicas=args.replicas, chunk_size=args.chunk_size,
+                   force=args.force, progress=None if not args.no_progress else False,
+                   default_node_url=default_node)
+    print(summary(res))
+
+
+def _version_row(ver, stats):
+    st = stats.get(ver.vid, {})
+    stored = st.get("stored", 0)
+    return {"name": ver.name, "version": ver.vid, "size": ver.size, "stored": stored,
+            "unique": st.get("unique", 0), "shared": st.get("shared", 0),
+            "ratio": round(stored / ver.size, 4) if ver.size else 0.0,
+            "chunks": len(ver.manifest), "replicas": ver.replicas, "sha256": ver.sha256,
+            "created": ver.created}
+
+
+def cmd_ls(args):
+    from .maintenance import stored_stats
+    from .units import human
+    idx = _index(args)
+    models = {n: v for n, v in idx.models().items() if n.startswith(args.prefix or "")}
+    vers = sorted(idx.versions(list(models.values())), key=lambda v: v.name)
+    stats = stored_stats(idx, [v.vid for v in vers])
+    rows = [_version_row(v, stats) for v in vers]
+    if args.json:
+        _print_json(rows)
+        return
+    if not rows:
+        print("no models" + (f" under {args.prefix!r}" if args.prefix else ""))
+        return
+    print(f"{'SIZE':>10} {'STORED':>10} {'RATIO':>6} {'CHUNKS':>6} {'VER':>5}  NAME")
+    for r in rows:
+        print(f"{human(r['size']):>10} {human(r['stored']):>10} {r['ratio']:>6.3f} {r['chunks']:>6} "
+              f"{r['version']:>5}  {r['name']}")
+    tot_size = sum(r["size"] for r in rows)
+    tot_unique = sum(r["unique"] for r in rows)
+    shared_total = _shared_total(idx, vers)
+    print(f"total: {human(tot_size)} in {len(rows)} model(s), {human(tot_unique + shared_total)} stored per "
+          f"replica ({human(shared_total)} shared between versions)")
+
+
+def _shared_total(idx, vers):
+    seen, total = set(), 0
+    counts: dict[bytes, int] = {}
+    for v in idx.versions(idx.all_vids()):
+        for c in set(v.manifest.ids):
+            counts[c] = counts.get(c, 0) + 1
+    shared = [c for v in vers for c in set(v.manifest.ids) if counts.get(c, 0) > 1 and not (c in seen or seen.add(c))]
+    for info in idx.chunk_info([c.hex() for c in shared]):
+        total += info["stored"] if info else 0
+    return total
+
+
+def cmd_info(args):
+    from .maintenance import stored_stats
+    from .units import human
+    idx = _index(args)
+    ver = idx.model(args.name)
+    row = _version_row(ver, stored_stats(idx, [ver.vid]))
+    row["chunk_size"] = ver.chunk_size
+    row["codecs"] = ver.stats.get("codecs", {})
+    row["versions"] = idx.model_vids(args.name)
+    if args.json:
+        _print_json(row)
+        return
+    print(f"name:      {row['name']}")
+    print(f"version:   {row['version']} (kept versions: {', '.join(map(str, row['versions']))})")
+    print(f"created:   {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ver.created))}")
+    print(f"size:      {row['size']} bytes ({human(row['size'])})")
+    print(f"stored:    {human(row['stored'])} per replica, ratio {row['ratio']:.3f} "
+          f"(unique {human(row['unique'])}, shared {human(row['shared'])})")
+    print(f"chunks:    {row['chunks']} x up to {human(ver.chunk_size)}, R={row['replicas']}")
+    print(f"codecs:    {', '.join(f'{k}: {v}' for k, v in sorted(row['codecs'].items())) or '-'}")
+    print(f"sha256:    {row['sha256']}")
+
+
+def cmd_get(args):
+    from .maintenance import get_model
+    idx = _index(args)
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=idx.model(args.name).size, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"get {args.name}", file=sys.stderr)
+    try:
+        ver, dest = get_model(idx, args.name, args.dest, bar)
+    finally:
+        if bar:
+            bar.close()
+    print(f"wrote {dest}: {ver.size} bytes, sha256 {ver.sha256} verified")
+
+
+def cmd_rm(args):
+    from .names import check_name
+    idx = _index(args)
+    check_name(args.name)
+    vids = idx.remove(args.name)
+    print(f"removed {args.name} ({len(vids)} version(s)); run `shardfs gc` to reclaim unshared chunks")
+
+
+def cmd_verify(args):
+    from .maintenance import verify
+    idx = _index(args)
+    rep = verify(idx, [args.name] if args.name else None, repair=args.repair)
+    print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
+          f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, {len(rep.lost)} lost"
+          + (f", {rep.repaired} repaired" if args.repair else ""))
+    if rep.lost or (not rep.ok and not args.repair) or (args.repair and rep.repaired < len(rep.under)):
+        sys.exit(1)
+
+
+def cmd_gc(args):
+    from .maintenance import gc
+    from .units import human
+    idx = _index(args)
+    n, freed = gc(idx)
+    print(f"gc: deleted {n} unreferenced chunk(s), {human(freed)} per replica")
+
+
+# -- parser -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shardfs", description="Store ML model checkpoints as compressed, "
+                                "replicated, content-addressed chunks and read them back through a "
+                                "read-only FUSE mount.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--redis", metavar="URL", help="Redis index URL (redis://, rediss://, unix://); "
+                   "default $SHARDFS_REDIS or the embedded server")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    node = sub.add_parser("node", help="manage backing nodes").add_subparsers(dest="node_cmd", required=True,
+                                                                               metavar="ACTION")
+    a = node.add_parser("add", help="register a node (file:///path or http://host:port)")
+    a.add_argument("url")
+    a.add_argument("--weight", type=float, default=1.0, help="relative share of chunks (default 1)")
+    a.add_argument("--token-file", help="file holding the node's write token")
+    a.add_argument("--offline", action="store_true", help="register even if the node does not answer now")
+    a.set_defaults(func=cmd_node_add)
+    a = node.add_parser("ls", help="list nodes with health and free space")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_node_ls)
+    a = node.add_parser("rm", help="unregister a node (then `verify --repair`)")
+    a.add_argument("id")
+    a.set_defaults(func=cmd_node_rm)
+    a = node.add_parser("drain", help="stop placing new chunks on a node (then `verify --repair`)")
+    a.add_argument("id")
+    a.add_argument("--undo", action="store_true", help="make the node active again")
+    a.set_defaults(func=cmd_node_drain)
+    a = node.add_parser("serve", help="run an HTTP node server over a directory")
+    a.add_argument("--root", required=True, help="directory holding the chunks")
+    a.add_argument("--listen", required=True, metavar="HOST:PORT")
+    a.add_argument("--token-file", help="require this token (Authorization: Bearer) for PUT and DELETE")
+    a.set_defaults(func=cmd_node_serve)
+
+    a = sub.add_parser("put", help="ingest a checkpoint file")
+    a.add_argument("file")
+    a.add_argument("--name", help="model name, a relative path like org/model.safetensors (default: file name)")
+    a.add_argument("--replicas", type=int, help="copies of each chunk (default min(2, live nodes))")
+    a.add_argument("--chunk-size", type=_size, default=4 << 20, help="64KiB..64MiB (default 4MiB)")
+    a.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+    a.set_defaults(func=cmd_put)
+
+    a = sub.add_parser("ls", help="list models: size, stored bytes, ratio, chunks, version")
+    a.add_argument("prefix", nargs="?")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_ls)
+    a = sub.add_parser("info", help="details of one model")
+    a.add_argument("name")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=cmd_info)
+    a = sub.add_parser("get", help="reassemble a model into a file without FUSE, verified")
+    a.add_argument("name")
+    a.add_argument("dest", help="file path or existing directory")
+    a.set_defaults(func=cmd_get)
+    a = sub.add_parser("rm", help="remove a model and its versions (chunks go at the next gc)")
+    a.add_argument("name")
+    a.set_defaults(func=cmd_rm)
+    a = sub.add_parser("verify", help="check every chunk is hash-valid on R live nodes")
+    a.add_argument("name", nargs="?")
+    a.add_argument("--repair", action="store_true", help="re-replicate and drop bad copies")
+    a.set_defaults(func=cmd_verify)
+    a = sub.add_parser("gc", help="delete chunks that no version references")
+    a.set_defaults(func=cmd_gc)
+
+    try:
+        from .mountcli import add_mount_commands
+    except ImportError:  # pragma: no cover - the mount module is optional at import time
+        pass
+    else:
+        add_mount_commands(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="shardfs: %(levelname)s: %(message)s")
+    import redis
+    try:
+        args.func(args)
+    except ShardfsError as e:
+        print(f"shardfs: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except redis.RedisError as e:
+        from .connect import display_url, resolve_url
+        try:
+            url = display_url(resolve_url(args.redis))
+        except ShardfsError:
+            url = "the index"
+        print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("shardfs: interrupted; nothing was published (run `shardfs gc` to reclaim partial uploads)"
+              if args.cmd == "put" else "shardfs: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The chunk envelope: the only module that knows how a stored chunk is laid out.
+
+A stored chunk is a fixed header followed by the codec's payload:
+
+    offset size field
+    0      4    magic  b"SFCK"
+    4      1    format version (FORMAT_VERSION)
+    5      1    codec id (stable one-byte number, see CODECS)
+    6      2    reserved, zero
+    8      8    raw length (little-endian u64)
+    16     8    payload length (u64)
+    24     32   chunk id = BLAKE3-256 of the raw bytes
+    56          payload
+
+Codec ids never change meaning once released; the names users see are separate.
+Grouped codecs split the raw bytes into k byte streams (byte 0 of every k-byte word,
+then byte 1, ...), which turns bf16/fp32 weights into one compressible exponent stream
+and incompressible mantissa streams; each stream is stored lz4 or raw, whichever is
+smaller, so the mantissa streams cost a memcpy on decode. Trailing raw_len % k bytes
+are stored verbatim after the streams.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import blake3
+import lz4.block
+import numpy as np
+
+from .errors import CorruptChunk
+
+MAGIC = b"SFCK"
+FORMAT_VERSION = 1
+READABLE_VERSIONS = {1}
+HEADER = struct.Struct("<4sBBH QQ 32s")  # 56 bytes
+HEADER_SIZE = HEADER.size
+ID_SIZE = 32
+
+CODEC_RAW = 0
+CODEC_LZ4 = 1
+CODEC_LZ4_GROUP2 = 2
+CODEC_LZ4_GROUP4 = 3
+CODECS = {"raw": CODEC_RAW, "lz4": CODEC_LZ4, "lz4-g2": CODEC_LZ4_GROUP2, "lz4-g4": CODEC_LZ4_GROUP4}
+CODEC_NAMES = {v: k for k, v in CODECS.items()}
+GROUP_WIDTH = {CODEC_LZ4_GROUP2: 2, CODEC_LZ4_GROUP4: 4}
+
+# Compression must save at least this fraction to be kept; otherwise we store raw.
+MIN_SAVING = 0.03
+MAX_RAW = 64 << 20
+# Worst case lz4 expansion is tiny; bound a stored envelope for server body limits.
+MAX_STORED = HEADER_SIZE + MAX_RAW + MAX_RAW // 128 + 64
+
+_STREAM = struct.Struct("<BI")  # per stream: mode (0 raw, 1 lz4), stored length
+
+
+def chunk_id(raw) -> bytes:
+    return blake3.blake3(raw, max_threads=1).digest()
+
+
+def _group(raw, k: int) -> np.ndarray:
+    n = len(raw) // k
+    words = np.frombuffer(raw, np.uint8, count=n * k).reshape(n, k)
+    out = np.empty((k, n), np.uint8)
+    for i in range(k):
+        out[i] = words[:, i]
+    return out
+
+
+def _encode_grouped(raw, k: int) -> bytes | None:
+    streams = _group(raw, k)
+    parts, heads, total = [], [], 0
+    for s in streams:
+        sb = s.tobytes()
+        packed = lz4.block.compress(sb, store_size=False)
+        if len(packed) < len(sb) * (1 - MIN_SAVING):
+            heads.append(_STREAM.pack(1, len(packed)))
+            parts.append(packed)
+        else:
+            heads.append(_STREAM.pack(0, len(sb)))
+            parts.append(sb)
+        total += len(parts[-1])
+    if total >= len(raw) * (1 - MIN_SAVING):
+        return None
+    tail = bytes(memoryview(raw)[len(streams[0]) * k:])
+    return b"".join(heads + parts) + tail
+
+
+def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
+    n = raw_len // k
+    out = np.empty((n, k), np.uint8)
+    pos = _STREAM.size * k
+    for i in range(k):
+        mode, length = _STREAM.unpack_from(payload, i * _STREAM.size)
+        part = payload[pos:pos + length]
+        if len(part) != length:
+            raise CorruptChunk("grouped stream truncated")
+        pos += length
+        if mode == 1:
+            part = lz4.block.decompress(part, uncompressed_size=n)
+        elif mode != 0:
+            raise CorruptChunk(f"unknown stream mode {mode}")
+        if len(part) != n:
+            raise CorruptChunk("grouped stream has the wrong length")
+        out[:, i] = np.frombuffer(part, np.uint8)
+    tail = payload[pos:]
+    if len(tail) != raw_len - n * k:
+        raise CorruptChunk("grouped tail has the wrong length")
+    return out.tobytes() + bytes(tail)
+
+
+def encode(raw, codec: str | int | None = None, cid: bytes | None = None) -> tuple[bytes, bytes, int]:
+    """Encode raw bytes into an envelope. Returns (chunk id, envelope, codec id).
+
+    `codec` names a preferred codec (or None: try lz4-g2, then lz4); raw is used when
+    compression does not save MIN_SAVING.
+    """
+    raw = memoryview(raw).cast("B")
+    if len(raw) > MAX_RAW:
+        raise ValueError(f"chunk of {len(raw)} bytes exceeds {MAX_RAW}")
+    cid = cid or chunk_id(raw)
+    if isinstance(codec, str):
+        codec = CODECS[codec]
+    candidates = [codec] if codec is not None else [CODEC_LZ4_GROUP2, CODEC_LZ4]
+    payload, used = None, CODEC_RAW
+    for c in candidates:
+        if c == CODEC_RAW:
+            break
+        if c == CODEC_LZ4:
+            packed = lz4.block.compress(raw, store_size=False)
+            payload = packed if len(packed) < len(raw) * (1 - MIN_SAVING) else None
+        else:
+            payload = _encode_grouped(raw, GROUP_WIDTH[c])
+        if payload is not None:
+            used = c
+            break
+    if payload is None:
+        payload = raw
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, used, 0, len(raw), len(payload), cid)
+    return cid, head + bytes(payload), used
+
+
+def read_header(blob) -> tuple[int, int, int, bytes]:
+    """Parse and check a header: returns (codec, raw_len, payload_len, id)."""
+    if len(blob) < HEADER_SIZE:
+        raise CorruptChunk("envelope shorter than its header")
+    magic, version, codec, _res, raw_len, payload_len, cid = HEADER.unpack_from(blob)
+    if magic != MAGIC:
+        raise CorruptChunk("bad magic")
+    if version not in READABLE_VERSIONS:
+        raise CorruptChunk(f"unsupported envelope version {version}")
+    if codec not in CODEC_NAMES:
+        raise CorruptChunk(f"unknown codec id {codec}")
+    if raw_len > MAX_RAW:
+        raise CorruptChunk("raw length out of range")
+    if len(blob) != HEADER_SIZE + payload_len:
+        raise CorruptChunk("payload length does not match the envelope size")
+    return codec, raw_len, payload_len, cid
+
+
+def decode(blob, expected_id: bytes | None = None) -> bytes:
+    """Decode and verify an envelope; raises CorruptChunk on any mismatch."""
+    blob = memoryview(blob).cast("B")
+    codec, raw_len, _plen, cid = read_header(blob)
+    if expected_id is not None and cid != expected_id:
+        raise CorruptChunk("envelope carries another chunk id")
+    payload = blob[HEADER_SIZE:]
+    try:
+        if codec == CODEC_RAW:
+            raw = bytes(payload)
+        elif codec == CODEC_LZ4:
+            raw = lz4.block.decompress(payload, uncompressed_size=raw_len)
+        else:
+            raw = _decode_grouped(payload, raw_len, GROUP_WIDTH[codec])
+    except (lz4.block.LZ4BlockError, ValueError, struct.error) as e:
+        raise CorruptChunk(f"payload does not decode: {e}") from None
+    if len(raw) != raw_len:
+        raise CorruptChunk("decoded length differs from the header")
+    if chunk_id(raw) != cid:
+        raise CorruptChunk("content hash differs from the chunk id")
+    return raw

@@ -1,0 +1,48 @@
+"""User-facing errors.
+
+A ShardfsError is something the user can act on: the CLI prints its message as one
+line and exits with its exit_code. Anything else escaping is a bug and keeps its
+traceback.
+"""
+
+
+class ShardfsError(Exception):
+    exit_code = 1
+
+
+class UsageError(ShardfsError):
+    exit_code = 2
+
+
+class NotFound(ShardfsError):
+    pass
+
+
+class NameClash(ShardfsError):
+    pass
+
+
+class IndexUnavailable(ShardfsError):
+    """Redis could not be reached."""
+
+
+class NoNodes(ShardfsError):
+    pass
+
+
+class CorruptChunk(Exception):
+    """A chunk envelope failed its header, length or hash check (never user-facing alone)."""
+
+
+class NodeError(Exception):
+    """A node could not serve or store a chunk. `full` is set when it is out of space."""
+
+    def __init__(self, node: str, message: str, full: bool = False, missing: bool = False):
+        super().__init__(f"{node}: {message}")
+        self.node = node
+        self.full = full
+        self.missing = missing
+
+
+class ChunkUnavailable(ShardfsError):
+    """No replica could serve a verified copy of a chunk."""

@@ -1,0 +1,338 @@
+"""The Redis index: the only module that knows key names.
+
+Keys (all under "shardfs:"):
+
+    models              hash  name -> current version id
+    mv:<name>           list  every version id of a name still kept, oldest first
+    v:<vid>             hash  name, manifest, size, sha256, created, chunk_size, replicas, stats
+    vseq                int   last version id (version ids double as stable inode numbers)
+    c:<hex>             hash  raw, stored, codec, refs, state ("pending" | "ok" | "deleting")
+    l:<hex>             set   node ids holding (or, while "pending", being sent) the chunk
+    nodes               hash  node id -> JSON {url, weight, state, token}
+    nseq                int   last node number
+    puts                zset  put id -> lease expiry (ms since epoch)
+    put:<putid>         set   chunk ids a running put relies on
+    epoch               int   bumped on every publish and removal; mounts poll it
+
+Invariants that keep chunks alive (gc never deletes a chunk something relies on):
+- `refs` counts the versions whose manifest names the chunk; publish and rm change it in
+  the same MULTI/EXEC that adds or removes the version.
+- A put adds each chunk to its lease set (LEASE_LUA) *before* it relies on the chunk
+  existing; gc claims a chunk (CLAIM_LUA) only when refs == 0 and no live lease holds
+  it, and marks it "deleting" first. Both scripts run atomically in Redis, so either the
+  put's lease comes first (gc skips the chunk) or the claim does (the put sees
+  "deleting", waits for gc to finish, then uploads afresh).
+- A chunk record is created ("pending") and each target node is added to its locations
+  *before* the upload, so a put killed mid-way leaves only records that gc can find and
+  reclaim, never an untracked file on a node.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+import redis
+
+from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, UsageError
+from .manifest import Manifest
+
+P = "shardfs:"
+K_MODELS = P + "models"
+K_VSEQ = P + "vseq"
+K_NODES = P + "nodes"
+K_NSEQ = P + "nseq"
+K_PUTS = P + "puts"
+K_EPOCH = P + "epoch"
+LEASE_PREFIX = P + "put:"
+
+
+def k_version(vid: int) -> str:
+    return f"{P}v:{vid}"
+
+
+def k_model_versions(name: str) -> str:
+    return f"{P}mv:{name}"
+
+
+def k_chunk(hex_id: str) -> str:
+    return f"{P}c:{hex_id}"
+
+
+def k_locs(hex_id: str) -> str:
+    return f"{P}l:{hex_id}"
+
+
+LEASE_LUA = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if st == 'deleting' then return 'deleting' end
+redis.call('SADD', KEYS[2], ARGV[1])
+if not st then
+  redis.call('HSET', KEYS[1], 'state', 'pending')
+  return 'absent'
+end
+if st == 'pending' then return 'absent' end
+return st
+"""
+
+CLAIM_LUA = """
+local refs = tonumber(redis.call('HGET', KEYS[1], 'refs') or '0')
+if refs > 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'state') == 'deleting' then return 1 end
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
+  if redis.call('SISMEMBER', ARGV[3] .. p, ARGV[1]) == 1 then return 0 end
+end
+redis.call('HSET', KEYS[1], 'state', 'deleting')
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    url: str
+    weight: float = 1.0
+    state: str = "active"  # "active" | "draining"
+    token: str | None = None
+
+
+@dataclass(frozen=True)
+class Version:
+    vid: int
+    name: str
+    size: int
+    sha256: str
+    created: float
+    chunk_size: int
+    replicas: int
+    stats: dict
+    manifest_blob: bytes
+
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest.decode(self.manifest_blob)
+
+
+def _s(v) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class Index:
+    def __init__(self, client: redis.Redis, url: str):
+        self.r = client
+        self.url = url
+        self._lease = client.register_script(LEASE_LUA)
+        self._claim = client.register_script(CLAIM_LUA)
+
+    # -- connection -----------------------------------------------------------------
+
+    def ping(self) -> None:
+        try:
+            self.r.ping()
+        except redis.RedisError as e:
+            raise IndexUnavailable(f"cannot reach Redis at {self.url}: {e}") from None
+
+    # -- nodes ----------------------------------------------------------------------
+
+    def nodes(self) -> dict[str, Node]:
+        out = {}
+        for nid, raw in self.r.hgetall(K_NODES).items():
+            d = json.loads(raw)
+            out[_s(nid)] = Node(_s(nid), d["url"], d.get("weight", 1.0), d.get("state", "active"), d.get("token"))
+        return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
+
+    def add_node(self, url: str, weight: float = 1.0, token: str | None = None) -> Node:
+        for n in self.nodes().values():
+            if n.url.rstrip("/") == url.rstrip("/"):
+                raise UsageError(f"node {url} is already registered as {n.id}")
+        nid = f"n{self.r.incr(K_NSEQ)}"
+        node = Node(nid, url, weight, "active", token)
+        self.r.hset(K_NODES, nid, json.dumps({"url": url, "weight": weight, "state": "active", "token": token}))
+        return node
+
+    def set_node_state(self, nid: str, state: str) -> None:
+        raw = self.r.hget(K_NODES, nid)
+        if raw is None:
+            raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
+        d = json.loads(raw)
+        d["state"] = state
+        self.r.hset(K_NODES, nid, json.dumps(d))
+
+    def remove_node(self, nid: str) -> None:
+        if not self.r.hdel(K_NODES, nid):
+            raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
+
+    # -- models and versions --------------------------------------------------------
+
+    def models(self) -> dict[str, int]:
+        return {_s(k): int(v) for k, v in self.r.hgetall(K_MODELS).items()}
+
+    def current_vid(self, name: str) -> int | None:
+        v = self.r.hget(K_MODELS, name)
+        return int(v) if v is not None else None
+
+    def version(self, vid: int) -> Version:
+        h = self.r.hgetall(k_version(vid))
+        if not h:
+            raise NotFound(f"version {vid} does not exist")
+        try:
+            return Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
+                           int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
+                           h[b"manifest"])
+        except (KeyError, ValueError) as e:
+            raise CorruptChunk(f"malformed version record {vid}: {e}") from None
+
+    def versions(self, vids) -> list[Version]:
+        """Several versions in one round trip (no manifests decoded)."""
+        pipe = self.r.pipeline(transaction=False)
+        for vid in vids:
+            pipe.hgetall(k_version(vid))
+        out = []
+        for vid, h in zip(vids, pipe.execute()):
+            if h:
+                out.append(Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
+                                   int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
+                                   h[b"manifest"]))
+        return out
+
+    def model(self, name: str) -> Version:
+        vid = self.current_vid(name)
+        if vid is None:
+            raise NotFound(f"no model named {name!r}; see `shardfs ls`")
+        return self.version(vid)
+
+    def model_vids(self, name: str) -> list[int]:
+        return [int(v) for v in self.r.lrange(k_model_versions(name), 0, -1)]
+
+    def all_vids(self) -> list[int]:
+        out = []
+        for key in self.r.scan_iter(match=P + "mv:*", count=1000):
+            out.extend(int(v) for v in self.r.lrange(key, 0, -1))
+        return out
+
+    def epoch(self) -> int:
+        return int(self.r.get(K_EPOCH) or 0)
+
+    def publish(self, name: str, manifest: Manifest, size: int, sha256: str, chunk_size: int,
+                replicas: int, stats: dict, force: bool) -> int:
+        """Make a version visible under `name` in one MULTI/EXEC; returns its id."""
+        unique = set(manifest.ids)
+        vid = self.r.incr(K_VSEQ)
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(K_MODELS)
+                    if p.hexists(K_MODELS, name) and not force:
+                        raise NameClash(f"model {name!r} already exists; use --force to replace it")
+                    p.multi()
+                    p.hset(k_version(vid), mapping={
+                        "name": name, "manifest": manifest.encode(), "size": size, "sha256": sha256,
+                        "created": time.time(), "chunk_size": chunk_size, "replicas": replicas,
+                        "stats": json.dumps(stats)})
+                    p.hset(K_MODELS, name, vid)
+                    p.rpush(k_model_versions(name), vid)
+                    for cid in unique:
+                        p.hincrby(k_chunk(cid.hex()), "refs", 1)
+                    p.incr(K_EPOCH)
+                    p.execute()
+                    return vid
+                except redis.WatchError:
+                    continue
+
+    def remove(self, name: str) -> list[int]:
+        """Remove a model and all its versions; returns the removed version ids."""
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(K_MODELS, k_model_versions(name))
+                    if not p.hexists(K_MODELS, name):
+                        raise NotFound(f"no model named {name!r}; see `shardfs ls`")
+                    vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
+                    chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
+                                  if p.exists(k_version(v)) else set() for v in vids]
+                    p.multi()
+                    p.hdel(K_MODELS, name)
+                    p.delete(k_model_versions(name))
+                    for vid, ids in zip(vids, chunk_sets):
+                        p.delete(k_version(vid))
+                        for cid in ids:
+                            p.hincrby(k_chunk(cid.hex()), "refs", -1)
+                    p.incr(K_EPOCH)
+                    p.execute()
+                    return vids
+                except redis.WatchError:
+                    continue
+
+    # -- chunks ---------------------------------------------------------------------
+
+    def lease_chunk(self, put_id: str, hex_id: str) -> str:
+        """Protect a chunk for a running put; returns 'absent', 'ok' or 'deleting'."""
+        return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id]))
+
+    def start_put(self, put_id: str, ttl: float) -> None:
+        self.renew_put(put_id, ttl)
+
+    def renew_put(self, put_id: str, ttl: float) -> None:
+        p = self.r.pipeline()
+        p.zadd(K_PUTS, {put_id: int((time.time() + ttl) * 1000)})
+        p.expire(LEASE_PREFIX + put_id, int(ttl) + 60)
+        p.execute()
+
+    def end_put(self, put_id: str) -> None:
+        p = self.r.pipeline()
+        p.zrem(K_PUTS, put_id)
+        p.delete(LEASE_PREFIX + put_id)
+        p.execute()
+
+    def record_chunk(self, hex_id: str, raw: int, stored: int, codec: int, node_ids) -> None:
+        p = self.r.pipeline()
+        p.hset(k_chunk(hex_id), mapping={"raw": raw, "stored": stored, "codec": codec, "state": "ok"})
+        if node_ids:
+            p.sadd(k_locs(hex_id), *node_ids)
+        p.execute()
+
+    def chunk_info(self, hex_ids) -> list[dict | None]:
+        """For each id: {raw, stored, codec, refs, state, locs} or None, in two round trips."""
+        p = self.r.pipeline(transaction=False)
+        for h in hex_ids:
+            p.hgetall(k_chunk(h))
+            p.smembers(k_locs(h))
+        res = p.execute()
+        out = []
+        for i in range(len(hex_ids)):
+            h, locs = res[2 * i], res[2 * i + 1]
+            if not h:
+                out.append(None)
+                continue
+            out.append({"raw": int(h.get(b"raw", 0)), "stored": int(h.get(b"stored", 0)),
+                        "codec": int(h.get(b"codec", 0)), "refs": int(h.get(b"refs", 0)),
+                        "state": _s(h.get(b"state", b"ok")), "locs": sorted(_s(x) for x in locs)})
+        return out
+
+    def locations(self, hex_id: str) -> list[str]:
+        return sorted(_s(x) for x in self.r.smembers(k_locs(hex_id)))
+
+    def add_locations(self, hex_id: str, node_ids) -> None:
+        if node_ids:
+            self.r.sadd(k_locs(hex_id), *node_ids)
+
+    def drop_locations(self, hex_id: str, node_ids) -> None:
+        if node_ids:
+            self.r.srem(k_locs(hex_id), *node_ids)
+
+    def all_chunks(self):
+        for key in self.r.scan_iter(match=P + "c:*", count=1000):
+            yield _s(key)[len(P) + 2:]
+
+    def claim_for_gc(self, hex_id: str) -> bool:
+        now_ms = int(time.time() * 1000)
+        return bool(self._claim(keys=[k_chunk(hex_id), K_PUTS], args=[hex_id, now_ms, LEASE_PREFIX]))
+
+    def forget_chunk(self, hex_id: str) -> None:
+        self.r.delete(k_chunk(hex_id), k_locs(hex_id))
+
+    def expire_puts(self) -> None:
+        now_ms = int(time.time() * 1000)
+        for pid in self.r.zrangebyscore(K_PUTS, 0, now_ms):
+            self.end_put(_s(pid))

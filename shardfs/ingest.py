@@ -1,0 +1,252 @@
+"""`shardfs put`: file -> chunks -> envelopes -> R nodes -> one atomic publish.
+
+The main thread reads the file in order and feeds the whole-file SHA-256; worker
+threads hash, encode and upload chunks (BLAKE3, lz4 and socket/file I/O release the
+GIL). At most `inflight` chunks are in memory at once. Nothing becomes visible until
+every chunk is on R nodes; then Index.publish makes the version visible in one
+MULTI/EXEC. If anything fails or the user interrupts, the lease is dropped and the
+uploaded chunks are left for `shardfs gc`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from . import envelope
+from .chunker import DEFAULT_CHUNK, check_chunk_size, fixed_spans
+from .errors import NoNodes, NodeError, ShardfsError, UsageError
+from .index import Index
+from .manifest import Manifest
+from .names import check_name
+from .placement import rank
+from .pool import NodePool
+from .units import human
+
+LEASE_TTL = float(os.environ.get("SHARDFS_LEASE_TTL", "60"))
+GC_WAIT = 30.0
+
+
+@dataclass
+class PutResult:
+    vid: int
+    name: str
+    size: int
+    stored_new: int
+    chunks: int
+    deduped: int
+    replicas: int
+    seconds: float
+    codecs: Counter = field(default_factory=Counter)
+
+
+def open_source(path: str):
+    """Open FILE for reading or raise one clear UsageError."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such file") from None
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{path} is a directory; give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{path} is not a regular file")
+    try:
+        return open(path, "rb", buffering=0)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def live_nodes(pool: NodePool) -> dict[str, float]:
+    """Active nodes that answer a health probe: id -> weight. NoNodes if none."""
+    health = pool.probe()
+    live = {nid: pool.nodes[nid].weight for nid, h in health.items()
+            if not isinstance(h, NodeError) and pool.nodes[nid].state == "active"}
+    if not live:
+        why = "; ".join(f"{nid} {pool.nodes[nid].url}: {h}" for nid, h in health.items()
+                        if isinstance(h, NodeError)) or "every node is draining"
+        raise NoNodes(f"no usable nodes ({why})")
+    return live
+
+
+class Uploader:
+    """Places one chunk on R nodes, skipping nodes that fail during this put."""
+
+    def __init__(self, idx: Index, pool: NodePool, live: dict[str, float], replicas: int, put_id: str):
+        self.idx, self.pool, self.live, self.replicas, self.put_id = idx, pool, dict(live), replicas, put_id
+        self.failed: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def store(self, raw) -> tuple[bytes, int, int | None, bool]:
+        """Returns (chunk id, stored bytes, codec or None if deduplicated, deduplicated)."""
+        cid = envelope.chunk_id(raw)
+        hex_id = cid.hex()
+        deadline = time.monotonic() + GC_WAIT
+        while (state := self.idx.lease_chunk(self.put_id, hex_id)) == "deleting":
+            if time.monotonic() > deadline:
+                raise ShardfsError(f"chunk {hex_id[:16]} is stuck in garbage collection; run `shardfs gc` and retry")
+            time.sleep(0.2)
+        have = set()
+        if state == "ok":
+            have = {n for n in self.idx.locations(hex_id) if n in self.live}
+            if len(have) >= self.replicas:
+                return cid, 0, None, True
+        _, blob, codec = envelope.encode(raw, cid=cid)
+        errors = []
+        for nid in rank(hex_id, self.live):
+            if len(have) >= self.replicas:
+                break
+            if nid in have or nid in self.failed:
+                continue
+            self.idx.add_locations(hex_id, [nid])  # before the upload: gc can always find it
+            try:
+                self.pool.store(nid).put(hex_id, blob)
+                have.add(nid)
+            except NodeError as e:
+                self.idx.drop_locations(hex_id, [nid])
+                with self._lock:
+                    self.failed[nid] = str(e)
+                print(f"shardfs: warning: skipping node {nid} for the rest of this put: {e}", file=sys.stderr)
+                errors.append(str(e))
+        if len(have) < self.replicas:
+            raise NoNodes(f"could not store chunk {hex_id[:16]} on {self.replicas} nodes "
+                          f"(stored on {len(have)}): " + "; ".join(errors or ["not enough live nodes"]))
+        self.idx.record_chunk(hex_id, len(raw), len(blob), codec, [])
+        return cid, len(blob), codec, False
+
+
+def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
+             chunk_size: int = DEFAULT_CHUNK, force: bool = False, progress: bool | None = None,
+             default_node_url: str | None = None) -> PutResult:
+    check_name(name)
+    check_chunk_size(chunk_size)
+    src = open_source(path)
+    with src:
+        size = os.fstat(src.fileno()).st_size
+        if idx.current_vid(name) is not None and not force:
+            raise UsageError(f"model {name!r} already exists; use --force to replace it")
+        nodes = idx.nodes()
+        if default_node_url:  # the embedded default node; recreate its directory if it is gone
+            os.makedirs(default_node_url[len("file://"):], exist_ok=True)
+        if not nodes and default_node_url:
+            node = idx.add_node(default_node_url)
+            print(f"shardfs: no nodes registered; using local node {node.id} {node.url}", file=sys.stderr)
+            nodes = idx.nodes()
+        if not nodes:
+            raise NoNodes("no nodes registered; add one with `shardfs node add URL`")
+        pool = NodePool(nodes)
+        try:
+            live = live_nodes(pool)
+            r = replicas if replicas is not None else min(2, len(live))
+            if r < 1:
+                raise UsageError("--replicas must be at least 1")
+            if r > len(live):
+                raise NoNodes(f"{r} replicas asked for but only {len(live)} live node(s)")
+            return _ingest(idx, pool, live, src, size, name, r, chunk_size, force, progress)
+        finally:
+            pool.close()
+
+
+def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progress) -> PutResult:
+    t0 = time.monotonic()
+    put_id = uuid.uuid4().hex
+    idx.start_put(put_id, LEASE_TTL)
+    stop_heartbeat = threading.Event()
+
+    def heartbeat():
+        while not stop_heartbeat.wait(LEASE_TTL / 3):
+            idx.renew_put(put_id, LEASE_TTL)
+
+    hb = threading.Thread(target=heartbeat, daemon=True)
+    hb.start()
+    uploader = Uploader(idx, pool, live, replicas, put_id)
+    sha = hashlib.sha256()
+    workers = max(4, 2 * (os.cpu_count() or 2))
+    inflight = threading.Semaphore(workers + 2)
+    bar = _progress(size, name, progress)
+    futures = []
+    failed = threading.Event()
+
+    def job(raw):
+        try:
+            return uploader.store(raw)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            inflight.release()
+
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="put")
+    try:
+        for off, length in fixed_spans(size, chunk_size):
+            buf = bytearray(length)
+            got = src.readinto(buf)
+            if got != length:
+                raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
+            sha.update(buf)
+            inflight.acquire()
+            futures.append(ex.submit(job, buf))
+            if failed.is_set():
+                break
+            if bar:
+                bar.update(length)
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        for f in done:
+            if f.exception():
+                raise f.exception()
+        results = [f.result() for f in futures]
+        if src.read(1):
+            raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
+        manifest = Manifest.build((cid, length) for (cid, *_), (_, length)
+                                  in zip(results, fixed_spans(size, chunk_size)))
+        codecs = Counter(envelope.CODEC_NAMES[c] for _, _, c, _ in results if c is not None)
+        stored_new = sum(s for _, s, _, _ in results)
+        deduped = sum(1 for *_, d in results if d)
+        stats = {"raw": size, "stored_new": stored_new, "codecs": dict(codecs), "deduped_chunks": deduped,
+                 "stored": _stored_total(idx, manifest)}
+        vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force)
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        stop_heartbeat.set()
+        idx.end_put(put_id)
+        if bar:
+            bar.close()
+    return PutResult(vid, name, size, stored_new, len(manifest), deduped, replicas,
+                     time.monotonic() - t0, codecs)
+
+
+def _stored_total(idx: Index, manifest: Manifest) -> int:
+    """Stored (compressed) bytes of one copy of the model's unique chunks."""
+    unique = list({c.hex() for c in manifest.ids})
+    return sum(info["stored"] for info in idx.chunk_info(unique) if info)
+
+
+def _progress(total: int, name: str, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"put {name}",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def summary(res: PutResult) -> str:
+    rate = res.size / res.seconds if res.seconds > 0 else 0
+    ratio = res.stored_new / res.size if res.size else 0
+    return (f"put {res.name} version {res.vid}: {human(res.size)} in {res.chunks} chunks "
+            f"({res.deduped} already stored), {human(res.stored_new)} new stored bytes per replica "
+            f"(ratio {ratio:.3f}), R={res.replicas}, {res.seconds:.1f}s, {human(rate)}/s")

@@ -1,0 +1,245 @@
+"""Reading back and keeping the store healthy: get, verify (+repair), gc."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from . import envelope
+from .errors import CorruptChunk, NodeError, ShardfsError, UsageError
+from .index import Index, Version
+from .placement import rank
+from .pool import NodePool
+
+WORKERS = 8
+
+
+def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS * 2):
+    """Yield the raw bytes of every chunk in file order, fetched `window` ahead in parallel."""
+    hexes = [c.hex() for c in manifest.ids]
+    infos = idx.chunk_info(sorted(set(hexes)))
+    locs = {h: (i["locs"] if i else []) for h, i in zip(sorted(set(hexes)), infos)}
+    with ThreadPoolExecutor(WORKERS, thread_name_prefix="get") as ex:
+        pending = deque()
+        it = iter(hexes)
+        for h in it:
+            pending.append(ex.submit(pool.read, h, locs[h]))
+            if len(pending) >= window:
+                break
+        while pending:
+            yield pending.popleft().result()
+            h = next(it, None)
+            if h is not None:
+                pending.append(ex.submit(pool.read, h, locs[h]))
+
+
+def get_model(idx: Index, name: str, dest: str, progress_bar=None) -> tuple[Version, str]:
+    """Reassemble a model into dest (a file path or an existing directory), verified end to end."""
+    ver = idx.model(name)
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(name))
+    d = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(d):
+        raise UsageError(f"{d}: no such directory")
+    pool = NodePool(idx.nodes())
+    sha = hashlib.sha256()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dest)}.shardfs-")
+    except OSError as e:
+        raise UsageError(f"cannot write in {d}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for raw in _ordered_reads(pool, idx, ver.manifest):
+                sha.update(raw)
+                out.write(raw)
+                if progress_bar:
+                    progress_bar.update(len(raw))
+            out.flush()
+            os.fsync(out.fileno())
+        if sha.hexdigest() != ver.sha256:
+            raise ShardfsError(f"{name}: reassembled SHA-256 {sha.hexdigest()} differs from the "
+                               f"recorded {ver.sha256}; nothing written")
+        os.chmod(tmp, 0o644)
+        os.rename(tmp, dest)
+        tmp = None
+    except OSError as e:
+        raise ShardfsError(f"cannot write {dest}: {e.strerror}") from None
+    finally:
+        pool.close()
+        if tmp:
+            os.unlink(tmp)
+    return ver, dest
+
+
+@dataclass
+class VerifyReport:
+    chunks: int = 0
+    healthy: int = 0
+    under: list = field(default_factory=list)       # (hex, good node ids, wanted R)
+    bad_copies: list = field(default_factory=list)  # (hex, node id, reason)
+    missing: list = field(default_factory=list)     # (hex, node id)
+    lost: list = field(default_factory=list)        # hex with no good copy
+    repaired: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.under or self.bad_copies or self.missing or self.lost)
+
+
+def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout) -> VerifyReport:
+    """Check that every chunk of the named (or all) models is hash-valid on R live nodes."""
+    models = idx.models()
+    if names:
+        for n in names:
+            if n not in models:
+                raise UsageError(f"no model named {n!r}; see `shardfs ls`")
+        vids = [vid for n in names for vid in idx.model_vids(n)]
+    else:
+        vids = idx.all_vids()
+    want: dict[str, int] = {}
+    for ver in idx.versions(vids):
+        for cid in ver.manifest.ids:
+            want[cid.hex()] = max(want.get(cid.hex(), 0), ver.replicas)
+    pool = NodePool(idx.nodes())
+    health = pool.probe()
+    live = {nid: pool.nodes[nid].weight for nid, h in health.items()
+            if not isinstance(h, NodeError) and pool.nodes[nid].state == "active"}
+    for nid, h in health.items():
+        if isinstance(h, NodeError):
+            print(f"node {nid} {pool.nodes[nid].url} is down: {h}", file=out)
+    rep = VerifyReport()
+    hexes = sorted(want)
+    infos = dict(zip(hexes, idx.chunk_info(hexes)))
+
+    def check(h):
+        good, bad, missing = [], [], []
+        raw = None
+        for nid in (infos[h] or {"locs": []})["locs"]:
+            if nid not in pool.nodes or isinstance(health.get(nid), NodeError):
+                continue
+            try:
+                got = envelope.decode(pool.store(nid).get(h), bytes.fromhex(h))
+                good.append(nid)
+                raw = raw or got
+            except NodeError as e:
+                (missing if e.missing else bad).append((nid, str(e)))
+            except CorruptChunk as e:
+                bad.append((nid, f"corrupt: {e}"))
+        return h, good, bad, missing, raw
+
+    try:
+        with ThreadPoolExecutor(WORKERS) as ex:
+            for h, good, bad, missing, raw in ex.map(check, hexes):
+                rep.chunks += 1
+                for nid, why in bad:
+                    rep.bad_copies.append((h, nid, why))
+                    print(f"bad copy: chunk {h} on node {nid} ({pool.nodes[nid].url}): {why}", file=out)
+                for nid, _ in missing:
+                    rep.missing.append((h, nid))
+                    print(f"missing copy: chunk {h} on node {nid} ({pool.nodes[nid].url})", file=out)
+                active_good = [n for n in good if n in live]
+                if not good:
+                    rep.lost.append(h)
+                    print(f"LOST: chunk {h} has no good copy on any live node", file=out)
+                    continue
+                if len(active_good) >= want[h] and not bad and not missing:
+                    rep.healthy += 1
+                    continue
+                if len(active_good) < want[h]:
+                    rep.under.append((h, active_good, want[h]))
+                    print(f"under-replicated: chunk {h} has {len(active_good)} of {want[h]} good copies "
+                          f"({', '.join(active_good) or 'none live'})", file=out)
+                if repair:
+                    rep.repaired += _repair(idx, pool, live, h, raw, active_good, want[h],
+                                            [n for n, _ in bad + missing], out)
+    finally:
+        pool.close()
+    return rep
+
+
+def _repair(idx, pool, live, h, raw, good, want, broken, out) -> int:
+    for nid in broken:  # drop bad and missing copies from the index, then from the node
+        idx.drop_locations(h, [nid])
+        try:
+            pool.store(nid).delete(h)
+        except NodeError:
+            pass
+    have = list(good)
+    if len(have) >= want:
+        return 1
+    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h))
+    for nid in rank(h, live):
+        if len(have) >= want:
+            break
+        if nid in have:
+            continue
+        idx.add_locations(h, [nid])
+        try:
+            pool.store(nid).put(h, blob)
+            have.append(nid)
+        except NodeError as e:
+            idx.drop_locations(h, [nid])
+            print(f"repair: could not copy chunk {h[:16]} to {nid}: {e}", file=out)
+    if len(have) >= want:
+        print(f"repaired: chunk {h} now on {', '.join(have)}", file=out)
+        return 1
+    return 0
+
+
+def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
+    """Delete every chunk no version references and no running put relies on.
+
+    Returns (chunks deleted, stored bytes freed per replica)."""
+    idx.expire_puts()
+    pool = NodePool(idx.nodes())
+    deleted = freed = 0
+    try:
+        for h in list(idx.all_chunks()):
+            if not idx.claim_for_gc(h):
+                continue
+            info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
+            ok = True
+            for nid in info["locs"]:
+                if nid not in pool.nodes:
+                    continue
+                try:
+                    pool.store(nid).delete(h)
+                except NodeError as e:
+                    ok = False
+                    print(f"gc: could not delete chunk {h[:16]} from {nid}: {e}; will retry next gc", file=out)
+            if ok:
+                idx.forget_chunk(h)
+                deleted += 1
+                freed += info["stored"]
+    finally:
+        pool.close()
+    return deleted, freed
+
+
+def stored_stats(idx: Index, vids: list[int]) -> dict[int, dict]:
+    """Per version: stored bytes of its unique chunks, and which of them other versions share."""
+    vers = idx.versions(vids)
+    all_vers = idx.versions(idx.all_vids())
+    users: dict[bytes, set] = {}
+    for v in all_vers:
+        for c in set(v.manifest.ids):
+            users.setdefault(c, set()).add(v.vid)
+    hexes = sorted({c.hex() for v in vers for c in v.manifest.ids})
+    info = dict(zip(hexes, idx.chunk_info(hexes)))
+    out = {}
+    for v in vers:
+        uniq = shared = 0
+        for c in set(v.manifest.ids):
+            s = (info.get(c.hex()) or {}).get("stored", 0)
+            if len(users.get(c, ())) > 1:
+                shared += s
+            else:
+                uniq += s
+        out[v.vid] = {"stored": uniq + shared, "unique": uniq, "shared": shared}
+    return out
+

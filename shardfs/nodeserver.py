@@ -1,0 +1,155 @@
+"""`shardfs node serve`: the built-in HTTP node.
+
+    GET/HEAD /chunks/<id>   the envelope (sendfile), 404 when absent
+    PUT /chunks/<id>        token required; the body must decode and hash to <id>
+    DELETE /chunks/<id>     token required
+    GET /health             {"used": bytes, "free": bytes, "chunks": n}
+
+Ids must be 64 lowercase hex digits, so no request names a path outside the root.
+Bodies are bounded by the largest possible envelope. Decoding a PUT body runs in a
+worker thread so concurrent GETs keep flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import shutil
+import signal
+
+from aiohttp import web
+
+from . import envelope
+from .errors import CorruptChunk, NodeError, UsageError
+from .stores import HEX_ID, chunk_relpath, write_atomic
+
+log = logging.getLogger("shardfs.node")
+
+
+class NodeServer:
+    def __init__(self, root: str, token: str | None):
+        self.root = os.path.abspath(root)
+        self.token = token
+        self.used = 0
+        self.chunks = 0
+        os.makedirs(self.root, exist_ok=True)
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if HEX_ID.fullmatch(name):
+                    self.chunks += 1
+                    self.used += os.stat(os.path.join(dirpath, name)).st_size
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=envelope.MAX_STORED)
+        app.router.add_get("/health", self.health)
+        app.router.add_route("GET", "/chunks/{cid}", self.get)  # aiohttp adds HEAD for GET
+        app.router.add_put("/chunks/{cid}", self.put)
+        app.router.add_delete("/chunks/{cid}", self.delete)
+        return app
+
+    def _path(self, request) -> str:
+        cid = request.match_info["cid"]
+        if not HEX_ID.fullmatch(cid):
+            raise web.HTTPBadRequest(text="malformed chunk id\n")
+        return os.path.join(self.root, chunk_relpath(cid))
+
+    def _authorize(self, request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            raise web.HTTPUnauthorized(text="missing or wrong token\n")
+
+    async def health(self, request):
+        free = shutil.disk_usage(self.root).free
+        return web.json_response({"used": self.used, "free": free, "chunks": self.chunks})
+
+    async def get(self, request):
+        path = self._path(request)
+        if not os.path.isfile(path):
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+                                               "Cache-Control": "public, max-age=31536000, immutable"})
+
+    async def put(self, request):
+        path = self._path(request)
+        self._authorize(request)
+        if request.content_length is not None and request.content_length > envelope.MAX_STORED:
+            raise web.HTTPRequestEntityTooLarge(envelope.MAX_STORED, request.content_length)
+        body = await request.read()  # bounded by client_max_size
+        cid = bytes.fromhex(request.match_info["cid"])
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, envelope.decode, body, cid)
+        except CorruptChunk as e:
+            raise web.HTTPUnprocessableEntity(text=f"body does not hash to its id: {e}\n")
+        existed = os.path.exists(path)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)
+        except NodeError as e:
+            if e.full:
+                raise web.HTTPInsufficientStorage(text="node is out of space\n")
+            raise web.HTTPInternalServerError(text=f"{e}\n")
+        if not existed:
+            self.used += len(body)
+            self.chunks += 1
+        return web.Response(status=201)
+
+    async def delete(self, request):
+        path = self._path(request)
+        self._authorize(request)
+        try:
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except FileNotFoundError:
+            raise web.HTTPNotFound()
+        self.used -= size
+        self.chunks -= 1
+        return web.Response(status=204)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"--listen wants HOST:PORT, not {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read token file {path}: {e.strerror}") from None
+    if not token:
+        raise UsageError(f"token file {path} is empty")
+    return token
+
+
+def serve(root: str, listen: str, token_file: str | None) -> None:
+    host, port = parse_listen(listen)
+    token = read_token(token_file)
+    server = NodeServer(root, token)
+    if token is None:
+        log.warning("no --token-file: any client that reaches %s can write and delete chunks", listen)
+
+    async def main():
+        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise UsageError(f"cannot listen on {listen}: {e.strerror}") from None
+        print(f"shardfs node serving {server.root} on http://{host}:{port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())

@@ -1,0 +1,201 @@
+"""Node stores: where chunk envelopes live. A node is a URL.
+
+    file:///path      a directory (local disk or any mounted network filesystem)
+    http://host:port  a node server (`shardfs node serve`, or nginx with WebDAV)
+
+Both use one layout, so a node directory can be served by either: the envelope of chunk
+<hex> lives at <root>/<hex[:2]>/<hex>, served over HTTP as /chunks/<hex>. Objects are
+immutable; writes go to a temporary name, are fsynced and renamed into place.
+
+Every method is blocking and thread-safe; callers on trio run them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from urllib.parse import urlsplit
+
+import urllib3
+
+from .errors import NodeError, UsageError
+
+HEX_ID = re.compile(r"[0-9a-f]{64}")
+
+
+def chunk_relpath(hex_id: str) -> str:
+    if not HEX_ID.fullmatch(hex_id):
+        raise ValueError(f"malformed chunk id {hex_id!r}")
+    return f"{hex_id[:2]}/{hex_id}"
+
+
+class NodeStore(ABC):
+    url: str
+
+    @abstractmethod
+    def get(self, hex_id: str) -> bytes:
+        """The envelope, or NodeError (missing=True when the node does not have it)."""
+
+    @abstractmethod
+    def put(self, hex_id: str, blob: bytes) -> None:
+        """Store an envelope durably; NodeError(full=True) when out of space."""
+
+    @abstractmethod
+    def has(self, hex_id: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, hex_id: str) -> None:
+        """Remove a chunk; removing an absent chunk is not an error."""
+
+    @abstractmethod
+    def health(self) -> dict:
+        """{"used": bytes held, "free": bytes free}; NodeError when unreachable."""
+
+    def close(self) -> None:
+        pass
+
+
+class FileStore(NodeStore):
+    def __init__(self, url: str, root: str):
+        self.url = url
+        self.root = root
+
+    def _path(self, hex_id: str) -> str:
+        return os.path.join(self.root, chunk_relpath(hex_id))
+
+    def get(self, hex_id):
+        try:
+            with open(self._path(hex_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NodeError(self.url, f"chunk {hex_id[:16]} not found", missing=True) from None
+        except OSError as e:
+            raise NodeError(self.url, f"cannot read chunk {hex_id[:16]}: {e.strerror}") from None
+
+    def put(self, hex_id, blob):
+        write_atomic(self._path(hex_id), blob, self.url)
+
+    def has(self, hex_id):
+        return os.path.exists(self._path(hex_id))
+
+    def delete(self, hex_id):
+        try:
+            os.unlink(self._path(hex_id))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: {e.strerror}") from None
+
+    def health(self):
+        if not os.path.isdir(self.root):
+            raise NodeError(self.url, f"directory {self.root} does not exist")
+        return {"used": dir_usage(self.root), "free": shutil.disk_usage(self.root).free}
+
+
+def write_atomic(path: str, blob, node: str = "") -> None:
+    """tmp + fsync + rename, so a reader never sees a partial chunk (shared with the server)."""
+    d = os.path.dirname(path)
+    tmp = None
+    try:
+        os.makedirs(d, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+        tmp = None
+    except OSError as e:
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise NodeError(node or d, f"cannot store chunk: {e.strerror}", full=full) from None
+    finally:
+        if tmp:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def dir_usage(root: str) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+class HttpStore(NodeStore):
+    """Client of a node server. urllib3 keeps keep-alive connections per node."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0, connect_timeout: float = 2.0):
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        self._prefix = parts.path.rstrip("/")
+        self._pool = urllib3.connection_from_url(
+            self.url, maxsize=32, block=False, retries=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=timeout))
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def _request(self, method, path, **kw):
+        try:
+            return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+        except urllib3.exceptions.HTTPError as e:
+            raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}") from None
+
+    def get(self, hex_id):
+        r = self._request("GET", "/chunks/" + hex_id)
+        if r.status == 200:
+            return r.data
+        raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}", missing=r.status == 404)
+
+    def put(self, hex_id, blob):
+        r = self._request("PUT", "/chunks/" + hex_id, body=blob,
+                          headers={**self._auth, "Content-Type": "application/octet-stream"})
+        if r.status in (200, 201, 204):
+            return
+        msg = r.data[:200].decode("utf-8", "replace").strip()
+        raise NodeError(self.url, f"PUT chunk {hex_id[:16]}: HTTP {r.status} {msg}", full=r.status == 507)
+
+    def has(self, hex_id):
+        r = self._request("HEAD", "/chunks/" + hex_id)
+        if r.status in (200, 404):
+            return r.status == 200
+        raise NodeError(self.url, f"HEAD chunk: HTTP {r.status}")
+
+    def delete(self, hex_id):
+        r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth)
+        if r.status not in (200, 204, 404):
+            raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}")
+
+    def health(self):
+        r = self._request("GET", "/health")
+        if r.status != 200:
+            raise NodeError(self.url, f"health: HTTP {r.status}")
+        import json
+        try:
+            return json.loads(r.data)
+        except ValueError:
+            raise NodeError(self.url, "health answer is not JSON") from None
+
+    def close(self):
+        self._pool.close()
+
+
+def open_store(url: str, token: str | None = None) -> NodeStore:
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):
+            raise UsageError(f"file node URL must be file:///absolute/path, not {url!r}")
+        return FileStore(url, parts.path)
+    if parts.scheme in ("http", "https"):
+        if not parts.hostname:
+            raise UsageError(f"node URL {url!r} has no host")
+        return HttpStore(url, token)
+    raise UsageError(f"unsupported node URL {url!r}; use file:///path or http://host:port")
