@@ -97,11 +97,11 @@ class Uploader:
             time.sleep(0.2)
         have = set()
         if state == "ok":
-            have = {n for n in self.idx.locations(hex_id) if n in self.live}
+            have = {n for n in self.idx.locations(hex_id) if n in self.live and n not in self.failed}
             if len(have) >= self.replicas:
                 return cid, 0, None, True
         _, blob, codec = envelope.encode(raw, cid=cid)
-        errors = []
+        errors, failed_here = [], set()
         for nid in rank(hex_id, self.live):
             if len(have) >= self.replicas:
                 break
@@ -117,7 +117,11 @@ class Uploader:
                     self.failed[nid] = str(e)
                 print(f"shardfs: warning: skipping node {nid} for the rest of this put: {e}", file=sys.stderr)
                 errors.append(str(e))
+                failed_here.add(nid)
         if len(have) < self.replicas:
+            with self._lock:  # nodes given up on earlier in this put are the reason too
+                errors += [f"node {nid} failed earlier in this put: {why}" for nid, why in self.failed.items()
+                           if nid not in failed_here]
             raise NoNodes(f"could not store chunk {hex_id[:16]} on {self.replicas} nodes "
                           f"(stored on {len(have)}): " + "; ".join(errors or ["not enough live nodes"]))
         self.idx.record_chunk(hex_id, len(raw), len(blob), codec, [])
@@ -189,7 +193,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
     try:
         for off, length in fixed_spans(size, chunk_size):
             buf = bytearray(length)
-            got = src.readinto(buf)
+            got = _read(src, src.readinto, buf)
             if got != length:
                 raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
             sha.update(buf)
@@ -204,7 +208,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
             if f.exception():
                 raise f.exception()
         results = [f.result() for f in futures]
-        if src.read(1):
+        if _read(src, src.read, 1):
             raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
         manifest = Manifest.build((cid, length) for (cid, *_), (_, length)
                                   in zip(results, fixed_spans(size, chunk_size)))
@@ -226,6 +230,14 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
             bar.close()
     return PutResult(vid, name, size, stored_new, len(manifest), deduped, replicas,
                      time.monotonic() - t0, codecs)
+
+
+def _read(src, fn, arg):
+    """One read of the source file; an I/O error becomes one clear ShardfsError."""
+    try:
+        return fn(arg)
+    except OSError as e:
+        raise ShardfsError(f"{src.name}: read failed: {e.strerror or e}") from None
 
 
 def _stored_total(idx: Index, manifest: Manifest) -> int:

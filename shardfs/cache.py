@@ -1,0 +1,263 @@
+"""The local chunk cache: verified, decompressed chunks as files named by their id.
+
+    <dir>/chunks/<hex[:2]>/<hex>   one raw chunk
+    <dir>/pins.json                pinned model names -> chunk ids
+
+Content-addressed, so models that share chunks share cache entries. Bounded by bytes:
+when usage passes the high watermark (or free disk falls below the floor), the least
+recently used unpinned entries go until usage is under the low watermark. LRU order
+survives restarts through file mtimes, which hits refresh (at most once a minute).
+
+Fills are atomic (tmp file + rename) but not fsynced: every entry is hashed against its
+id when it is loaded, so an entry torn by a crash or damaged on disk is dropped and
+fetched again, never served. A cache that cannot be written (full, read-only, gone)
+only costs speed: `put` reports False once and readers are served from memory.
+
+Thread-safe: the daemon calls it from worker threads; one lock guards the index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+
+from . import envelope
+from .stores import chunk_relpath
+
+log = logging.getLogger("shardfs.cache")
+
+HIGH_WATER = 0.95
+LOW_WATER = 0.85
+TOUCH_EVERY = 60.0
+
+
+class ChunkCache:
+    def __init__(self, root: str, limit: int, free_floor: int = 1 << 30):
+        self.root = os.path.abspath(root)
+        self.limit = limit
+        self.free_floor = free_floor
+        self._lock = threading.Lock()
+        self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
+        self._touched: dict[str, float] = {}
+        self._pins: dict[str, list[str]] = {}
+        self._pinned: set[str] = set()
+        self.used = 0
+        self.hits = self.misses = self.evictions = self.corrupt = 0
+        self.write_failed = False
+        os.makedirs(os.path.join(self.root, "chunks"), exist_ok=True)
+        self._scan()
+        self._load_pins()
+
+    # -- startup ---------------------------------------------------------------------
+
+    def _scan(self) -> None:
+        entries = []
+        base = os.path.join(self.root, "chunks")
+        for d in os.listdir(base):
+            sub = os.path.join(base, d)
+            if not os.path.isdir(sub):
+                continue
+            for name in os.listdir(sub):
+                path = os.path.join(sub, name)
+                if name.startswith(".tmp-"):  # left by a killed daemon: never complete
+                    _unlink(path)
+                    continue
+                if not envelope_id_ok(name):
+                    continue
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                entries.append((st.st_mtime, name, st.st_size))
+        for _mtime, name, size in sorted(entries):
+            self._lru[name] = size
+            self.used += size
+
+    def _load_pins(self) -> None:
+        try:
+            with open(os.path.join(self.root, "pins.json")) as f:
+                self._pins = {k: list(v) for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable pins file: %s", e)
+        self._pinned = {h for hs in self._pins.values() for h in hs}
+
+    def _save_pins(self) -> None:
+        path = os.path.join(self.root, "pins.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self._pins, f)
+        os.rename(tmp, path)
+
+    # -- entries ---------------------------------------------------------------------
+
+    def path(self, hex_id: str) -> str:
+        return os.path.join(self.root, "chunks", chunk_relpath(hex_id))
+
+    def __contains__(self, hex_id: str) -> bool:
+        with self._lock:
+            return hex_id in self._lru
+
+    def get(self, hex_id: str) -> bytes | None:
+        """The verified raw chunk, or None on a miss. Damaged entries are dropped."""
+        with self._lock:
+            known = hex_id in self._lru
+        if not known:
+            self.misses += 1
+            return None
+        try:
+            with open(self.path(hex_id), "rb") as f:
+                raw = f.read()
+        except OSError:
+            self._forget(hex_id)
+            self.misses += 1
+            return None
+        if envelope.chunk_id(raw) != bytes.fromhex(hex_id):
+            self.corrupt += 1
+            log.warning("cache entry %s is damaged; dropped and fetched again", hex_id)
+            self.discard(hex_id)
+            self.misses += 1
+            return None
+        self.hits += 1
+        now = time.monotonic()
+        with self._lock:
+            if hex_id in self._lru:
+                self._lru.move_to_end(hex_id)
+            if now - self._touched.get(hex_id, 0) > TOUCH_EVERY:
+                self._touched[hex_id] = now
+                touch = True
+            else:
+                touch = False
+        if touch:
+            try:
+                os.utime(self.path(hex_id))
+            except OSError:
+                pass
+        return raw
+
+    def put(self, hex_id: str, raw) -> bool:
+        """Store a verified chunk. False if the cache could not take it (logged once)."""
+        with self._lock:
+            if hex_id in self._lru:
+                return True
+        path = self.path(hex_id)
+        tmp = None
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+            os.rename(tmp, path)
+            tmp = None
+        except OSError as e:
+            if not self.write_failed:
+                log.warning("cache %s cannot be written (%s); serving reads without it", self.root, e.strerror)
+            self.write_failed = True
+            return False
+        finally:
+            if tmp:
+                _unlink(tmp)
+        if self.write_failed:
+            log.warning("cache %s is writable again", self.root)
+            self.write_failed = False
+        with self._lock:
+            if hex_id not in self._lru:
+                self._lru[hex_id] = len(raw)
+                self.used += len(raw)
+        self._maybe_evict()
+        return True
+
+    def discard(self, hex_id: str) -> bool:
+        _unlink(self.path(hex_id))
+        return self._forget(hex_id)
+
+    def _forget(self, hex_id: str) -> bool:
+        with self._lock:
+            size = self._lru.pop(hex_id, None)
+            if size is None:
+                return False
+            self.used -= size
+            return True
+
+    def _free_disk(self) -> int:
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError:
+            return 1 << 62
+
+    def _maybe_evict(self) -> None:
+        if self.used <= self.limit * HIGH_WATER and self._free_disk() >= self.free_floor:
+            return
+        target = self.limit * LOW_WATER
+        while True:
+            with self._lock:
+                if self.used <= target and self._free_disk() >= self.free_floor:
+                    return
+                victim = next((h for h in self._lru if h not in self._pinned), None)
+                if victim is None:
+                    return
+            if self.discard(victim):
+                self.evictions += 1
+
+    # -- admin -----------------------------------------------------------------------
+
+    def evict(self, hex_ids) -> int:
+        """Drop the given chunks (pinned or not); returns bytes freed."""
+        freed = 0
+        for h in hex_ids:
+            with self._lock:
+                size = self._lru.get(h, 0)
+            if self.discard(h):
+                freed += size
+                self.evictions += 1
+        return freed
+
+    def evict_all(self) -> int:
+        with self._lock:
+            hexes = list(self._lru)
+        return self.evict(hexes)
+
+    def pin(self, name: str, hex_ids) -> None:
+        with self._lock:
+            self._pins[name] = sorted(set(hex_ids))
+            self._pinned = {h for hs in self._pins.values() for h in hs}
+            self._save_pins()
+
+    def unpin(self, name: str) -> bool:
+        with self._lock:
+            found = self._pins.pop(name, None) is not None
+            self._pinned = {h for hs in self._pins.values() for h in hs}
+            self._save_pins()
+        return found
+
+    def pins(self) -> list[str]:
+        with self._lock:
+            return sorted(self._pins)
+
+    def cached_bytes(self, hex_ids) -> int:
+        with self._lock:
+            return sum(self._lru.get(h, 0) for h in set(hex_ids))
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"dir": self.root, "used": self.used, "limit": self.limit, "entries": len(self._lru),
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "corrupt": self.corrupt, "writable": not self.write_failed, "pins": sorted(self._pins)}
+
+
+def envelope_id_ok(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,212 @@
+"""The control socket of a running mount: cache stats, evict, warm, pin, unpin.
+
+A unix stream socket (mode 0600; the peer's uid is checked with SO_PEERCRED: only the
+mount's owner and root are answered). One request per connection, one JSON object per
+line: {"op": ..., "names": [...], "all": bool}. The daemon answers with zero or more
+{"progress": done, "total": n, "name": ...} lines and one final {"ok": true, "result": ...}
+or {"ok": false, "error": "..."}.
+
+The socket lives in a private per-user directory, named after the mountpoint, so the
+CLI finds it from the mountpoint alone; the mount root also names it in the xattr
+user.shardfs.control.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import struct
+import tempfile
+
+import trio
+
+from .errors import ChunkUnavailable, NotFound, ShardfsError, UsageError
+
+log = logging.getLogger("shardfs.control")
+
+MAX_REQUEST = 1 << 20
+
+
+def socket_path(mountpoint: str, uid: int | None = None) -> str:
+    uid = os.getuid() if uid is None else uid
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"shardfs-{uid}", f"{key}.sock")
+
+
+# -- daemon side ------------------------------------------------------------------------
+
+async def serve(daemon, task_status=trio.TASK_STATUS_IGNORED):
+    path = daemon.control_path
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    await sock.bind(path)
+    os.chmod(path, 0o600)
+    sock.listen(16)
+    task_status.started()
+    try:
+        await trio.serve_listeners(lambda stream: _handle(daemon, stream), [trio.SocketListener(sock)])
+    finally:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+async def _send(stream, obj) -> None:
+    await stream.send_all((json.dumps(obj) + "\n").encode())
+
+
+async def _handle(daemon, stream) -> None:
+    try:
+        creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid not in (0, daemon.uid):
+            await _send(stream, {"ok": False, "error": "permission denied: not the mount's owner or root"})
+            return
+        buf = b""
+        while b"\n" not in buf:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            buf += data
+            if len(buf) > MAX_REQUEST:
+                await _send(stream, {"ok": False, "error": "request too large"})
+                return
+        req = json.loads(buf.split(b"\n", 1)[0])
+        result = await _dispatch(daemon, req, lambda obj: _send(stream, obj))
+        await _send(stream, {"ok": True, "result": result})
+    except (ShardfsError, ValueError, KeyError, TypeError) as e:
+        try:
+            await _send(stream, {"ok": False, "error": str(e)})
+        except trio.BrokenResourceError:
+            pass
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away (Ctrl-C on `cache warm`): nothing to answer
+    except Exception:
+        log.exception("control request failed")
+    finally:
+        await stream.aclose()
+
+
+async def _models(daemon, req):
+    names = req.get("names") or []
+    if not names:
+        raise UsageError("give one or more model names (or --all where allowed)")
+    out = []
+    for name in names:
+        if name.endswith("/"):  # a folder: every model under it
+            found = [n for n in daemon.tree.current if n.startswith(name)]
+            if not found:
+                raise NotFound(f"no models under {name!r} in this mount")
+            out += found
+        else:
+            daemon.entry_by_name(name)
+            out.append(name)
+    return [await daemon.open_model(daemon.entry_by_name(n)) for n in out]
+
+
+async def _dispatch(daemon, req, send):
+    op = req.get("op")
+    cache, reader = daemon.cache, daemon.reader
+    if op == "stats":
+        models = []
+        for name, entry in sorted(daemon.tree.current.items()):
+            try:
+                m = await daemon.open_model(entry)
+                cached = cache.cached_bytes(m.hexes)
+            except ShardfsError:
+                cached = None
+            models.append({"name": name, "version": entry.vid, "size": entry.size, "cached": cached,
+                           "cached_pct": round(100 * cached / entry.size, 1) if cached is not None and entry.size
+                           else (100.0 if cached is not None else None),
+                           "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0)})
+        return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
+                "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
+                "chunks_fetched": reader.fetched, "failovers": daemon.pool.failovers,
+                "corrupt_copies": daemon.pool.corrupt_copies}
+    if op == "evict":
+        if req.get("all"):
+            freed = await trio.to_thread.run_sync(cache.evict_all)
+            reader.mem.clear()
+            for m in daemon.models.values():
+                daemon.invalidate(m)
+            return {"freed": freed}
+        freed = 0
+        for m in await _models(daemon, req):
+            freed += await trio.to_thread.run_sync(cache.evict, m.hexes)
+            reader.forget(m.hexes)
+            daemon.invalidate(m)
+        return {"freed": freed}
+    if op == "warm":
+        total = 0
+        for m in await _models(daemon, req):
+            state = {"last": 0.0}
+
+            def progress(done, size, m=m):
+                state["done"], state["size"] = done, size
+
+            async with trio.open_nursery() as n:
+                async def ticker(m=m):
+                    while True:
+                        await trio.sleep(0.2)
+                        if "done" in state:
+                            await send({"progress": state["done"], "total": state["size"], "name": m.name})
+                n.start_soon(ticker)
+                try:
+                    total += await reader.warm(m, progress)
+                except ChunkUnavailable as e:
+                    raise ShardfsError(str(e)) from None
+                finally:
+                    n.cancel_scope.cancel()
+            await send({"progress": m.size, "total": m.size, "name": m.name})
+        return {"bytes": total}
+    if op == "pin":
+        ms = await _models(daemon, req)
+        for m in ms:
+            cache.pin(m.name, m.hexes)
+        return {"pinned": [m.name for m in ms]}
+    if op == "unpin":
+        names = req.get("names") or []
+        missing = [n for n in names if not cache.unpin(n)]
+        if missing:
+            raise NotFound(f"not pinned: {', '.join(missing)}")
+        return {"unpinned": names}
+    raise UsageError(f"unknown control op {op!r}")
+
+
+# -- client side ------------------------------------------------------------------------
+
+def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None = 30.0):
+    path = socket_path(mountpoint)
+    if not os.path.exists(path):
+        try:  # a mount started by another user (root) names its socket in an xattr
+            path = os.fsdecode(os.getxattr(mountpoint, "user.shardfs.control"))
+        except OSError:
+            raise ShardfsError(f"{mountpoint} is not a running shardfs mount (no control socket)") from None
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(path)
+        s.sendall((json.dumps(req) + "\n").encode())
+        f = s.makefile("rb")
+        for line in f:
+            msg = json.loads(line)
+            if "progress" in msg:
+                if on_progress:
+                    on_progress(msg)
+                continue
+            if not msg.get("ok"):
+                raise ShardfsError(msg.get("error", "control request failed"))
+            return msg.get("result")
+        raise ShardfsError("the mount closed the control connection without an answer")
+    except OSError as e:
+        raise ShardfsError(f"cannot talk to the mount at {mountpoint}: {e}") from None
+    finally:
+        s.close()

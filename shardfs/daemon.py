@@ -1,0 +1,286 @@
+"""The mount daemon: wires the index, the tree, the reader and the control socket to pyfuse3.
+
+Redis is only asked in worker threads with short timeouts, and never on the read path:
+opening a model loads its manifest and chunk locations once and keeps them in memory and
+as a local snapshot (<cache>/snapshots), so open files keep reading and known models stay
+listed and openable while Redis is away. A poll loop notices new, replaced and removed
+models (the index's epoch counter) within POLL seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from .cache import ChunkCache
+from .errors import IndexUnavailable, NotFound, ShardfsError
+from .index import Index
+from .manifest import Manifest
+from .pool import NodePool
+from .reader import OpenModel, Reader
+from .vfs import FileEntry, Tree, file_inode
+
+log = logging.getLogger("shardfs.daemon")
+
+POLL = 2.0
+
+
+@dataclass
+class MountConfig:
+    mountpoint: str
+    cache_dir: str
+    cache_size: int
+    read_ahead: int = 64 << 20
+    mem_limit: int = 128 << 20
+    allow_other: bool = False
+    control_path: str = ""
+    notify_store: bool = True
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (if it started us with NOTIFY_SOCKET) about our state."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(addr)
+        s.sendall(message.encode())
+
+
+class Daemon:
+    def __init__(self, cfg: MountConfig, index_factory):
+        self.cfg = cfg
+        self.index_factory = index_factory  # () -> Index; called in threads
+        self.idx: Index | None = None
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.tree = Tree()
+        self.control_path = cfg.control_path
+        os.makedirs(cfg.cache_dir, exist_ok=True)
+        self._lock_file = open(os.path.join(cfg.cache_dir, ".lock"), "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ShardfsError(f"cache directory {cfg.cache_dir} is used by another shardfs mount; "
+                               f"give this one its own --cache-dir") from None
+        self.snap_dir = os.path.join(cfg.cache_dir, "snapshots")
+        os.makedirs(self.snap_dir, exist_ok=True)
+        self.cache = ChunkCache(os.path.join(cfg.cache_dir, "data"), cfg.cache_size)
+        self.pool = NodePool({})
+        self.reader = Reader(self.pool, self.cache, mem_limit=cfg.mem_limit, readahead_max=cfg.read_ahead,
+                             refresh_locs=self._refresh_locs,
+                             notify=self._notify_store if cfg.notify_store else None)
+        self.models: dict[int, OpenModel] = {}
+        self.open_count: dict[int, int] = {}
+        self.epoch = None
+        self.redis_ok = True
+        self._model_locks: dict[int, trio.Lock] = {}
+
+    # -- index -----------------------------------------------------------------------
+
+    def _index(self) -> Index:
+        if self.idx is None:
+            self.idx = self.index_factory()
+        return self.idx
+
+    def load_catalogue(self, force: bool = False) -> bool:
+        """Worker thread: refresh nodes and the model list if the epoch moved. True if changed."""
+        idx = self._index()
+        epoch = idx.epoch()
+        if epoch == self.epoch and not force:
+            return False
+        nodes = idx.nodes()
+        models = idx.models()
+        vers = idx.versions(list(models.values()))
+        cat = {v.name: (v.vid, v.size, v.created, v.sha256) for v in vers}
+        self.pool.update(nodes)
+        self.epoch = epoch
+        self._save_catalogue(nodes, cat)
+        self._apply(cat)
+        return True
+
+    def _apply(self, cat) -> None:
+        changed = self.tree.update(cat)
+        if changed:
+            log.info("catalogue: %d model(s), %d changed", len(cat), len(changed))
+
+    def _save_catalogue(self, nodes, cat) -> None:
+        data = {"nodes": {k: vars(v) for k, v in nodes.items()}, "models": cat}
+        _write_json(os.path.join(self.snap_dir, "catalogue.json"), data)
+
+    def load_saved_catalogue(self) -> bool:
+        try:
+            with open(os.path.join(self.snap_dir, "catalogue.json")) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            return False
+        from .index import Node
+        self.pool.update({k: Node(**v) for k, v in data["nodes"].items()})
+        self._apply({k: tuple(v) for k, v in data["models"].items()})
+        return True
+
+    def _refresh_locs(self, hex_id: str) -> list[str]:
+        try:
+            self.pool.update(self._index().nodes())
+            return self._index().locations(hex_id)
+        except Exception as e:  # noqa: BLE001 - Redis away: keep the locations we have
+            log.debug("cannot refresh locations of %s: %s", hex_id, e)
+            return []
+
+    async def poll_loop(self) -> None:
+        while True:
+            await trio.sleep(POLL)
+            try:
+                await trio.to_thread.run_sync(self.load_catalogue, abandon_on_cancel=True)
+                if not self.redis_ok:
+                    log.warning("Redis at %s is back", self._index().url)
+                self.redis_ok = True
+            except Exception as e:  # noqa: BLE001 - any index failure: keep serving the snapshot
+                if self.redis_ok:
+                    log.warning("index unavailable (%s); serving the last known models", e)
+                self.redis_ok = False
+                self.idx = None if isinstance(e, IndexUnavailable) else self.idx
+
+    # -- models ----------------------------------------------------------------------
+
+    async def open_model(self, entry: FileEntry) -> OpenModel:
+        m = self.models.get(entry.vid)
+        if m is not None:
+            return m
+        lock = self._model_locks.setdefault(entry.vid, trio.Lock())
+        async with lock:
+            m = self.models.get(entry.vid)
+            if m is None:
+                m = await trio.to_thread.run_sync(self._load_model, entry, abandon_on_cancel=True)
+                self.models[entry.vid] = m
+        return m
+
+    def _snap_path(self, vid: int) -> str:
+        return os.path.join(self.snap_dir, f"{vid}.json")
+
+    def _load_model(self, entry: FileEntry) -> OpenModel:
+        """Worker thread: manifest + locations from Redis, else from the local snapshot."""
+        try:
+            idx = self._index()
+            ver = idx.version(entry.vid)
+            manifest = ver.manifest
+            hexes = sorted({c.hex() for c in manifest.ids})
+            infos = idx.chunk_info(hexes)
+            locs = {h: (i["locs"] if i else []) for h, i in zip(hexes, infos)}
+            _write_json(self._snap_path(entry.vid), {
+                "vid": entry.vid, "name": entry.name, "size": ver.size, "sha256": ver.sha256,
+                "manifest": base64.b64encode(ver.manifest_blob).decode(), "locs": locs})
+        except NotFound:
+            raise
+        except Exception as e:  # noqa: BLE001 - Redis away or record damaged: try the snapshot
+            try:
+                with open(self._snap_path(entry.vid)) as f:
+                    snap = json.load(f)
+            except (OSError, ValueError):
+                raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): {e}") from None
+            log.info("loaded %s from its local snapshot (index: %s)", entry.name, e)
+            manifest = Manifest.decode(base64.b64decode(snap["manifest"]))
+            locs = snap["locs"]
+        if manifest.size != entry.size:
+            raise IndexUnavailable(f"{entry.name}: manifest covers {manifest.size} bytes, "
+                                   f"version says {entry.size}")
+        return OpenModel(entry.vid, entry.inode, entry.name, entry.size, entry.sha256, manifest, locs)
+
+    async def cached_bytes(self, entry: FileEntry) -> int:
+        m = await self.open_model(entry)
+        return self.cache.cached_bytes(m.hexes)
+
+    def _notify_store(self, inode: int, offset: int, data: bytes) -> None:
+        try:
+            pyfuse3.notify_store(inode, offset, data)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("notify_store(%d, %d) failed: %s", inode, offset, e)
+
+    def entry_by_name(self, name: str) -> FileEntry:
+        entry = self.tree.current.get(name)
+        if entry is None:
+            raise NotFound(f"no model named {name!r} in this mount")
+        return entry
+
+    def invalidate(self, m: OpenModel) -> None:
+        """Drop the kernel's cached pages of a model (after its chunks were evicted)."""
+        try:
+            pyfuse3.invalidate_inode(m.inode, attr_only=False)
+        except OSError:
+            pass  # the kernel does not know the inode: nothing cached
+
+
+def _write_json(path: str, data) -> None:
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.rename(tmp, path)
+    except OSError as e:
+        log.debug("cannot write %s: %s", path, e)
+
+
+def raise_read_ahead(mountpoint: str, kb: int) -> str:
+    """Raise the mount's bdi read_ahead_kb (root only). Returns what happened, for the log."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+    except OSError as e:
+        return f"cannot stat mountpoint: {e}"
+    path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+        return f"read_ahead_kb={kb}"
+    except OSError as e:
+        return f"read_ahead_kb unchanged ({path}: {e.strerror})"
+
+
+async def run(daemon: Daemon, ready) -> None:
+    """Serve until SIGTERM/SIGINT or an unmount. `ready()` is called once mounted."""
+    from . import control
+    from .fuse_ops import ShardOps
+
+    cfg = daemon.cfg
+    ops = ShardOps(daemon)
+    opts = {"fsname=shardfs", "subtype=shardfs", "ro", "default_permissions", "noatime"}
+    if cfg.allow_other:
+        opts.add("allow_other")
+    pyfuse3.init(ops, cfg.mountpoint, opts)
+    try:
+        async with trio.open_nursery() as n:
+            daemon.reader.attach(n)
+
+            async def fuse_main():
+                await pyfuse3.main()  # returns when the kernel unmounts us (fusermount3 -u)
+                n.cancel_scope.cancel()
+            n.start_soon(fuse_main)
+            n.start_soon(daemon.poll_loop)
+            await n.start(control.serve, daemon)
+
+            async def after_mount():
+                how = await trio.to_thread.run_sync(raise_read_ahead, cfg.mountpoint, 1024)
+                log.info("mounted %s (%s)", cfg.mountpoint, how)
+                ready()
+            n.start_soon(after_mount)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                async for sig in sigs:
+                    log.info("signal %d: unmounting", sig)
+                    sd_notify("STOPPING=1")
+                    break
+            n.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", cfg.mountpoint)

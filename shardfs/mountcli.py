@@ -1,0 +1,321 @@
+"""`shardfs mount`, `umount` and `cache ...`. pyfuse3 is imported only when mounting."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from .errors import ShardfsError, UsageError
+
+MOUNT_EPILOG = """\
+By default `mount` returns once the filesystem is ready; the daemon keeps running in the
+background and logs to $SHARDFS_HOME/logs/. Use --foreground under systemd (it sends
+READY=1 and STOPPING=1 when NOTIFY_SOCKET is set). SIGTERM or SIGINT unmount cleanly.
+"""
+
+
+def add_mount_commands(sub) -> None:
+    from .cli import _size
+    a = sub.add_parser("mount", help="mount every stored model as a read-only file",
+                       epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    a.add_argument("mountpoint")
+    a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_HOME/cache)")
+    a.add_argument("--cache-size", type=_size, default=None,
+                   help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB)")
+    a.add_argument("--read-ahead", type=_size, default=64 << 20, help="largest readahead window (default 64MiB)")
+    a.add_argument("--memory", type=_size, default=128 << 20, help="in-memory chunk buffer (default 128MiB)")
+    a.add_argument("--allow-other", action="store_true", help="let other users read the mount "
+                   "(needs user_allow_other in /etc/fuse.conf unless root)")
+    a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
+    a.add_argument("--no-notify-store", action="store_true", help=__import__("argparse").SUPPRESS)
+    a.add_argument("--ready-fd", type=int, help=__import__("argparse").SUPPRESS)
+    a.set_defaults(func=cmd_mount)
+
+    a = sub.add_parser("umount", help="unmount (also recovers a mountpoint left stale by a killed daemon)")
+    a.add_argument("mountpoint")
+    a.set_defaults(func=cmd_umount)
+
+    cache = sub.add_parser("cache", help="inspect and manage a running mount's cache").add_subparsers(
+        dest="cache_cmd", required=True, metavar="ACTION")
+    for name, helptext in (("stats", "bytes used / limit, hits, misses, per-model cached %, pins"),
+                           ("evict", "drop models' chunks (or --all) from the cache and the kernel's pages"),
+                           ("warm", "fetch whole models into the cache"),
+                           ("pin", "never evict these models by LRU"),
+                           ("unpin", "allow these models to be evicted again")):
+        c = cache.add_parser(name, help=helptext)
+        c.add_argument("--mount", help="the mountpoint (default: the only shardfs mount)")
+        if name == "stats":
+            c.add_argument("--json", action="store_true")
+        else:
+            c.add_argument("names", nargs="*", metavar="NAME", help="model names; NAME/ means a folder")
+        if name == "evict":
+            c.add_argument("--all", action="store_true")
+        c.set_defaults(func=cmd_cache, cache_cmd=name)
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+def shardfs_mounts() -> list[str]:
+    out = []
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if parts[0] == "shardfs" or parts[2] == "fuse.shardfs":
+                    out.append(parts[1].replace("\\040", " "))
+    except OSError:
+        pass
+    return out
+
+
+def _is_stale(mp: str) -> bool:
+    try:
+        os.stat(mp)
+        return False
+    except OSError as e:
+        return e.errno == errno.ENOTCONN
+
+
+def _fusermount(mp: str, lazy: bool = False) -> subprocess.CompletedProcess:
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    if exe is None:
+        return subprocess.run(["umount"] + (["-l"] if lazy else []) + [mp], capture_output=True, text=True)
+    return subprocess.run([exe, "-u"] + (["-z"] if lazy else []) + [mp], capture_output=True, text=True)
+
+
+def _users_of(mp: str) -> list[str]:
+    """Processes with a file or cwd under the mountpoint, as 'pid (name)'."""
+    mp = os.path.realpath(mp)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            paths = [os.readlink(f"/proc/{pid}/cwd")]
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+        if any(p == mp or p.startswith(mp + "/") for p in paths):
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append(f"{pid} ({f.read().strip()})")
+            except OSError:
+                found.append(pid)
+    return found
+
+
+def recover_stale(mp: str) -> bool:
+    if not _is_stale(mp):
+        return False
+    r = _fusermount(mp, lazy=True)
+    if _is_stale(mp):
+        raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) and could not be "
+                           f"cleaned up: {r.stderr.strip()}")
+    return True
+
+
+# -- mount ------------------------------------------------------------------------------
+
+def _preflight(mp: str) -> None:
+    if recover_stale(mp):
+        print(f"shardfs: recovered stale mountpoint {mp}", file=sys.stderr)
+    if not os.path.exists(mp):
+        raise UsageError(f"mountpoint {mp} does not exist")
+    if not os.path.isdir(mp):
+        raise UsageError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp):
+        what = "a shardfs mount" if os.path.realpath(mp) in map(os.path.realpath, shardfs_mounts()) else "in use"
+        raise ShardfsError(f"mountpoint {mp} is busy: already {what}; `shardfs umount {mp}` first")
+    if not os.path.exists("/dev/fuse"):
+        raise ShardfsError("/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a "
+                           "container, pass --device /dev/fuse")
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        raise ShardfsError(f"/dev/fuse cannot be opened ({e.strerror}); are you in the fuse group?") from None
+
+
+def _default_cache_size(cache_dir: str) -> int:
+    os.makedirs(cache_dir, exist_ok=True)
+    return max(1 << 30, shutil.disk_usage(cache_dir).total // 10)
+
+
+def cmd_mount(args) -> None:
+    from .connect import home, open_index
+    mp = os.path.abspath(args.mountpoint)
+    _preflight(mp)
+    cache_dir = os.path.abspath(args.cache_dir or os.path.join(home(), "cache"))
+    idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable
+    if not args.foreground:
+        _spawn(args, mp, cache_dir)
+        return
+    _run_foreground(args, mp, cache_dir, idx)
+
+
+def _spawn(args, mp: str, cache_dir: str) -> None:
+    from .connect import home
+    logdir = os.path.join(home(), "logs")
+    os.makedirs(logdir, exist_ok=True)
+    log_path = os.path.join(logdir, "mount-" + mp.strip("/").replace("/", "_") + ".log")
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "shardfs"] + (["--redis", args.redis] if args.redis else []) + \
+          (["-v"] if args.verbose else []) + \
+          ["mount", mp, "--foreground", "--ready-fd", str(w), "--cache-dir", cache_dir,
+           "--read-ahead", str(args.read_ahead), "--memory", str(args.memory)]
+    if args.cache_size:
+        cmd += ["--cache-size", str(args.cache_size)]
+    if args.allow_other:
+        cmd.append("--allow-other")
+    if args.no_notify_store:
+        cmd.append("--no-notify-store")
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                start_new_session=True, cwd="/")
+    os.close(w)
+    with os.fdopen(r) as ready:
+        line = ready.readline().strip()
+    if line == "ok":
+        print(f"mounted {mp} (daemon pid {proc.pid}, log {log_path})")
+        return
+    proc.wait(timeout=10) if proc.poll() is None else None
+    raise ShardfsError(line.removeprefix("error: ") if line else f"mount daemon exited; see {log_path}")
+
+
+def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
+    import trio
+    from .connect import open_index
+    from .control import socket_path
+    from .daemon import Daemon, MountConfig, run, sd_notify
+
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for h in logging.getLogger().handlers:
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ready_file = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+
+    def tell(msg: str):
+        nonlocal ready_file
+        if ready_file:
+            ready_file.write(msg + "\n")
+            ready_file.close()
+            ready_file = None
+
+    try:
+        cfg = MountConfig(mountpoint=mp, cache_dir=cache_dir,
+                          cache_size=args.cache_size or _default_cache_size(cache_dir),
+                          read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
+                          control_path=socket_path(mp), notify_store=not args.no_notify_store)
+        daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
+        daemon.idx = idx
+        try:
+            daemon.load_catalogue(force=True)
+        except Exception as e:  # noqa: BLE001 - start from the saved snapshot if the index is away
+            if not daemon.load_saved_catalogue():
+                raise ShardfsError(f"cannot load the model list: {e}") from None
+    except ShardfsError as e:
+        tell(f"error: {e}")
+        raise
+
+    def ready():
+        tell("ok")
+        sd_notify("READY=1\nSTATUS=mounted " + mp)
+
+    try:
+        trio.run(run, daemon, ready)
+    except RuntimeError as e:  # pyfuse3.init failures arrive as RuntimeError
+        tell(f"error: cannot mount {mp}: {e}")
+        raise ShardfsError(f"cannot mount {mp}: {e}") from None
+    finally:
+        tell("error: the mount daemon stopped before the mount was ready")
+
+
+def cmd_umount(args) -> None:
+    mp = os.path.abspath(args.mountpoint)
+    if _is_stale(mp):
+        recover_stale(mp)
+        print(f"recovered stale mountpoint {mp}")
+        return
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mp} is not mounted")
+    r = _fusermount(mp)
+    if r.returncode != 0:
+        err = r.stderr.strip()
+        if "busy" in err.lower():
+            users = _users_of(mp)
+            raise ShardfsError(f"{mp} is busy: in use by " + (", ".join(users) if users else "some process")
+                               + "; close those files or stop those processes first")
+        raise ShardfsError(f"cannot unmount {mp}: {err}")
+    deadline = time.monotonic() + 10
+    while os.path.ismount(mp) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"unmounted {mp}")
+
+
+# -- cache ------------------------------------------------------------------------------
+
+def _pick_mount(args) -> str:
+    if args.mount:
+        return os.path.abspath(args.mount)
+    mounts = shardfs_mounts()
+    if len(mounts) == 1:
+        return mounts[0]
+    if not mounts:
+        raise ShardfsError("no shardfs mount is running; start one with `shardfs mount DIR`")
+    raise UsageError(f"several shardfs mounts ({', '.join(mounts)}); choose one with --mount")
+
+
+def cmd_cache(args) -> None:
+    from .control import request
+    from .units import human
+    mp = _pick_mount(args)
+    op = args.cache_cmd
+    if op == "stats":
+        res = request(mp, {"op": "stats"}, timeout=120)
+        if args.json:
+            print(json.dumps(res, indent=2, sort_keys=True))
+            return
+        c = res["cache"]
+        print(f"cache {c['dir']}: {human(c['used'])} of {human(c['limit'])} in {c['entries']} chunks"
+              f"{'' if c['writable'] else ' (NOT WRITABLE: reads bypass it)'}")
+        print(f"hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}, damaged entries "
+              f"{c['corrupt']}; replica failovers {res['failovers']}, corrupt copies {res['corrupt_copies']}"
+              f"; index {'reachable' if res['redis_ok'] else 'UNREACHABLE (serving last known models)'}")
+        print(f"{'CACHED':>8} {'SIZE':>10} {'PIN':>4}  NAME")
+        for m in res["models"]:
+            pct = f"{m['cached_pct']:.1f}%" if m["cached_pct"] is not None else "?"
+            print(f"{pct:>8} {human(m['size']):>10} {'yes' if m['pinned'] else '':>4}  {m['name']}")
+        return
+    if op == "evict":
+        if not args.all and not args.names:
+            raise UsageError("name models to evict, or --all")
+        res = request(mp, {"op": "evict", "names": args.names, "all": args.all}, timeout=300)
+        print(f"evicted {human(res['freed'])}")
+        return
+    if not args.names:
+        raise UsageError(f"name the models to {op}")
+    if op == "warm":
+        bars = {}
+        show = sys.stderr.isatty()
+
+        def progress(msg):
+            if not show:
+                return
+            from tqdm import tqdm
+            bar = bars.get(msg["name"])
+            if bar is None:
+                bar = bars[msg["name"]] = tqdm(total=msg["total"], unit="B", unit_scale=True, unit_divisor=1024,
+                                               desc=f"warm {msg['name']}", file=sys.stderr)
+            bar.update(msg["progress"] - bar.n)
+        try:
+            res = request(mp, {"op": "warm", "names": args.names}, progress, timeout=None)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        print(f"warmed {len(args.names)} model(s): {human(res['bytes'])} in cache")
+        return
+    res = request(mp, {"op": op, "names": args.names})
+    print(f"{op}ned: {', '.join(res.get('pinned') or res.get('unpinned'))}")

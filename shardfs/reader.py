@@ -1,0 +1,259 @@
+"""The read path: offset -> chunks -> memory buffer -> disk cache -> nodes.
+
+This is the one module that combines the cache, the nodes and the codec, so a read can
+be followed from top to bottom here:
+
+    read(model, off, size)
+      for each chunk the range touches:   chunk(model, i)
+        memory buffer hit                 -> bytes
+        else join or start one flight     -> _fill (worker thread, under fetch_limiter):
+                                               cache.get (hash-checked) or
+                                               pool.read (failover, decode, hash-check) + cache.put
+      sequential reads also start flights for the next `window` bytes (readahead)
+
+Concurrency invariants (trio, single thread; only `await` points switch tasks):
+- `_flights[h]` exists exactly while one _fill for chunk h runs; every reader of h waits
+  on that flight's event, so a chunk is fetched once however many readers want it.
+- _fill runs in the reader's long-lived nursery, not in the requesting task, so a
+  cancelled read never leaves a flight without an owner.
+- Errors are not remembered: the flight is removed when it ends, and the next reader
+  tries again (another replica may have come back).
+Decoding, hashing and disk I/O run in worker threads, never on the trio thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from .cache import ChunkCache
+from .errors import ChunkUnavailable, CorruptChunk
+from .manifest import Manifest
+from .pool import NodePool
+
+log = logging.getLogger("shardfs.reader")
+
+
+@dataclass
+class OpenModel:
+    vid: int
+    inode: int
+    name: str
+    size: int
+    sha256: str
+    manifest: Manifest
+    locs: dict[str, list[str]]
+    hexes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.hexes = [c.hex() for c in self.manifest.ids]
+
+
+@dataclass
+class ReadState:
+    """Per open file: where the last read ended and the current readahead window."""
+    next_off: int = 0
+    window: int = 0
+
+
+class _Flight:
+    __slots__ = ("event", "data", "error")
+
+    def __init__(self):
+        self.event = trio.Event()
+        self.data = None
+        self.error = None
+
+
+class MemBuffer:
+    """Recently used raw chunks, bounded by bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._d: OrderedDict[str, bytes] = OrderedDict()
+
+    def get(self, h):
+        data = self._d.get(h)
+        if data is not None:
+            self._d.move_to_end(h)
+        return data
+
+    def put(self, h, data):
+        if h in self._d:
+            return
+        self._d[h] = data
+        self.used += len(data)
+        while self.used > self.limit and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self.used -= len(old)
+
+    def drop(self, h):
+        data = self._d.pop(h, None)
+        if data is not None:
+            self.used -= len(data)
+
+    def clear(self):
+        self._d.clear()
+        self.used = 0
+
+
+class Reader:
+    def __init__(self, pool: NodePool, cache: ChunkCache | None, *, mem_limit: int = 128 << 20,
+                 fetchers: int = 8, readahead_max: int = 64 << 20, refresh_locs=None, notify=None):
+        self.pool = pool
+        self.cache = cache
+        self.mem = MemBuffer(mem_limit)
+        self.fetch_limiter = trio.CapacityLimiter(fetchers)
+        self.readahead_max = readahead_max
+        self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
+        self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
+        self._notify_limiter = trio.CapacityLimiter(2)
+        self._flights: dict[str, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
+        self._unavailable_logged: set[str] = set()
+        self.bytes_served = 0
+        self.fetched = 0
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    # -- chunks ----------------------------------------------------------------------
+
+    async def chunk(self, m: OpenModel, i: int) -> bytes:
+        h = m.hexes[i]
+        data = self.mem.get(h)
+        if data is not None:
+            return data
+        flight = self._start(m, i)
+        await flight.event.wait()
+        if flight.error is not None:
+            raise flight.error
+        return flight.data
+
+    def _start(self, m: OpenModel, i: int) -> _Flight:
+        h = m.hexes[i]
+        flight = self._flights.get(h)
+        if flight is None:
+            flight = self._flights[h] = _Flight()
+            self._nursery.start_soon(self._fill, m, i, flight)
+        return flight
+
+    async def _fill(self, m: OpenModel, i: int, flight: _Flight) -> None:
+        h = m.hexes[i]
+        try:
+            async with self.fetch_limiter:
+                data = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+            self.mem.put(h, data)
+            flight.data = data
+            if self.notify is not None:
+                # In a thread, never on the trio thread: the kernel may hold these pages
+                # locked for a read that only this trio thread can answer.
+                self._nursery.start_soon(self._push, m.inode, m.manifest.offsets[i], data)
+        except (ChunkUnavailable, CorruptChunk) as e:
+            flight.error = e
+            if h not in self._unavailable_logged:
+                self._unavailable_logged.add(h)
+                log.error("%s: chunk %s at offset %d unreadable: %s", m.name, h, m.manifest.offsets[i], e)
+        except BaseException as e:  # noqa: BLE001 - a bug: surface it to the reader as EIO too
+            flight.error = ChunkUnavailable(f"internal error: {e!r}")
+            log.exception("unexpected error filling chunk %s", h)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            del self._flights[h]
+            flight.event.set()
+
+    async def _push(self, inode: int, offset: int, data: bytes) -> None:
+        await trio.to_thread.run_sync(self.notify, inode, offset, data, limiter=self._notify_limiter,
+                                      abandon_on_cancel=True)
+
+    def _load(self, m: OpenModel, h: str) -> bytes:
+        """Worker thread: the verified raw chunk from the disk cache or the nodes."""
+        if self.cache is not None:
+            data = self.cache.get(h)
+            if data is not None:
+                return data
+        try:
+            data = self.pool.read(h, m.locs.get(h, []))
+        except ChunkUnavailable:
+            if self.refresh_locs is None:
+                raise
+            fresh = self.refresh_locs(h)  # locations may have changed (repair, new nodes)
+            if not fresh or set(fresh) == set(m.locs.get(h, [])):
+                raise
+            m.locs[h] = fresh
+            data = self.pool.read(h, fresh)
+        self.fetched += 1
+        if self.cache is not None:
+            self.cache.put(h, data)
+        return data
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def read(self, m: OpenModel, off: int, size: int, state: ReadState | None = None) -> bytes:
+        end = min(off + size, m.size)
+        if off >= end:
+            return b""
+        span = m.manifest.span(off, end - off)
+        if state is not None:
+            self._readahead(m, span, off, end, state)
+        parts = []
+        for i in span:
+            data = await self.chunk(m, i)
+            start = m.manifest.offsets[i]
+            parts.append(data[max(off, start) - start:min(end, start + len(data)) - start])
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.bytes_served += len(out)
+        return out
+
+    def _readahead(self, m: OpenModel, span: range, off: int, end: int, st: ReadState) -> None:
+        chunk = m.manifest.lengths[span.start] or 1
+        if off == st.next_off or (st.window and abs(off - st.next_off) <= chunk):
+            st.window = min(max(st.window * 2, 2 * chunk), self.readahead_max)
+        else:
+            st.window = 0
+        st.next_off = end
+        if not st.window or end >= m.size:
+            return
+        budget = max(1, self.mem.limit // (2 * chunk))
+        for j in m.manifest.span(end, st.window):
+            if len(self._flights) >= budget:
+                break
+            h = m.hexes[j]
+            if h not in self._flights and self.mem.get(h) is None:
+                self._start(m, j)
+
+    async def warm(self, m: OpenModel, progress=None) -> int:
+        """Fetch every chunk of a model into the cache. `progress(done, total)` is called
+        after each chunk. Raises the first ChunkUnavailable after trying every chunk."""
+        done = 0
+        errors = []
+        slots = trio.Semaphore(self.fetch_limiter.total_tokens)
+
+        async def one(i):
+            nonlocal done
+            try:
+                await self.chunk(m, i)
+                done += m.manifest.lengths[i]
+                if progress is not None:
+                    progress(done, m.size)
+            except (ChunkUnavailable, CorruptChunk) as e:
+                errors.append(e)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as n:
+            for i in range(len(m.manifest)):
+                await slots.acquire()
+                n.start_soon(one, i)
+        if errors:
+            raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
+        return done
+
+    def forget(self, hexes) -> None:
+        for h in hexes:
+            self.mem.drop(h)

@@ -1,0 +1,189 @@
+"""Fixtures that start real services on loopback: redis-server, node servers, the CLI.
+
+Nothing here is a mock: Redis is a real redis-server in a temp dir, nodes are real
+`shardfs node serve` processes, and the CLI runs as a subprocess like a user would run it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from shardfs.synth import write_safetensors
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+class RedisProc:
+    def __init__(self, workdir: str):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed (the CI script installs it)")
+        self.dir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+
+        def up():
+            try:
+                return client.ping()
+            except redis.RedisError:
+                return False
+        wait_for(up, what="redis-server")
+        return self
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def client(self):
+        return redis.Redis.from_url(self.url)
+
+
+class NodeProc:
+    """A real `shardfs node serve` process on a loopback port."""
+
+    def __init__(self, root: str, token_file: str | None = None):
+        self.root = root
+        self.token_file = token_file
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        cmd = [sys.executable, "-m", "shardfs", "node", "serve", "--root", self.root,
+               "--listen", f"127.0.0.1:{self.port}"]
+        if self.token_file:
+            cmd += ["--token-file", self.token_file]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        def up():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"node server exited: {self.proc.stderr.read().decode()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            except OSError:
+                return False
+        wait_for(up, what=f"node server on {self.port}")
+        return self
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def chunk_files(self):
+        out = []
+        for d, _, files in os.walk(self.root):
+            out += [os.path.join(d, f) for f in files if len(f) == 64]
+        return out
+
+
+@pytest.fixture
+def redis_proc(tmp_path):
+    r = RedisProc(str(tmp_path / "redis")).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    """Factory: nodes(n) starts n node servers; all are stopped at teardown."""
+    started = []
+
+    def make(n=1, token_file=None):
+        out = []
+        for _ in range(n):
+            node = NodeProc(str(tmp_path / f"node{len(started)}"), token_file).start()
+            started.append(node)
+            out.append(node)
+        return out
+    yield make
+    for node in started:
+        node.stop()
+
+
+class Cli:
+    def __init__(self, env):
+        self.env = env
+
+    def run(self, *args, check=True, input=None, timeout=300, env=None):
+        r = subprocess.run([sys.executable, "-m", "shardfs", *map(str, args)], capture_output=True,
+                           text=True, env={**self.env, **(env or {})}, input=input, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"shardfs {' '.join(map(str, args))} exited {r.returncode}:\n"
+                                 f"{r.stdout}\n{r.stderr}")
+        return r
+
+    def __call__(self, *args, **kw):
+        return self.run(*args, **kw)
+
+
+@pytest.fixture
+def base_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHARDFS_")}
+    env["SHARDFS_HOME"] = str(tmp_path / "home")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.fixture
+def cli(redis_proc, base_env):
+    """The CLI pointed at this test's own redis-server."""
+    return Cli({**base_env, "SHARDFS_REDIS": redis_proc.url})
+
+
+@pytest.fixture(scope="session")
+def model_256(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "synthetic-256m.safetensors"
+    write_safetensors(str(path), 256 << 20, seed=1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_small(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models") / "synthetic-24m.safetensors"
+    write_safetensors(str(path), 24 << 20, seed=2)
+    return path
