@@ -51,7 +51,7 @@ class RedisProc:
     def start(self):
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+             "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
 
@@ -187,3 +187,71 @@ def model_small(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "synthetic-24m.safetensors"
     write_safetensors(str(path), 24 << 20, seed=2)
     return path
+
+
+def fuse_usable() -> str | None:
+    """None if real mounts can run here, else the reason they cannot."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as e:
+        return f"/dev/fuse cannot be opened: {e.strerror}"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed"
+    return None
+
+
+needs_fuse = pytest.mark.skipif(fuse_usable() is not None, reason=f"no usable FUSE: {fuse_usable()}")
+
+
+class Mount:
+    """`shardfs mount` in a subprocess (the real CLI, the real daemon, a real kernel mount)."""
+
+    def __init__(self, cli: Cli, path, cache_dir, *extra):
+        self.cli, self.path, self.cache_dir, self.extra = cli, str(path), str(cache_dir), extra
+        os.makedirs(self.path, exist_ok=True)
+        self.pid = None
+
+    def mount(self):
+        r = self.cli("mount", self.path, "--cache-dir", self.cache_dir, *self.extra)
+        self.pid = int(r.stdout.split("daemon pid ")[1].split(")")[0].split(",")[0])
+        return self
+
+    def umount(self, check=True):
+        return self.cli("umount", self.path, check=check)
+
+    def cleanup(self):
+        if os.path.ismount(self.path) or _stale(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+
+def _stale(path):
+    try:
+        os.stat(path)
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def mounts(tmp_path, cli):
+    """Factory: mounts(*extra_args) mounts a fresh mountpoint with its own cache dir."""
+    made = []
+
+    def make(*extra, cache_dir=None):
+        n = len(made)
+        m = Mount(cli, tmp_path / f"mnt{n}", cache_dir or (tmp_path / f"cache{n}"), *extra)
+        made.append(m)
+        return m.mount()
+    yield make
+    for m in made:
+        m.cleanup()

@@ -1,0 +1,294 @@
+"""Real mounts: `shardfs mount` in a subprocess, read with ordinary tools and loaders."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from conftest import needs_fuse, wait_for
+
+pytestmark = needs_fuse
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+@pytest.fixture
+def store(cli, nodes, model_small, tmp_path):
+    """3 HTTP nodes, R=2, the small model under two names plus a second model."""
+    ns = nodes(3)
+    for n in ns:
+        cli("node", "add", n.url)
+    cli("put", model_small, "--name", "org/small.safetensors", "--chunk-size", "1MiB")
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(3 << 20) + bytes(12345))
+    cli("put", other, "--name", "org/deep/other.bin", "--chunk-size", "1MiB")
+    return {"nodes": ns, "small": model_small, "other": other}
+
+
+def test_tree_sizes_modes_xattrs(store, mounts):
+    m = mounts()
+    st = os.stat(m.file("org/small.safetensors"))
+    assert st.st_size == os.path.getsize(store["small"])
+    assert st.st_mode & 0o777 == 0o444
+    assert os.stat(m.file("org")).st_mode & 0o777 == 0o555
+    assert sorted(os.listdir(m.file("org"))) == ["deep", "small.safetensors"]
+    out = subprocess.run(["ls", "-l", m.file("org/deep")], capture_output=True, text=True).stdout
+    assert f" {os.path.getsize(store['other'])} " in out
+    assert os.getxattr(m.file("org/small.safetensors"), "user.shardfs.sha256").decode() == sha(store["small"])
+    assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.version")) >= 1
+    assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.cached_bytes")) == 0
+    sv = os.statvfs(m.path)
+    assert sv.f_blocks * sv.f_frsize >= os.path.getsize(store["small"])
+
+
+def test_cp_and_sha256_match(store, mounts, tmp_path):
+    m = mounts()
+    dest = tmp_path / "copy"
+    subprocess.run(["cp", m.file("org/small.safetensors"), dest], check=True)
+    assert sha(dest) == sha(store["small"])
+    assert sha(m.file("org/deep/other.bin")) == sha(store["other"])
+    # second read through the same mount comes from the kernel page cache: same bytes
+    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+
+
+def test_numpy_memmap_and_safetensors(store, mounts, cli, tmp_path):
+    from safetensors import safe_open
+
+    from shardfs.synth import write_safetensors
+    f16 = tmp_path / "f16.safetensors"  # numpy has no bfloat16: load an fp16 model with framework="np"
+    write_safetensors(str(f16), 12 << 20, seed=5, dtype="F16")
+    cli("put", f16, "--name", "org/f16.safetensors", "--chunk-size", "1MiB")
+    m = mounts()
+    a = np.memmap(m.file("org/small.safetensors"), dtype=np.uint8, mode="r")
+    b = np.memmap(store["small"], dtype=np.uint8, mode="r")
+    assert np.array_equal(a[::4097], b[::4097]) and np.array_equal(a[-1000:], b[-1000:])
+    assert np.array_equal(a, b)
+    with safe_open(m.file("org/f16.safetensors"), "np") as fm, safe_open(str(f16), "np") as fo:
+        assert list(fm.keys()) == list(fo.keys())
+        for k in fo.keys():
+            assert np.array_equal(fm.get_tensor(k), fo.get_tensor(k)), k
+
+
+def _random_reads(path, ref, n, errors, seed):
+    rng = random.Random(seed)
+    size = len(ref)
+    with open(path, "rb") as f:
+        for _ in range(n):
+            off = rng.randrange(size)
+            length = rng.choice([4096, 65536, 1 << 20, 4 << 20])
+            f.seek(off)
+            if f.read(length) != ref[off:off + length]:
+                errors.append((path, off, length))
+
+
+def test_concurrent_readers_same_and_different_models(store, mounts):
+    m = mounts()
+    refs = {"org/small.safetensors": store["small"].read_bytes(), "org/deep/other.bin": store["other"].read_bytes()}
+    errors = []
+    threads = [threading.Thread(target=_random_reads, args=(m.file(name), refs[name], 40, errors, i))
+               for i, name in enumerate(list(refs) * 4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    # single-flight: no chunk was fetched more than once by 8 concurrent readers
+    assert stats["chunks_fetched"] <= stats["cache"]["entries"]
+
+
+def test_evict_and_warm_during_reads(store, mounts):
+    m = mounts()
+    ref = store["small"].read_bytes()
+    errors, stop = [], threading.Event()
+
+    def reader():
+        i = 0
+        while not stop.is_set():
+            _random_reads(m.file("org/small.safetensors"), ref, 10, errors, i)
+            i += 1
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            m.cli("cache", "evict", "org/small.safetensors", "--mount", m.path)
+            m.cli("cache", "warm", "org/small.safetensors", "--mount", m.path)
+        m.cli("cache", "evict", "--all", "--mount", m.path)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert errors == []
+    m.cli("cache", "warm", "org/", "--mount", m.path)
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert all(x["cached_pct"] == 100.0 for x in stats["models"]), stats["models"]
+    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+
+
+def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(6 << 20))
+    b.write_bytes(os.urandom(6 << 20))
+    cli("put", a, "--name", "a", "--chunk-size", "1MiB")
+    cli("put", b, "--name", "b", "--chunk-size", "1MiB")
+    m = mounts("--cache-size", "8MiB")
+    m.cli("cache", "pin", "a", "--mount", m.path)
+    m.cli("cache", "warm", "a", "--mount", m.path)
+    assert sha(m.file("b")) == sha(b)  # b does not fit next to a: LRU must evict b's chunks, not a's
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    by = {x["name"]: x for x in stats["models"]}
+    assert by["a"]["pinned"] and by["a"]["cached_pct"] == 100.0
+    assert stats["cache"]["used"] <= 8 << 20 and stats["cache"]["evictions"] > 0
+    m.cli("cache", "unpin", "a", "--mount", m.path)
+    r = m.cli("cache", "unpin", "a", "--mount", m.path, check=False)
+    assert r.returncode != 0 and "not pinned" in r.stderr
+
+
+def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
+    m = mounts()
+    new = tmp_path / "new.bin"
+    new.write_bytes(b"version one\n" * 50000)
+    cli("put", new, "--name", "fresh/model.bin")
+    wait_for(lambda: os.path.exists(m.file("fresh/model.bin")), timeout=10, what="new model in the mount")
+    old = open(m.file("fresh/model.bin"), "rb")
+    first = old.read(100)
+    new.write_bytes(b"version two\n" * 70000)
+    cli("put", new, "--name", "fresh/model.bin", "--force")
+    wait_for(lambda: os.path.getsize(m.file("fresh/model.bin")) == 12 * 70000, timeout=10,
+             what="replaced model")
+    with open(m.file("fresh/model.bin"), "rb") as f:
+        assert f.read() == b"version two\n" * 70000
+    # a reader that opened the old version reads the old bytes to the end
+    assert first + old.read() == b"version one\n" * 50000
+    old.close()
+    cli("rm", "fresh/model.bin")
+    wait_for(lambda: not os.path.exists(m.file("fresh/model.bin")), timeout=10, what="removed model")
+
+
+def test_writes_fail_with_erofs(store, mounts):
+    m = mounts()
+    for action in (lambda: open(m.file("org/small.safetensors"), "r+b"),
+                   lambda: open(m.file("org/new"), "wb"),
+                   lambda: os.mkdir(m.file("org/d")),
+                   lambda: os.unlink(m.file("org/small.safetensors")),
+                   lambda: os.rename(m.file("org/small.safetensors"), m.file("org/x")),
+                   lambda: os.chmod(m.file("org/small.safetensors"), 0o644)):
+        with pytest.raises(OSError) as e:
+            action()
+        assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def test_replica_killed_during_cold_read(cli, nodes, model_256, mounts, tmp_path):
+    ns = nodes(3)
+    for n in ns:
+        cli("node", "add", n.url)
+    cli("put", model_256, "--name", "big.safetensors")
+    m = mounts()
+    h = hashlib.sha256()
+    with open(m.file("big.safetensors"), "rb") as f:
+        h.update(f.read(32 << 20))
+        ns[0].kill()
+        while data := f.read(1 << 20):
+            h.update(data)
+    assert h.hexdigest() == sha(model_256)
+
+
+def test_chunk_bad_on_every_replica_gives_eio_for_that_range_only(cli, nodes, tmp_path, mounts):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    victim = sorted(n.chunk_files())[0]
+    blob = bytearray(open(victim, "rb").read())
+    blob[-1] ^= 0xFF
+    open(victim, "wb").write(bytes(blob))
+    m = mounts()
+    ref = src.read_bytes()
+    good, bad = 0, 0
+    with open(m.file("m.bin"), "rb", buffering=0) as f:
+        for off in range(0, 4 << 20, 1 << 20):
+            f.seek(off)
+            try:
+                assert f.read(1 << 20) == ref[off:off + (1 << 20)]  # never wrong bytes
+                good += 1
+            except OSError as e:
+                assert e.errno == errno.EIO
+                bad += 1
+    assert (good, bad) == (3, 1)
+
+
+def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
+    m = mounts()
+    f = open(m.file("org/small.safetensors"), "rb")
+    r = m.umount(check=False)
+    assert r.returncode != 0 and "busy" in r.stderr and str(os.getpid()) in r.stderr
+    assert "Traceback" not in r.stderr
+    f.close()
+    os.kill(m.pid, signal.SIGKILL)
+    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+             what="daemon to die")
+    with pytest.raises(OSError) as e:
+        os.listdir(m.path)
+    assert e.value.errno == errno.ENOTCONN
+    r = m.umount()
+    assert "stale" in r.stdout
+    m.mount()  # a new mount on the recovered mountpoint, same cache: no partial entries served
+    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    m.umount()
+    assert not os.path.ismount(m.path)
+
+
+def test_mount_refuses_clearly(cli, redis_proc, tmp_path, base_env):
+    from conftest import Cli
+    r = cli("mount", tmp_path / "nope", check=False)
+    assert r.returncode != 0 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "mp").mkdir()
+    bad = Cli({**base_env, "SHARDFS_REDIS": "redis://127.0.0.1:1/0"})
+    r = bad("mount", tmp_path / "mp", check=False)
+    assert r.returncode != 0 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sigterm_unmounts_cleanly(store, mounts):
+    m = mounts()
+    assert os.path.ismount(m.path)
+    os.kill(m.pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.ismount(m.path), timeout=10, what="unmount on SIGTERM")
+    assert os.listdir(m.path) == []
+
+
+def test_redis_stopped_while_mounted(store, mounts, redis_proc):
+    m = mounts()
+    ref = store["small"].read_bytes()
+    f = open(m.file("org/small.safetensors"), "rb")
+    assert f.read(1000) == ref[:1000]
+    redis_proc.stop()
+    time.sleep(2.5)  # let the poll loop notice
+    assert f.read() == ref[1000:]  # an open file keeps reading
+    f.close()
+    assert "small.safetensors" in os.listdir(m.file("org"))  # known models stay listed and openable
+    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["redis_ok"] is False
+    redis_proc.start()
+    m.cli("put", store["other"], "--name", "after/redis.bin")
+    wait_for(lambda: os.path.exists(m.file("after/redis.bin")), timeout=15, what="catch-up after Redis returns")

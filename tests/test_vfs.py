@@ -1,0 +1,94 @@
+"""The namespace without a kernel: Tree and the FUSE adapter's Operations, called directly."""
+
+import errno
+import stat
+
+import pyfuse3
+import pytest
+import trio
+
+from shardfs.vfs import ROOT, Tree, file_inode
+
+
+def cat(entries):
+    return {name: (vid, 100 * vid, 1000.0 + vid, f"sha{vid}") for name, vid in entries.items()}
+
+
+def test_names_become_paths_with_stable_inodes():
+    t = Tree()
+    t.update(cat({"org/a.safetensors": 1, "org/sub/b.bin": 2, "top.gguf": 3}))
+    org = t.lookup(ROOT, "org")
+    assert org is not None and t.attrs(org).mode == stat.S_IFDIR | 0o555
+    a = t.lookup(org, "a.safetensors")
+    assert a == file_inode(1)
+    assert t.attrs(a).mode == stat.S_IFREG | 0o444 and t.attrs(a).size == 100
+    assert t.attrs(a).mtime == 1001.0
+    assert [n for n, _ in t.listdir(ROOT)] == ["org", "top.gguf"]
+    assert t.resolve("org/sub/b.bin") == file_inode(2)
+    assert t.lookup(ROOT, "missing") is None
+
+
+def test_replacing_a_model_gives_a_new_inode_and_keeps_the_old():
+    t = Tree()
+    t.update(cat({"m": 1}))
+    org_dirs = dict(t.children)
+    changed = t.update(cat({"m": 5, "n": 6}))
+    assert changed == {"m", "n"}
+    assert t.resolve("m") == file_inode(5)
+    assert t.entry(file_inode(1)).vid == 1  # an open reader of the old version keeps it
+    assert not t.is_current(file_inode(1)) and t.is_current(file_inode(5))
+    t.update({})
+    assert t.listdir(ROOT) == [] and org_dirs
+
+
+def test_directory_inodes_survive_updates():
+    t = Tree()
+    t.update(cat({"a/x": 1}))
+    d = t.resolve("a")
+    t.update(cat({"a/x": 1, "a/y": 2, "b/z": 3}))
+    assert t.resolve("a") == d
+
+
+def test_model_shadowed_by_directory_is_hidden(caplog):
+    t = Tree()
+    t.update(cat({"a": 1, "a/b": 2}))
+    assert t.resolve("a") in t.children
+    assert "hidden" in caplog.text
+
+
+class _FakeDaemon:
+    """Only the attributes ShardOps reads for namespace calls; no reads happen here."""
+
+    def __init__(self, tree):
+        import os
+        self.tree, self.uid, self.gid, self.control_path = tree, os.getuid(), os.getgid(), "/x"
+        self.open_count = {}
+
+
+def test_operations_translate_and_refuse_writes():
+    from shardfs.fuse_ops import ShardOps
+    t = Tree()
+    t.update(cat({"org/a": 1}))
+    ops = ShardOps(_FakeDaemon(t))
+
+    async def main():
+        org = await ops.lookup(ROOT, b"org")
+        a = await ops.lookup(org.st_ino, b"a")
+        assert a.st_size == 100 and a.attr_timeout >= 60
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.lookup(ROOT, b"nope")
+        assert e.value.errno == errno.ENOENT
+        for call in (ops.unlink(org.st_ino, b"a", None), ops.mkdir(ROOT, b"d", 0o755, None),
+                     ops.rename(ROOT, b"org", ROOT, b"x", 0, None), ops.setattr(a.st_ino, None, None, None, None)):
+            with pytest.raises(pyfuse3.FUSEError) as e:
+                await call
+            assert e.value.errno == errno.EROFS
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            import os
+            await ops.open(a.st_ino, os.O_WRONLY, None)
+        assert e.value.errno == errno.EROFS
+        assert await ops.getxattr(a.st_ino, b"user.shardfs.version", None) == b"1"
+        assert await ops.getxattr(a.st_ino, b"user.shardfs.sha256", None) == b"sha1"
+        s = await ops.statfs(None)
+        assert s.f_blocks == 1 and s.f_bfree == 0
+    trio.run(main)
