@@ -1,0 +1,59 @@
+"""Deployment pieces: systemd units (systemd-analyze verify) and sd_notify from the mount."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, needs_fuse, wait_for
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("template,instance", [("shardfs-node@.service", "shardfs-node@disk1.service"),
+                                               ("shardfs-mount@.service", "shardfs-mount@models.service")])
+def test_units_verify(tmp_path, template, instance):
+    exe = os.path.join(os.path.dirname(sys.executable), "shardfs")
+    assert os.access(exe, os.X_OK), "the shardfs console script is installed next to python"
+    text = open(os.path.join(ROOT, "systemd", template)).read().replace("/usr/local/bin/shardfs", exe)
+    unit = tmp_path / instance
+    unit.write_text(text)
+    r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Unknown key" not in r.stderr and "Unknown section" not in r.stderr, r.stderr
+
+
+@needs_fuse
+def test_foreground_mount_sends_ready_and_stopping(cli, tmp_path, nodes):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    f = tmp_path / "m.bin"
+    f.write_bytes(b"x" * 100000)
+    cli("put", f, "--name", "m.bin")
+    sock_path = str(tmp_path / "notify.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(sock_path)
+    listener.settimeout(20)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    env = {**cli.env, "NOTIFY_SOCKET": sock_path}
+    proc = subprocess.Popen([sys.executable, "-m", "shardfs", "mount", str(mp), "--foreground",
+                             "--cache-dir", str(tmp_path / "cache")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        msg = listener.recv(4096).decode()
+        assert "READY=1" in msg
+        assert os.path.ismount(mp) and open(mp / "m.bin", "rb").read() == b"x" * 100000
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in listener.recv(4096).decode()
+        assert proc.wait(20) == 0
+        wait_for(lambda: not os.path.ismount(mp), what="unmount")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if os.path.ismount(mp):
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)])
+        listener.close()
