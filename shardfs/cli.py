@@ -118,12 +118,37 @@ def cmd_put(args):
     from .connect import home
     from .ingest import put_file, summary
     idx = _index(args)
-    name = args.name or os.path.basename(os.path.abspath(args.file))
+    name = (args.name or os.path.basename(os.path.abspath(args.file))).rstrip("/")
     default_node = "file://" + os.path.join(home(), "nodes", "local")
-    res = put_file(idx, args.file, name, replicas=args.replicas, chunk_size=args.chunk_size,
-                   force=args.force, progress=None if not args.no_progress else False,
-                   default_node_url=default_node)
-    print(summary(res))
+    if os.path.isdir(args.file):
+        files = _folder_files(args.file)
+        # check every name and clash before uploading anything
+        from .names import check_name
+        clashes = [f"{name}/{rel}" for rel in files if idx.current_vid(check_name(f"{name}/{rel}")) is not None]
+        if clashes and not args.force:
+            raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "
+                             f"use --force to replace them")
+    else:
+        files = {None: args.file}
+    for rel, path in files.items():
+        res = put_file(idx, path, name if rel is None else f"{name}/{rel}", replicas=args.replicas,
+                       chunk_size=args.chunk_size, force=args.force,
+                       progress=None if not args.no_progress else False, default_node_url=default_node)
+        print(summary(res))
+
+
+def _folder_files(root: str) -> dict[str, str]:
+    """Every regular file under a model folder: relative name -> path (symlinks followed)."""
+    out = {}
+    for d, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        for f in sorted(files):
+            if f.startswith("."):
+                continue
+            out[os.path.relpath(os.path.join(d, f), root)] = os.path.join(d, f)
+    if not out:
+        raise UsageError(f"{root} is an empty folder")
+    return out
 
 
 def _version_row(ver, stats):
@@ -215,9 +240,17 @@ def cmd_get(args):
 def cmd_rm(args):
     from .names import check_name
     idx = _index(args)
-    check_name(args.name)
-    vids = idx.remove(args.name)
-    print(f"removed {args.name} ({len(vids)} version(s)); run `shardfs gc` to reclaim unshared chunks")
+    if args.name.endswith("/"):  # a model folder: every model under it
+        prefix = check_name(args.name.rstrip("/")) + "/"
+        names = sorted(n for n in idx.models() if n.startswith(prefix))
+        if not names:
+            raise UsageError(f"no models under {prefix!r}; see `shardfs ls`")
+    else:
+        names = [check_name(args.name)]
+    for name in names:
+        vids = idx.remove(name)
+        print(f"removed {name} ({len(vids)} version(s))")
+    print("run `shardfs gc` to reclaim chunks no other model shares")
 
 
 def cmd_verify(args):
@@ -275,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--token-file", help="require this token (Authorization: Bearer) for PUT and DELETE")
     a.set_defaults(func=cmd_node_serve)
 
-    a = sub.add_parser("put", help="ingest a checkpoint file")
-    a.add_argument("file")
+    a = sub.add_parser("put", help="ingest a checkpoint file, or every file of a model folder")
+    a.add_argument("file", help="a file, or a folder (Hugging Face style): each file becomes NAME/relative/path")
     a.add_argument("--name", help="model name, a relative path like org/model.safetensors (default: file name)")
     a.add_argument("--replicas", type=int, help="copies of each chunk (default min(2, live nodes))")
     a.add_argument("--chunk-size", type=_size, default=4 << 20, help="64KiB..64MiB (default 4MiB)")
@@ -296,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("name")
     a.add_argument("dest", help="file path or existing directory")
     a.set_defaults(func=cmd_get)
-    a = sub.add_parser("rm", help="remove a model and its versions (chunks go at the next gc)")
+    a = sub.add_parser("rm", help="remove a model and its versions, or NAME/ for a whole folder "
+                       "(chunks go at the next gc)")
     a.add_argument("name")
     a.set_defaults(func=cmd_rm)
     a = sub.add_parser("verify", help="check every chunk is hash-valid on R live nodes")

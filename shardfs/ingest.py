@@ -56,8 +56,6 @@ def open_source(path: str):
         raise UsageError(f"{path}: no such file") from None
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{path} is a directory; give a file")
     if not stat.S_ISREG(st.st_mode):
         raise UsageError(f"{path} is not a regular file")
     try:

@@ -292,3 +292,38 @@ def test_redis_stopped_while_mounted(store, mounts, redis_proc):
     redis_proc.start()
     m.cli("put", store["other"], "--name", "after/redis.bin")
     wait_for(lambda: os.path.exists(m.file("after/redis.bin")), timeout=15, what="catch-up after Redis returns")
+
+
+def test_model_folder_put_mount_and_rm(cli, nodes, tmp_path, mounts):
+    """A Hugging Face-style folder becomes a folder in the mount and loads from it."""
+    from safetensors import safe_open
+
+    from shardfs.synth import write_safetensors
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    src = tmp_path / "tiny-model"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": "synthetic", "hidden_size": 4096}))
+    (src / "tokenizer.json").write_text(json.dumps({"vocab": {"a": 0, "b": 1}}))
+    weight_map = {}
+    for i in (1, 2):
+        shard = f"model-0000{i}-of-00002.safetensors"
+        write_safetensors(str(src / shard), 4 << 20, seed=10 + i, dtype="F16")
+        with safe_open(str(src / shard), "np") as f:
+            weight_map.update({f"s{i}.{k}": shard for k in f.keys()})
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    r = cli("put", src, "--name", "org/tiny-model")
+    assert r.stdout.count("put org/tiny-model/") == 5
+    assert cli("put", src, "--name", "org/tiny-model", check=False).returncode != 0  # clash without --force
+    m = mounts()
+    root = m.file("org/tiny-model")
+    assert sorted(os.listdir(root)) == sorted(os.listdir(src))
+    index = json.load(open(os.path.join(root, "model.safetensors.index.json")))
+    for shard in set(index["weight_map"].values()):
+        with safe_open(os.path.join(root, shard), "np") as fm, safe_open(str(src / shard), "np") as fo:
+            for k in fo.keys():
+                assert np.array_equal(fm.get_tensor(k), fo.get_tensor(k))
+    assert json.load(open(os.path.join(root, "config.json")))["hidden_size"] == 4096
+    cli("rm", "org/tiny-model/")
+    wait_for(lambda: not os.path.exists(root), timeout=10, what="folder removed from the mount")
+    assert "no models" in cli("ls").stdout
