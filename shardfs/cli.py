@@ -272,6 +272,13 @@ def cmd_gc(args):
     print(f"gc: deleted {n} unreferenced chunk(s), {human(freed)} per replica")
 
 
+def cmd_doctor(args):
+    from .connect import home
+    from .doctor import run
+    if not run(args.redis, args.cache_dir or os.path.join(home(), "cache")):
+        sys.exit(1)
+
+
 # -- parser -----------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_verify)
     a = sub.add_parser("gc", help="delete chunks that no version references")
     a.set_defaults(func=cmd_gc)
+    a = sub.add_parser("doctor", help="check FUSE, Redis, every node, the cache dir and read-ahead")
+    a.add_argument("--cache-dir", help="the cache dir a mount would use (default $SHARDFS_HOME/cache)")
+    a.set_defaults(func=cmd_doctor)
 
     try:
         from .mountcli import add_mount_commands
