@@ -24,7 +24,7 @@ import pyfuse3
 import trio
 
 from .cache import ChunkCache
-from .errors import IndexUnavailable, NotFound, ShardfsError
+from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, NotFound, ShardfsError
 from .index import Index
 from .manifest import Manifest
 from .pool import NodePool
@@ -46,6 +46,7 @@ class MountConfig:
     allow_other: bool = False
     control_path: str = ""
     notify_store: bool = True
+    prefetch: bool = True
 
 
 def sd_notify(message: str) -> None:
@@ -87,6 +88,31 @@ class Daemon:
         self.epoch = None
         self.redis_ok = True
         self._model_locks: dict[int, trio.Lock] = {}
+        self._prefetching: dict[int, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+
+    # -- header-driven prefetch --------------------------------------------------------
+
+    def opened(self, m: OpenModel) -> None:
+        self.open_count[m.vid] = self.open_count.get(m.vid, 0) + 1
+        if self.cfg.prefetch and self._nursery is not None and m.vid not in self._prefetching \
+                and m.name.endswith((".safetensors", ".gguf")):
+            scope = self._prefetching[m.vid] = trio.CancelScope()
+            self._nursery.start_soon(self._prefetch, m, scope)
+
+    def closed(self, m: OpenModel) -> None:
+        self.open_count[m.vid] -= 1
+        if self.open_count[m.vid] == 0 and m.vid in self._prefetching:
+            self._prefetching.pop(m.vid).cancel()
+
+    async def _prefetch(self, m: OpenModel, scope: trio.CancelScope) -> None:
+        with scope:
+            try:
+                await self.reader.prefetch(m)
+            except (ChunkUnavailable, CorruptChunk):
+                pass
+        if self._prefetching.get(m.vid) is scope:
+            del self._prefetching[m.vid]
 
     # -- index -----------------------------------------------------------------------
 
@@ -262,6 +288,7 @@ async def run(daemon: Daemon, ready) -> None:
     try:
         async with trio.open_nursery() as n:
             daemon.reader.attach(n)
+            daemon._nursery = n
 
             async def fuse_main():
                 await pyfuse3.main()  # returns when the kernel unmounts us (fusermount3 -u)

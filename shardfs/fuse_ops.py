@@ -125,7 +125,7 @@ class ShardOps(pyfuse3.Operations):
         model = await self.d.open_model(entry)
         self._fh += 1
         self._handles[self._fh] = (model, ReadState())
-        self.d.open_count[model.vid] = self.d.open_count.get(model.vid, 0) + 1
+        self.d.opened(model)
         return pyfuse3.FileInfo(fh=self._fh, keep_cache=True, direct_io=False)
 
     @_errors
@@ -136,7 +136,7 @@ class ShardOps(pyfuse3.Operations):
     async def release(self, fh):
         model, _ = self._handles.pop(fh, (None, None))
         if model is not None:
-            self.d.open_count[model.vid] -= 1
+            self.d.closed(model)
 
     @_errors
     async def getxattr(self, inode, name, ctx):

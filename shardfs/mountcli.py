@@ -33,6 +33,8 @@ def add_mount_commands(sub) -> None:
     a.add_argument("--allow-other", action="store_true", help="let other users read the mount "
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
+    a.add_argument("--no-prefetch", action="store_true", help="do not fetch a safetensors/GGUF file's "
+                   "tensors ahead when it is opened (header-driven prefetch is on by default)")
     a.add_argument("--no-notify-store", action="store_true", help=__import__("argparse").SUPPRESS)
     a.add_argument("--ready-fd", type=int, help=__import__("argparse").SUPPRESS)
     a.set_defaults(func=cmd_mount)
@@ -173,6 +175,8 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         cmd.append("--allow-other")
     if args.no_notify_store:
         cmd.append("--no-notify-store")
+    if args.no_prefetch:
+        cmd.append("--no-prefetch")
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                                 start_new_session=True, cwd="/")
@@ -208,7 +212,8 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
         cfg = MountConfig(mountpoint=mp, cache_dir=cache_dir,
                           cache_size=args.cache_size or _default_cache_size(cache_dir),
                           read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
-                          control_path=socket_path(mp), notify_store=not args.no_notify_store)
+                          control_path=socket_path(mp), notify_store=not args.no_notify_store,
+                          prefetch=not args.no_prefetch)
         daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
         daemon.idx = idx
         try:

@@ -254,6 +254,47 @@ class Reader:
             raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
         return done
 
+    async def prefetch(self, m: OpenModel, parallel: int = 4) -> None:
+        """Header-driven prefetch: fetch a checkpoint's tensor data in file order.
+
+        Started when a safetensors or GGUF file is opened; cancelled when its last handle
+        closes. Chunks land in the disk cache and (via notify_store) the kernel page cache,
+        so an mmap loader touching tensors in any order finds them ready."""
+        first = await self.chunk(m, 0)
+        start = tensor_data_start(first, m.size)
+        if start is None:
+            return
+        slots = trio.Semaphore(parallel)
+
+        async def one(i):
+            try:
+                await self.chunk(m, i)
+            except (ChunkUnavailable, CorruptChunk):
+                pass  # the reader that needs it gets the error; prefetch just moves on
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as n:
+            for i in m.manifest.span(start, m.size - start):
+                await slots.acquire()
+                n.start_soon(one, i)
+        log.debug("prefetched %s", m.name)
+
     def forget(self, hexes) -> None:
         for h in hexes:
             self.mem.drop(h)
+
+
+def tensor_data_start(head: bytes, size: int) -> int | None:
+    """Where a checkpoint's tensor data starts, if `head` (its first bytes) is a known format.
+
+    safetensors: u64 header length + JSON header, then the tensors, in file order.
+    GGUF: b"GGUF" magic; its tensor data follows a header we do not parse, so prefetch
+    starts right after the first chunk."""
+    if len(head) >= 9 and head[8:9] == b"{":
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= size - 8:
+            return 8 + n
+    if head[:4] == b"GGUF":
+        return min(len(head), size)
+    return None

@@ -327,3 +327,22 @@ def test_model_folder_put_mount_and_rm(cli, nodes, tmp_path, mounts):
     cli("rm", "org/tiny-model/")
     wait_for(lambda: not os.path.exists(root), timeout=10, what="folder removed from the mount")
     assert "no models" in cli("ls").stdout
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_header_driven_prefetch(store, mounts, prefetch):
+    m = mounts(*([] if prefetch else ["--no-prefetch"]))
+    path = m.file("org/small.safetensors")
+
+    def cached():
+        return int(os.getxattr(path, "user.shardfs.cached_bytes"))
+
+    with open(path, "rb") as f:
+        f.read(8)  # a loader reads the header, then maps the file
+        if prefetch:
+            wait_for(lambda: cached() == os.path.getsize(store["small"]), timeout=30,
+                     what="the tensors to be prefetched")
+        else:
+            time.sleep(1.5)
+            assert cached() < os.path.getsize(store["small"]) // 2
+    assert sha(path) == sha(store["small"])
