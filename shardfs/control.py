@@ -129,7 +129,7 @@ async def _dispatch(daemon, req, send):
                            "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0)})
         return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
-                "chunks_fetched": reader.fetched, "failovers": daemon.pool.failovers,
+                "chunks_fetched": reader.fetched, "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
                 "corrupt_copies": daemon.pool.corrupt_copies}
     if op == "evict":
         if req.get("all"):

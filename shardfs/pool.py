@@ -8,9 +8,10 @@ a node that answers with a bad copy only causes a failover (logged once per copy
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from . import envelope
 from .errors import ChunkUnavailable, CorruptChunk, NodeError
@@ -21,6 +22,7 @@ from .stores import NodeStore, open_store
 log = logging.getLogger("shardfs.pool")
 
 COOLDOWN = 5.0  # seconds a node that failed is tried last
+HEDGE_AFTER = float(os.environ.get("SHARDFS_HEDGE_AFTER", "1.0"))  # seconds before racing a 2nd replica
 
 
 class NodePool:
@@ -32,6 +34,8 @@ class NodePool:
         self._reported: set[tuple[str, str]] = set()
         self.corrupt_copies = 0
         self.failovers = 0
+        self.hedges = 0
+        self._hedge_pool = ThreadPoolExecutor(32, thread_name_prefix="fetch")
 
     def store(self, nid: str) -> NodeStore:
         with self._lock:
@@ -71,23 +75,47 @@ class NodePool:
         return sorted(ranked, key=lambda n: now - self._failed_at.get(n, -1e9) < COOLDOWN)
 
     def read(self, hex_id: str, locs) -> bytes:
-        """Raw bytes of a chunk, verified, from the first replica that serves a good copy."""
+        """Raw bytes of a chunk, verified, from the first replica that serves a good copy.
+
+        Replicas are tried in preference order; a replica that has not answered within
+        HEDGE_AFTER seconds is raced by a request to the next one (a hung or slow node
+        costs that delay, not its full timeout). Errors, timeouts and bad copies fail over."""
         cid = bytes.fromhex(hex_id)
-        errors = []
-        for i, nid in enumerate(self.order(hex_id, locs)):
-            if i:
-                self.failovers += 1
-            try:
-                blob = self.store(nid).get(hex_id)
-                return envelope.decode(blob, cid)
-            except NodeError as e:
-                if not e.missing:
-                    self.mark_failed(nid)
-                errors.append(str(e))
-            except CorruptChunk as e:
-                self.report_corrupt(hex_id, nid, e)
-                errors.append(f"{nid}: corrupt copy ({e})")
-        raise ChunkUnavailable(f"chunk {hex_id[:16]}: no replica could serve it: " + "; ".join(errors or ["no locations"]))
+        order = self.order(hex_id, locs)
+        errors: list[str] = []
+        pending: dict = {}
+        nxt = 0
+        try:
+            while pending or nxt < len(order):
+                if nxt < len(order):
+                    if nxt:
+                        self.failovers += 1
+                    nid = order[nxt]
+                    pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid)] = nid
+                    nxt += 1
+                timeout = HEDGE_AFTER if nxt < len(order) else None
+                done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    nid = pending.pop(fut)
+                    try:
+                        return fut.result()
+                    except NodeError as e:
+                        if not e.missing:
+                            self.mark_failed(nid)
+                        errors.append(str(e))
+                    except CorruptChunk as e:
+                        self.report_corrupt(hex_id, nid, e)
+                        errors.append(f"{nid}: corrupt copy ({e})")
+                if not done and pending:
+                    self.hedges += 1
+        finally:
+            for fut in pending:
+                fut.cancel()  # a hung request ends at its own timeout; nobody waits for it
+        raise ChunkUnavailable(f"chunk {hex_id[:16]}: no replica could serve it: "
+                               + "; ".join(errors or ["no locations"]))
+
+    def _attempt(self, nid: str, hex_id: str, cid: bytes) -> bytes:
+        return envelope.decode(self.store(nid).get(hex_id), cid)
 
     def report_corrupt(self, hex_id: str, nid: str, err: Exception) -> None:
         with self._lock:
@@ -102,3 +130,4 @@ class NodePool:
             for st in self._stores.values():
                 st.close()
             self._stores.clear()
+        self._hedge_pool.shutdown(wait=False, cancel_futures=True)

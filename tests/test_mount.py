@@ -346,3 +346,20 @@ def test_header_driven_prefetch(store, mounts, prefetch):
             time.sleep(1.5)
             assert cached() < os.path.getsize(store["small"]) // 2
     assert sha(path) == sha(store["small"])
+
+
+def test_hung_node_is_raced_by_a_hedged_request(cli, nodes, tmp_path, mounts):
+    ns = nodes(3)
+    for n in ns:
+        cli("node", "add", n.url)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(12 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    m = mounts()
+    ns[0].proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        assert sha(m.file("m.bin")) == sha(src)
+    finally:
+        ns[0].proc.send_signal(signal.SIGCONT)
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["hedges"] > 0
