@@ -363,3 +363,16 @@ def test_hung_node_is_raced_by_a_hedged_request(cli, nodes, tmp_path, mounts):
         ns[0].proc.send_signal(signal.SIGCONT)
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["hedges"] > 0
+
+
+def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp_path):
+    m = mounts()
+    chunks = os.path.join(m.cache_dir, "data", "chunks")
+    shutil.rmtree(chunks)
+    open(chunks, "w").close()  # a file where the cache's directory should be: every fill fails
+    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["cache"]["writable"] is False
+    log = open(next(os.path.join(d, f) for d, _, fs in os.walk(m.cli.env["SHARDFS_HOME"]) for f in fs
+                    if f.startswith("mount-"))).read()
+    assert log.count("cannot be written") == 1
