@@ -1,12 +1,39 @@
-"""Cutting a file into chunks. Fixed-size for now; the manifest allows any lengths."""
+"""Cutting a file into chunks. The manifest stores (id, length), so any cut works.
+
+safetensors files are cut along their own table of contents: the header is its own chunk
+and every tensor of at least chunk_size/8 starts a chunk (smaller neighbours share one,
+larger ones split into chunk_size pieces). Changing one tensor, or the header's length, then leaves
+every other chunk byte-identical, so a fine-tune stored next to its base costs only the
+tensors it changed. Each chunk also gets a codec hint from its tensors' dtype.
+Other files (.pt zips, .bin, GGUF for now) are cut into fixed-size chunks.
+"""
 
 from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
 
 from .errors import UsageError
 
 DEFAULT_CHUNK = 4 << 20
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
+MAX_HEADER = 100 << 20  # safetensors' own limit
+
+# dtype -> codec name: byte grouping by element width, none for bytes and packed types
+DTYPE_CODEC = {"BF16": "lz4-g2", "F16": "lz4-g2", "I16": "lz4-g2", "U16": "lz4-g2",
+               "F32": "lz4-g4", "I32": "lz4-g4", "U32": "lz4-g4",
+               "F64": "lz4-g4", "I64": "lz4-g4", "U64": "lz4-g4",
+               "I8": "lz4", "U8": "lz4", "BOOL": "lz4", "F8_E4M3": "lz4", "F8_E5M2": "lz4"}
+
+
+@dataclass(frozen=True)
+class Span:
+    offset: int
+    length: int
+    codec: str | None = None  # None: let the encoder try
+    dtype: str | None = None
 
 
 def check_chunk_size(size: int) -> int:
@@ -15,7 +42,76 @@ def check_chunk_size(size: int) -> int:
     return size
 
 
-def fixed_spans(file_size: int, chunk_size: int = DEFAULT_CHUNK):
-    """Yield (offset, length) spans covering the file."""
-    for off in range(0, file_size, chunk_size):
-        yield off, min(chunk_size, file_size - off)
+def fixed_spans(file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]:
+    return [Span(off, min(chunk_size, file_size - off)) for off in range(0, file_size, chunk_size)]
+
+
+def safetensors_tensors(f, file_size: int):
+    """[(start, end, dtype)] of the tensor data in file order, or None if not safetensors."""
+    f.seek(0)
+    head = f.read(8)
+    if len(head) < 8:
+        return None
+    (n,) = struct.unpack("<Q", head)
+    if not 2 <= n <= min(MAX_HEADER, file_size - 8):
+        return None
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    finally:
+        f.seek(0)
+    if not isinstance(header, dict):
+        return None
+    base = 8 + n
+    out = []
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            a, b = t["data_offsets"]
+            out.append((base + int(a), base + int(b), str(t.get("dtype"))))
+        except (KeyError, TypeError, ValueError):
+            return None
+    out.sort()
+    if any(s < base or e > file_size or e < s for s, e, _ in out):
+        return None
+    return out
+
+
+def plan_spans(f, file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]:
+    """Chunk spans covering the file, tensor-aligned for safetensors."""
+    tensors = safetensors_tensors(f, file_size)
+    if not tensors:
+        return fixed_spans(file_size, chunk_size)
+    spans = [Span(0, tensors[0][0], "lz4", "header")]
+    pos = tensors[0][0]
+    group_start, group_dtype = None, None
+
+    def close_group(end):
+        nonlocal group_start
+        if group_start is not None and end > group_start:
+            spans.append(Span(group_start, end - group_start, DTYPE_CODEC.get(group_dtype), group_dtype))
+        group_start = None
+
+    for start, end, dtype in tensors:
+        if start > pos:  # a gap between tensors: its own span
+            close_group(pos)
+            spans.append(Span(pos, start - pos))
+        size = end - start
+        if size >= max(MIN_CHUNK, chunk_size // 8):
+            # big enough to stand alone: grouping it would let one inserted tensor shift
+            # every later group boundary and defeat dedup
+            close_group(start)
+            for off in range(start, end, chunk_size):
+                spans.append(Span(off, min(chunk_size, end - off), DTYPE_CODEC.get(dtype), dtype))
+        else:
+            if group_start is not None and (end - group_start > chunk_size or dtype != group_dtype):
+                close_group(start)
+            if group_start is None:
+                group_start, group_dtype = start, dtype
+        pos = max(pos, end)
+    close_group(pos)
+    if pos < file_size:
+        spans.append(Span(pos, file_size - pos))
+    return [s for s in spans if s.length > 0]

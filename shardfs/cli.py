@@ -206,6 +206,7 @@ def cmd_info(args):
     row = _version_row(ver, stored_stats(idx, [ver.vid]))
     row["chunk_size"] = ver.chunk_size
     row["codecs"] = ver.stats.get("codecs", {})
+    row["dtypes"] = ver.stats.get("dtypes", {})
     row["versions"] = idx.model_vids(args.name)
     if args.json:
         _print_json(row)
@@ -218,6 +219,9 @@ def cmd_info(args):
           f"(unique {human(row['unique'])}, shared {human(row['shared'])})")
     print(f"chunks:    {row['chunks']} x up to {human(ver.chunk_size)}, R={row['replicas']}")
     print(f"codecs:    {', '.join(f'{k}: {v}' for k, v in sorted(row['codecs'].items())) or '-'}")
+    for dt, d in row["dtypes"].items():
+        print(f"dtype:     {dt}: {human(d['raw'])} -> {human(d['stored'])} stored "
+              f"(ratio {d['stored'] / d['raw']:.3f}, chunks stored by this version)")
     print(f"sha256:    {row['sha256']}")
 
 

@@ -22,7 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import envelope
-from .chunker import DEFAULT_CHUNK, check_chunk_size, fixed_spans
+from .chunker import DEFAULT_CHUNK, check_chunk_size, plan_spans
 from .errors import NoNodes, NodeError, ShardfsError, UsageError
 from .index import Index
 from .manifest import Manifest
@@ -84,7 +84,7 @@ class Uploader:
         self.failed: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def store(self, raw) -> tuple[bytes, int, int | None, bool]:
+    def store(self, raw, codec: str | None = None) -> tuple[bytes, int, int | None, bool]:
         """Returns (chunk id, stored bytes, codec or None if deduplicated, deduplicated)."""
         cid = envelope.chunk_id(raw)
         hex_id = cid.hex()
@@ -98,7 +98,7 @@ class Uploader:
             have = {n for n in self.idx.locations(hex_id) if n in self.live and n not in self.failed}
             if len(have) >= self.replicas:
                 return cid, 0, None, True
-        _, blob, codec = envelope.encode(raw, cid=cid)
+        _, blob, codec = envelope.encode(raw, codec, cid=cid)
         errors, failed_here = [], set()
         for nid in rank(hex_id, self.live):
             if len(have) >= self.replicas:
@@ -178,9 +178,9 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
     futures = []
     failed = threading.Event()
 
-    def job(raw):
+    def job(raw, codec):
         try:
-            return uploader.store(raw)
+            return uploader.store(raw, codec)
         except BaseException:
             failed.set()
             raise
@@ -189,14 +189,16 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
 
     ex = ThreadPoolExecutor(workers, thread_name_prefix="put")
     try:
-        for off, length in fixed_spans(size, chunk_size):
+        spans = plan_spans(src, size, chunk_size)
+        for span in spans:
+            off, length = span.offset, span.length
             buf = bytearray(length)
             got = _read(src, src.readinto, buf)
             if got != length:
                 raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
             sha.update(buf)
             inflight.acquire()
-            futures.append(ex.submit(job, buf))
+            futures.append(ex.submit(job, buf, span.codec))
             if failed.is_set():
                 break
             if bar:
@@ -208,12 +210,18 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         results = [f.result() for f in futures]
         if _read(src, src.read, 1):
             raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
-        manifest = Manifest.build((cid, length) for (cid, *_), (_, length)
-                                  in zip(results, fixed_spans(size, chunk_size)))
+        manifest = Manifest.build((cid, span.length) for (cid, *_), span in zip(results, spans))
+        by_dtype: dict[str, list[int]] = {}
+        for (_, stored, _, _), span in zip(results, spans):
+            if stored:  # per dtype: raw and stored bytes of the chunks this put stored
+                d = by_dtype.setdefault(span.dtype or "unknown", [0, 0])
+                d[0] += span.length
+                d[1] += stored
         codecs = Counter(envelope.CODEC_NAMES[c] for _, _, c, _ in results if c is not None)
         stored_new = sum(s for _, s, _, _ in results)
         deduped = sum(1 for *_, d in results if d)
         stats = {"raw": size, "stored_new": stored_new, "codecs": dict(codecs), "deduped_chunks": deduped,
+                 "dtypes": {k: {"raw": r, "stored": s} for k, (r, s) in sorted(by_dtype.items())},
                  "stored": _stored_total(idx, manifest)}
         vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force)
     except BaseException:

@@ -1,0 +1,90 @@
+"""Model-aware storage: tensor-aligned chunks, dtype-chosen codecs, dedup across versions."""
+
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from shardfs.chunker import fixed_spans, plan_spans
+from shardfs.synth import tensor_bytes
+
+
+def write_st(path, tensors):
+    """tensors: list of (name, dtype, shape, bytes) in file order."""
+    header, off = {}, 0
+    for name, dtype, shape, data in tensors:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [off, off + len(data)]}
+        off += len(data)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)) + h)
+        for *_, data in tensors:
+            f.write(data)
+
+
+def base_tensors(rng, n=20, rows=256):
+    return [(f"layer.{i}.weight", "BF16", [rows, 4096], tensor_bytes(rng, (rows, 4096), "BF16")) for i in range(n)]
+
+
+def test_chunks_start_at_tensors_and_header_is_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    ts = base_tensors(rng, 6, rows=700) + [("tiny.a", "F32", [10], b"\1" * 40), ("tiny.b", "F32", [10], b"\2" * 40)]
+    write_st(tmp_path / "m.st", ts)
+    size = (tmp_path / "m.st").stat().st_size
+    with open(tmp_path / "m.st", "rb") as f:
+        spans = plan_spans(f, size, 1 << 20)
+    assert spans[0].dtype == "header"
+    assert sum(s.length for s in spans) == size
+    assert all(a.offset + a.length == b.offset for a, b in zip(spans, spans[1:]))
+    hlen = struct.unpack("<Q", open(tmp_path / "m.st", "rb").read(8))[0] + 8
+    starts = {s.offset for s in spans}
+    for i in range(6):
+        assert hlen + i * 700 * 4096 * 2 in starts  # each big tensor starts a chunk
+    assert max(s.length for s in spans) <= 1 << 20
+    assert spans[-1].codec == "lz4-g4" and spans[-1].length == 80  # small tensors share one chunk
+    assert all(s.codec == "lz4-g2" for s in spans[1:-1])
+
+
+def test_unknown_format_falls_back_to_fixed(tmp_path):
+    p = tmp_path / "x.bin"
+    p.write_bytes(b"PK\3\4" + bytes(3 << 20))
+    with open(p, "rb") as f:
+        assert plan_spans(f, 4 + (3 << 20), 1 << 20) == fixed_spans(4 + (3 << 20), 1 << 20)
+
+
+def test_finetune_next_to_its_base_costs_little(cli, nodes, tmp_path):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    rng = np.random.default_rng(1)
+    base = base_tensors(rng)
+    tune = [(name, dt, shape, tensor_bytes(rng, shape, "BF16") if i % 10 == 3 else data)
+            for i, (name, dt, shape, data) in enumerate(base)]  # 10% of tensors changed
+    tune.insert(7, ("lora.extra", "BF16", [16, 4096], tensor_bytes(rng, (16, 4096), "BF16")))  # header grows
+    write_st(tmp_path / "base.safetensors", base)
+    write_st(tmp_path / "tune.safetensors", tune)
+    cli("put", tmp_path / "base.safetensors", "--name", "base.safetensors")
+    one = sum(f.stat().st_size for f in map(__import__("pathlib").Path, n.chunk_files()))
+    cli("put", tmp_path / "tune.safetensors", "--name", "tune.safetensors")
+    both = sum(f.stat().st_size for f in map(__import__("pathlib").Path, n.chunk_files()))
+    assert both <= 1.15 * one, (both, one)
+    for name in ("base", "tune"):
+        cli("get", f"{name}.safetensors", tmp_path / f"{name}.out")
+        assert hashlib.sha256((tmp_path / f"{name}.out").read_bytes()).digest() == \
+            hashlib.sha256((tmp_path / f"{name}.safetensors").read_bytes()).digest()
+    rows = {r["name"]: r for r in json.loads(cli("ls", "--json").stdout)}
+    assert rows["tune.safetensors"]["shared"] > 0.8 * rows["tune.safetensors"]["stored"]
+
+
+@pytest.mark.parametrize("dtype,limit", [("BF16", 0.85), ("F32", 0.93)])
+def test_weights_compress_by_dtype(cli, nodes, tmp_path, dtype, limit):
+    from shardfs.synth import write_safetensors
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    p = tmp_path / "m.safetensors"
+    size = write_safetensors(str(p), 24 << 20, seed=4, dtype=dtype)
+    cli("put", p)
+    info = json.loads(cli("info", "m.safetensors", "--json").stdout)
+    assert info["stored"] <= limit * size, info["stored"] / size
+    assert dtype in info["dtypes"]
