@@ -47,7 +47,16 @@ def fixed_spans(file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]:
 
 
 def safetensors_tensors(f, file_size: int):
-    """[(start, end, dtype)] of the tensor data in file order, or None if not safetensors."""
+    """[(start, end, dtype)] of the tensor data in file order, or None if not safetensors.
+
+    Leaves the file positioned at 0."""
+    try:
+        return _safetensors_tensors(f, file_size)
+    finally:
+        f.seek(0)
+
+
+def _safetensors_tensors(f, file_size: int):
     f.seek(0)
     head = f.read(8)
     if len(head) < 8:
@@ -59,8 +68,6 @@ def safetensors_tensors(f, file_size: int):
         header = json.loads(f.read(n))
     except (ValueError, UnicodeDecodeError):
         return None
-    finally:
-        f.seek(0)
     if not isinstance(header, dict):
         return None
     base = 8 + n

@@ -109,7 +109,7 @@ def cmd_node_drain(args):
 def cmd_node_serve(args):
     from .nodeserver import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.root, args.listen, args.token_file)
+    serve(args.root, args.listen, args.token_file, args.metrics)
 
 
 # -- models -----------------------------------------------------------------------------
@@ -317,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--root", required=True, help="directory holding the chunks")
     a.add_argument("--listen", required=True, metavar="HOST:PORT")
     a.add_argument("--token-file", help="require this token (Authorization: Bearer) for PUT and DELETE")
+    a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
     a.set_defaults(func=cmd_node_serve)
 
     a = sub.add_parser("put", help="ingest a checkpoint file, or every file of a model folder")

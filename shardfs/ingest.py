@@ -189,7 +189,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
 
     ex = ThreadPoolExecutor(workers, thread_name_prefix="put")
     try:
-        spans = plan_spans(src, size, chunk_size)
+        spans = _read(src, plan_spans, src, size, chunk_size)  # reads the safetensors header
         for span in spans:
             off, length = span.offset, span.length
             buf = bytearray(length)
@@ -238,10 +238,10 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
                      time.monotonic() - t0, codecs)
 
 
-def _read(src, fn, arg):
-    """One read of the source file; an I/O error becomes one clear ShardfsError."""
+def _read(src, fn, *args):
+    """A read of the source file; an I/O error becomes one clear ShardfsError."""
     try:
-        return fn(arg)
+        return fn(*args)
     except OSError as e:
         raise ShardfsError(f"{src.name}: read failed: {e.strerror or e}") from None
 

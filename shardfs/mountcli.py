@@ -33,6 +33,7 @@ def add_mount_commands(sub) -> None:
     a.add_argument("--allow-other", action="store_true", help="let other users read the mount "
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
+    a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
     a.add_argument("--no-prefetch", action="store_true", help="do not fetch a safetensors/GGUF file's "
                    "tensors ahead when it is opened (header-driven prefetch is on by default)")
     a.add_argument("--no-notify-store", action="store_true", help=__import__("argparse").SUPPRESS)
@@ -177,6 +178,8 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         cmd.append("--no-notify-store")
     if args.no_prefetch:
         cmd.append("--no-prefetch")
+    if args.metrics:
+        cmd += ["--metrics", args.metrics]
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                                 start_new_session=True, cwd="/")
@@ -216,6 +219,9 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
                           prefetch=not args.no_prefetch)
         daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
         daemon.idx = idx
+        if args.metrics:
+            from .metrics import daemon_metrics, serve_metrics
+            serve_metrics(args.metrics, lambda: daemon_metrics(daemon))
         try:
             daemon.load_catalogue(force=True)
         except Exception as e:  # noqa: BLE001 - start from the saved snapshot if the index is away

@@ -42,7 +42,7 @@ class NodeServer:
                     self.used += os.stat(os.path.join(dirpath, name)).st_size
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=envelope.MAX_STORED)
+        app = web.Application(client_max_size=envelope.MAX_STORED, middlewares=[_count_requests])
         app.router.add_get("/health", self.health)
         app.router.add_route("GET", "/chunks/{cid}", self.get)  # aiohttp adds HEAD for GET
         app.router.add_put("/chunks/{cid}", self.put)
@@ -109,6 +109,20 @@ class NodeServer:
         return web.Response(status=204)
 
 
+@web.middleware
+async def _count_requests(request, handler):
+    from .metrics import NODE_BYTES_SENT, NODE_REQUESTS
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        NODE_REQUESTS.labels(request.method, str(e.status)).inc()
+        raise
+    NODE_REQUESTS.labels(request.method, str(resp.status)).inc()
+    if request.method == "GET" and resp.content_length:
+        NODE_BYTES_SENT.inc(resp.content_length)
+    return resp
+
+
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -129,10 +143,13 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
-def serve(root: str, listen: str, token_file: str | None) -> None:
+def serve(root: str, listen: str, token_file: str | None, metrics: str | None = None) -> None:
     host, port = parse_listen(listen)
     token = read_token(token_file)
     server = NodeServer(root, token)
+    if metrics:
+        from .metrics import node_metrics, serve_metrics
+        serve_metrics(metrics, lambda: node_metrics(server))
     if token is None:
         log.warning("no --token-file: any client that reaches %s can write and delete chunks", listen)
 

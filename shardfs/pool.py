@@ -16,6 +16,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from . import envelope
 from .errors import ChunkUnavailable, CorruptChunk, NodeError
 from .index import Node
+from .metrics import FETCH_SECONDS, NODE_ERRORS
 from .placement import rank
 from .stores import NodeStore, open_store
 
@@ -115,7 +116,14 @@ class NodePool:
                                + "; ".join(errors or ["no locations"]))
 
     def _attempt(self, nid: str, hex_id: str, cid: bytes) -> bytes:
-        return envelope.decode(self.store(nid).get(hex_id), cid)
+        t0 = time.monotonic()
+        try:
+            raw = envelope.decode(self.store(nid).get(hex_id), cid)
+        except (NodeError, CorruptChunk):
+            NODE_ERRORS.labels(nid).inc()
+            raise
+        FETCH_SECONDS.labels(nid).observe(time.monotonic() - t0)
+        return raw
 
     def report_corrupt(self, hex_id: str, nid: str, err: Exception) -> None:
         with self._lock:

@@ -88,3 +88,16 @@ def test_weights_compress_by_dtype(cli, nodes, tmp_path, dtype, limit):
     info = json.loads(cli("info", "m.safetensors", "--json").stdout)
     assert info["stored"] <= limit * size, info["stored"] / size
     assert dtype in info["dtypes"]
+
+
+def test_plan_leaves_the_file_at_offset_zero(tmp_path):
+    p = tmp_path / "r.bin"
+    p.write_bytes(b"\x10" + bytes(7) + b"not json at all" + bytes(100))  # looks like a header length, is not
+    with open(p, "rb", buffering=0) as f:
+        f.read(3)
+        assert plan_spans(f, p.stat().st_size, 1 << 16) == fixed_spans(p.stat().st_size, 1 << 16)
+        assert f.tell() == 0
+    p.write_bytes(bytes([200]) + bytes(50))  # header length beyond the file
+    with open(p, "rb", buffering=0) as f:
+        plan_spans(f, 51, 1 << 16)
+        assert f.tell() == 0

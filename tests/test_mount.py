@@ -376,3 +376,52 @@ def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp
     log = open(next(os.path.join(d, f) for d, _, fs in os.walk(m.cli.env["SHARDFS_HOME"]) for f in fs
                     if f.startswith("mount-"))).read()
     assert log.count("cannot be written") == 1
+
+
+def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
+    import urllib.request
+
+    from conftest import NodeProc, free_port
+    node_port, mount_port = free_port(), free_port()
+    node = NodeProc(str(tmp_path / "mnode"))
+    import sys
+    node.proc = subprocess.Popen([sys.executable, "-m", "shardfs", "node", "serve", "--root", node.root,
+                                  "--listen", f"127.0.0.1:{node.port}", "--metrics", f"127.0.0.1:{node_port}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _port_open(node.port) and _port_open(node_port), what="node with metrics")
+        cli("node", "add", node.url)
+        src = tmp_path / "m.bin"
+        src.write_bytes(os.urandom(3 << 20))
+        cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+        m = mounts("--metrics", f"127.0.0.1:{mount_port}")
+        assert sha(m.file("m.bin")) == sha(src)
+
+        def scrape(port):
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+        def value(text, name):
+            return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+        mt = scrape(mount_port)
+        assert value(mt, "shardfs_bytes_served_total") >= 3 << 20
+        assert value(mt, "shardfs_cache_misses_total") >= 3
+        assert value(mt, "shardfs_cache_bytes") == 3 << 20
+        assert value(mt, 'shardfs_fetch_seconds_count{node="n1"}') == 3
+        for name in ("shardfs_failovers_total", "shardfs_corrupt_copies_total", "shardfs_cache_evictions_total"):
+            assert name in mt
+        nt = scrape(node_port)
+        assert value(nt, 'shardfs_node_requests_total{method="PUT",status="201"}') == 3
+        assert value(nt, "shardfs_node_bytes_sent_total") > 0
+        assert value(nt, "shardfs_node_chunks") == 3
+    finally:
+        node.stop()
+
+
+def _port_open(port):
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
