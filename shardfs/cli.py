@@ -61,7 +61,12 @@ def cmd_node_add(args):
     finally:
         store.close()
     node = idx.add_node(args.url, args.weight, token)
-    extra = f", {health['free'] / 2**30:.1f} GiB free" if health else ", not reachable now"
+    if health is None:
+        extra = ", not reachable now"
+    elif health.get("free") is None:
+        extra = ", free space not reported"
+    else:
+        extra = f", {health['free'] / 2**30:.1f} GiB free"
     print(f"added node {node.id} {node.url} (weight {node.weight:g}{extra})")
 
 

@@ -41,7 +41,9 @@ def checks(redis_flag: str | None, cache_dir: str):
             if isinstance(h, NodeError):
                 yield False, f"node {nid}", f"{url}: {h}", "start the node (shardfs node serve / systemctl start " \
                     "shardfs-node@...) or `shardfs node rm` it and `shardfs verify --repair`"
-            elif h.get("free", LOW_FREE) < LOW_FREE:
+            elif h.get("free") is None:
+                yield True, f"node {nid}", f"{url}: up (does not report free space)", ""
+            elif h["free"] < LOW_FREE:
                 yield None, f"node {nid}", f"{url}: only {h['free'] >> 20} MiB free", \
                     "free space or add nodes; puts skip full nodes"
             else:

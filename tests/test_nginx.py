@@ -1,0 +1,79 @@
+"""nginx serving a node directory (examples/nginx-node.conf): put, get and a mount through it."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT, free_port, needs_fuse, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+
+
+@pytest.fixture
+def nginx_node(tmp_path):
+    root, state = tmp_path / "nginx-node", tmp_path / "nginx-state"
+    root.mkdir()
+    state.mkdir()
+    (root / ".tmp").mkdir()
+    port = free_port()
+    token = "n6inx-t0ken"
+    conf = open(os.path.join(ROOT, "examples", "nginx-node.conf")).read()
+    for k, v in {"@ROOT@": str(root), "@LISTEN@": f"127.0.0.1:{port}", "@TOKEN@": token,
+                 "@STATE@": str(state)}.items():
+        conf = conf.replace(k, v)
+    if os.geteuid() == 0:
+        conf = "user root;\n" + conf  # workers must write the test's root-owned directories
+    (state / "nginx.conf").write_text(conf)
+    (tmp_path / "token").write_text(token + "\n")
+    proc = subprocess.Popen(["nginx", "-c", str(state / "nginx.conf"), "-g", "daemon off;",
+                             "-e", str(state / "error.log")], stderr=subprocess.PIPE)
+
+    def up():
+        import socket
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stderr.read().decode())
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+    wait_for(up, what="nginx")
+    yield {"url": f"http://127.0.0.1:{port}", "root": root, "token_file": tmp_path / "token"}
+    proc.terminate()
+    proc.wait(10)
+
+
+def chunk_files(root):
+    return [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs if len(f) == 64]
+
+
+def test_put_get_through_nginx(cli, nginx_node, model_small, tmp_path):
+    cli("node", "add", nginx_node["url"], "--token-file", nginx_node["token_file"])
+    assert "nginx" not in cli("node", "ls").stderr
+    cli("put", model_small, "--name", "m.safetensors", "--chunk-size", "1MiB")
+    assert len(chunk_files(nginx_node["root"])) > 10
+    cli("get", "m.safetensors", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == model_small.read_bytes()
+    cli("verify")
+
+
+def test_nginx_refuses_writes_without_the_token(nginx_node):
+    import urllib3
+    http = urllib3.PoolManager(retries=False)
+    url = f"{nginx_node['url']}/chunks/{'ab' * 32}"
+    assert http.request("PUT", url, body=b"x").status == 401
+    assert http.request("DELETE", url).status == 401
+    assert http.request("GET", f"{nginx_node['url']}/chunks/../../etc/passwd").status in (400, 404)
+    assert chunk_files(nginx_node["root"]) == []
+
+
+@needs_fuse
+def test_mount_reads_through_nginx(cli, nginx_node, model_small, mounts):
+    cli("node", "add", nginx_node["url"], "--token-file", nginx_node["token_file"])
+    cli("put", model_small, "--name", "m.safetensors")
+    m = mounts()
+    with open(m.file("m.safetensors"), "rb") as f:
+        assert hashlib.sha256(f.read()).digest() == hashlib.sha256(model_small.read_bytes()).digest()
