@@ -114,7 +114,7 @@ def cmd_node_drain(args):
 def cmd_node_serve(args):
     from .nodeserver import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(args.root, args.listen, args.token_file, args.metrics)
+    serve(args.root, args.listen, args.serve_token_file, args.metrics)
 
 
 # -- models -----------------------------------------------------------------------------
@@ -281,10 +281,14 @@ def cmd_gc(args):
     print(f"gc: deleted {n} unreferenced chunk(s), {human(freed)} per replica")
 
 
+def cmd_config(args):
+    from .config import show
+    show(args.cfg, args)
+
+
 def cmd_doctor(args):
-    from .connect import home
     from .doctor import run
-    if not run(args.redis, args.cache_dir or os.path.join(home(), "cache")):
+    if not run(args.redis, args.cache_dir):
         sys.exit(1)
 
 
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis", metavar="URL", help="Redis index URL (redis://, rediss://, unix://); "
                    "default $SHARDFS_REDIS or the embedded server")
+    p.add_argument("--config", metavar="FILE", help="TOML config file (default $SHARDFS_CONFIG, "
+                   "$SHARDFS_HOME/config.toml, /etc/shardfs/config.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
@@ -305,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = node.add_parser("add", help="register a node (file:///path or http://host:port)")
     a.add_argument("url")
     a.add_argument("--weight", type=float, default=1.0, help="relative share of chunks (default 1)")
-    a.add_argument("--token-file", help="file holding the node's write token")
+    a.add_argument("--token-file", help="file holding the node's write token (default: token_file setting)")
     a.add_argument("--offline", action="store_true", help="register even if the node does not answer now")
     a.set_defaults(func=cmd_node_add)
     a = node.add_parser("ls", help="list nodes with health and free space")
@@ -321,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = node.add_parser("serve", help="run an HTTP node server over a directory")
     a.add_argument("--root", required=True, help="directory holding the chunks")
     a.add_argument("--listen", required=True, metavar="HOST:PORT")
-    a.add_argument("--token-file", help="require this token (Authorization: Bearer) for PUT and DELETE")
+    a.add_argument("--token-file", dest="serve_token_file",
+                   help="require this token (Authorization: Bearer) for PUT and DELETE")
     a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
     a.set_defaults(func=cmd_node_serve)
 
@@ -356,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=cmd_verify)
     a = sub.add_parser("gc", help="delete chunks that no version references")
     a.set_defaults(func=cmd_gc)
+    a = sub.add_parser("config", help="show effective settings and where each came from")
+    a.add_argument("action", choices=["show"])
+    a.set_defaults(func=cmd_config)
     a = sub.add_parser("doctor", help="check FUSE, Redis, every node, the cache dir and read-ahead")
     a.add_argument("--cache-dir", help="the cache dir a mount would use (default $SHARDFS_HOME/cache)")
     a.set_defaults(func=cmd_doctor)
@@ -375,6 +385,12 @@ def main(argv=None) -> int:
                         format="shardfs: %(levelname)s: %(message)s")
     import redis
     try:
+        if args.cmd == "config":  # show what flags would not override
+            from .config import Config, config_path
+            args.cfg = Config(config_path(args.config))
+        else:
+            from .config import apply
+            apply(args)
         args.func(args)
     except ShardfsError as e:
         print(f"shardfs: error: {e}", file=sys.stderr)

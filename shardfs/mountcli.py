@@ -26,10 +26,10 @@ def add_mount_commands(sub) -> None:
                        epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     a.add_argument("mountpoint")
     a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_HOME/cache)")
-    a.add_argument("--cache-size", type=_size, default=None,
+    a.add_argument("--cache-size", type=_size,
                    help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB)")
-    a.add_argument("--read-ahead", type=_size, default=64 << 20, help="largest readahead window (default 64MiB)")
-    a.add_argument("--memory", type=_size, default=128 << 20, help="in-memory chunk buffer (default 128MiB)")
+    a.add_argument("--read-ahead", type=_size, help="largest readahead window (default 64MiB)")
+    a.add_argument("--memory", type=_size, help="in-memory chunk buffer (default 128MiB)")
     a.add_argument("--allow-other", action="store_true", help="let other users read the mount "
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
@@ -149,10 +149,10 @@ def _default_cache_size(cache_dir: str) -> int:
 
 
 def cmd_mount(args) -> None:
-    from .connect import home, open_index
+    from .connect import open_index
     mp = os.path.abspath(args.mountpoint)
     _preflight(mp)
-    cache_dir = os.path.abspath(args.cache_dir or os.path.join(home(), "cache"))
+    cache_dir = os.path.abspath(args.cache_dir)
     idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable
     if not args.foreground:
         _spawn(args, mp, cache_dir)
