@@ -1,0 +1,114 @@
+"""Faults with real processes: each ends bit-exact or with a clean error."""
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from conftest import Cli, RedisProc, needs_fuse, wait_for
+
+
+def sha(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(1 << 20):
+            h.update(data)
+    return h.hexdigest()
+
+
+@needs_fuse
+def test_daemon_killed_mid_read_leaves_no_partial_cache_entry(cli, nodes, model_256, mounts):
+    n = nodes(2)
+    for x in n:
+        cli("node", "add", x.url)
+    cli("put", model_256, "--name", "big.safetensors")
+    m = mounts("--no-prefetch")
+    with pytest.raises(OSError):
+        with open(m.file("big.safetensors"), "rb") as f:
+            f.read(64 << 20)
+            os.kill(m.pid, signal.SIGKILL)
+            while f.read(1 << 20):
+                pass
+    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+             what="daemon to die")
+    m.umount()  # recovers the dead mountpoint (stale, or still cached as a mount)
+    assert not os.path.ismount(m.path)
+    m.mount()  # the restarted daemon drops the killed one's unfinished fills before serving
+    for d, _, files in os.walk(m.cache_dir):
+        assert not [f for f in files if f.startswith(".tmp-")]
+    assert sha(m.file("big.safetensors")) == sha(model_256)
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["cache"]["corrupt"] == 0 and stats["cache"]["hits"] > 0
+
+
+@needs_fuse
+def test_malformed_manifest_in_redis_gives_eio_not_a_dead_daemon(cli, nodes, tmp_path, mounts, redis_proc):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    for name in ("good.bin", "bad.bin"):
+        (tmp_path / name).write_bytes(os.urandom(1 << 20))
+        cli("put", tmp_path / name, "--name", name)
+    r = redis_proc.client()
+    vid = int(r.hget("shardfs:models", "bad.bin"))
+    r.hset(f"shardfs:v:{vid}", "manifest", b"SFM1garbage")
+    m = mounts()
+    with pytest.raises(OSError) as e:
+        open(m.file("bad.bin"), "rb").read()
+    assert e.value.errno == errno.EIO
+    assert open(m.file("good.bin"), "rb").read() == (tmp_path / "good.bin").read_bytes()
+    assert os.path.ismount(m.path)
+
+
+def test_redis_urls_with_password_and_unix_socket(tmp_path, base_env, nodes):
+    node = nodes(1)[0]
+    rp = RedisProc(str(tmp_path / "r"))
+    sock = str(tmp_path / "r" / "redis.sock")
+    rp.proc = subprocess.Popen(["redis-server", "--port", str(rp.port), "--bind", "127.0.0.1", "--dir", rp.dir,
+                                "--save", "", "--unixsocket", sock, "--unixsocketperm", "700",
+                                "--user", "default", "off", "--user", "shard", "on", ">pw-123", "~*", "&*", "+@all"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.exists(sock), what="redis socket")
+        time.sleep(0.2)
+        url = f"redis://shard:pw-123@127.0.0.1:{rp.port}/0"
+        cli = Cli({**base_env, "SHARDFS_REDIS": url})
+        cli("node", "add", node.url)
+        f = tmp_path / "m.bin"
+        f.write_bytes(os.urandom(300000))
+        cli("put", f, "--name", "m.bin")
+        unix = Cli({**base_env, "SHARDFS_REDIS": f"unix://shard:pw-123@{sock}?db=0"})
+        assert "m.bin" in unix("ls").stdout
+        wrong = Cli({**base_env, "SHARDFS_REDIS": f"redis://shard:nope@127.0.0.1:{rp.port}/0"})
+        r = wrong("ls", check=False)
+        assert r.returncode != 0 and "nope" not in r.stderr and "***" in r.stderr  # password never printed
+    finally:
+        rp.stop()
+
+
+def test_two_concurrent_puts_of_one_name_one_wins(cli, nodes, tmp_path):
+    n = nodes(2)
+    for x in n:
+        cli("node", "add", x.url)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(6 << 20))
+    b.write_bytes(os.urandom(6 << 20))
+    procs = [subprocess.Popen(cli_cmd(["put", str(p), "--name", "same.bin"]), env=cli.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (a, b)]
+    results = [(p.wait(60), p.stderr.read()) for p in procs]
+    codes = sorted(c for c, _ in results)
+    assert codes[0] == 0 and codes[1] != 0, results
+    loser = next(err for c, err in results if c)
+    assert "already exists" in loser and len(loser.strip().splitlines()) == 1
+    cli("get", "same.bin", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() in (a.read_bytes(), b.read_bytes())
+
+
+def cli_cmd(args):
+    import sys
+    return [sys.executable, "-m", "shardfs", *args]
