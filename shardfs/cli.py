@@ -123,7 +123,8 @@ def cmd_put(args):
     from .connect import home
     from .ingest import put_file, summary
     idx = _index(args)
-    name = (args.name or os.path.basename(os.path.abspath(args.file))).rstrip("/")
+    name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.file))
+    name = name.rstrip("/") or name
     default_node = "file://" + os.path.join(home(), "nodes", "local")
     if os.path.isdir(args.file):
         files = _folder_files(args.file)

@@ -112,3 +112,25 @@ def test_two_concurrent_puts_of_one_name_one_wins(cli, nodes, tmp_path):
 def cli_cmd(args):
     import sys
     return [sys.executable, "-m", "shardfs", *args]
+
+
+@needs_fuse
+def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_path, mounts):
+    from shardfs import soak
+    from shardfs.synth import write_safetensors
+    ns = nodes(3)
+    for x in ns:
+        cli("node", "add", x.url)
+    srcs = {}
+    for i in range(3):
+        p = tmp_path / f"m{i}.safetensors"
+        write_safetensors(str(p), 12 << 20, seed=20 + i)
+        cli("put", p, "--name", f"soak/m{i}.safetensors", "--chunk-size", "1MiB")
+        srcs[f"soak/m{i}.safetensors"] = str(p)
+    m = mounts("--cache-size", "16MiB", "--memory", "8MiB")  # working set 36 MiB: eviction under pressure
+    rep = soak.run({m.file(k): v for k, v in srcs.items()}, seconds=8, readers=16, daemon_pid=m.pid)
+    print(rep.summary())
+    assert rep.errors == []
+    assert rep.reads > 100
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["cache"]["evictions"] > 0 and stats["cache"]["used"] <= 16 << 20
