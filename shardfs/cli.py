@@ -268,7 +268,8 @@ def cmd_verify(args):
     idx = _index(args)
     rep = verify(idx, [args.name] if args.name else None, repair=args.repair)
     print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
-          f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, {len(rep.lost)} lost"
+          f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
+          f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
           + (f", {rep.repaired} repaired" if args.repair else ""))
     if rep.lost or (not rep.ok and not args.repair) or (args.repair and rep.repaired < len(rep.under)):
         sys.exit(1)

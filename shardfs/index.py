@@ -329,6 +329,15 @@ class Index:
         now_ms = int(time.time() * 1000)
         return bool(self._claim(keys=[k_chunk(hex_id), K_PUTS], args=[hex_id, now_ms, LEASE_PREFIX]))
 
+    def release_gc_claim(self, hex_id: str, deleted_from) -> None:
+        """gc could not delete every copy: forget the copies it did delete, mark the chunk
+        "ok" again (refs stay 0, so the next gc claims it again)."""
+        p = self.r.pipeline()
+        if deleted_from:
+            p.srem(k_locs(hex_id), *deleted_from)
+        p.hset(k_chunk(hex_id), "state", "ok")
+        p.execute()
+
     def forget_chunk(self, hex_id: str) -> None:
         self.r.delete(k_chunk(hex_id), k_locs(hex_id))
 

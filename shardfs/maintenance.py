@@ -83,12 +83,13 @@ class VerifyReport:
     under: list = field(default_factory=list)       # (hex, good node ids, wanted R)
     bad_copies: list = field(default_factory=list)  # (hex, node id, reason)
     missing: list = field(default_factory=list)     # (hex, node id)
+    unreadable: list = field(default_factory=list)  # (hex, node id, reason): node errored, copy kept
     lost: list = field(default_factory=list)        # hex with no good copy
     repaired: int = 0
 
     @property
     def ok(self) -> bool:
-        return not (self.under or self.bad_copies or self.missing or self.lost)
+        return not (self.under or self.bad_copies or self.missing or self.lost or self.unreadable)
 
 
 def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout) -> VerifyReport:
@@ -117,7 +118,7 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
     infos = dict(zip(hexes, idx.chunk_info(hexes)))
 
     def check(h):
-        good, bad, missing = [], [], []
+        good, bad, missing, unreadable = [], [], [], []
         raw = None
         for nid in (infos[h] or {"locs": []})["locs"]:
             if nid not in pool.nodes or isinstance(health.get(nid), NodeError):
@@ -126,16 +127,19 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
                 got = envelope.decode(pool.store(nid).get(h), bytes.fromhex(h))
                 good.append(nid)
                 raw = raw or got
-            except NodeError as e:
-                (missing if e.missing else bad).append((nid, str(e)))
+            except NodeError as e:  # a flaky node's copy may be fine: report it, never drop it
+                (missing if e.missing else unreadable).append((nid, str(e)))
             except CorruptChunk as e:
                 bad.append((nid, f"corrupt: {e}"))
-        return h, good, bad, missing, raw
+        return h, good, bad, missing, unreadable, raw
 
     try:
         with ThreadPoolExecutor(WORKERS) as ex:
-            for h, good, bad, missing, raw in ex.map(check, hexes):
+            for h, good, bad, missing, unreadable, raw in ex.map(check, hexes):
                 rep.chunks += 1
+                for nid, why in unreadable:
+                    rep.unreadable.append((h, nid, why))
+                    print(f"unreadable copy (left in place): chunk {h} on node {nid}: {why}", file=out)
                 for nid, why in bad:
                     rep.bad_copies.append((h, nid, why))
                     print(f"bad copy: chunk {h} on node {nid} ({pool.nodes[nid].url}): {why}", file=out)
@@ -147,7 +151,7 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
                     rep.lost.append(h)
                     print(f"LOST: chunk {h} has no good copy on any live node", file=out)
                     continue
-                if len(active_good) >= want[h] and not bad and not missing:
+                if len(active_good) >= want[h] and not bad and not missing and not unreadable:
                     rep.healthy += 1
                     continue
                 if len(active_good) < want[h]:
@@ -203,16 +207,21 @@ def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
             if not idx.claim_for_gc(h):
                 continue
             info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
-            ok = True
+            gone, failed = [], []
             for nid in info["locs"]:
                 if nid not in pool.nodes:
                     continue
                 try:
                     pool.store(nid).delete(h)
+                    gone.append(nid)
                 except NodeError as e:
-                    ok = False
+                    failed.append(nid)
                     print(f"gc: could not delete chunk {h[:16]} from {nid}: {e}; will retry next gc", file=out)
-            if ok:
+            if failed:
+                # give the claim back (state "ok", refs 0): a put needing the chunk re-uploads it
+                # instead of waiting on a gc that cannot finish while that node is down
+                idx.release_gc_claim(h, gone)
+            else:
                 idx.forget_chunk(h)
                 deleted += 1
                 freed += info["stored"]

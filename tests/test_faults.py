@@ -134,3 +134,23 @@ def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_pa
     assert rep.reads > 100
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["cache"]["evictions"] > 0 and stats["cache"]["used"] <= 16 << 20
+
+
+def test_gc_with_a_node_down_does_not_block_a_later_put(cli, nodes, tmp_path, redis_proc):
+    ns = nodes(2)
+    for x in ns:
+        cli("node", "add", x.url)
+    f = tmp_path / "m.bin"
+    f.write_bytes(os.urandom(3 << 20))
+    cli("put", f, "--name", "m.bin", "--chunk-size", "1MiB")
+    cli("rm", "m.bin")
+    ns[1].kill()
+    r = cli("gc")
+    assert "could not delete" in r.stdout and "will retry" in r.stdout
+    assert ns[0].chunk_files() == []  # the live node's copies are gone
+    r = redis_proc.client()
+    states = {r.hget(k, "state") for k in r.scan_iter("shardfs:c:*")}
+    assert states == {b"ok"}  # claims given back: a put will not wait on a gc that cannot finish
+    cli("put", f, "--name", "again.bin", "--chunk-size", "1MiB", "--replicas", "1")
+    cli("get", "again.bin", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == f.read_bytes()
