@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -29,7 +28,7 @@ from .index import Index
 from .manifest import Manifest
 from .pool import NodePool
 from .reader import OpenModel, Reader
-from .vfs import FileEntry, Tree, file_inode
+from .vfs import FileEntry, Tree
 
 log = logging.getLogger("shardfs.daemon")
 

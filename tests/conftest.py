@@ -6,6 +6,7 @@ Nothing here is a mock: Redis is a real redis-server in a temp dir, nodes are re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -255,3 +256,20 @@ def mounts(tmp_path, cli):
     yield make
     for m in made:
         m.cleanup()
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def add_nodes(cli, nodes, n, token_file=None):
+    """Start n node servers and register each with `shardfs node add`."""
+    procs = nodes(n, token_file=token_file)
+    for p in procs:
+        r = cli("node", "add", p.url)
+        assert "added node" in r.stdout
+    return procs

@@ -7,7 +7,6 @@ the node directories and in Redis. Nothing is mocked.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import io
 import json
@@ -23,7 +22,7 @@ import time
 import pytest
 import redis
 
-from conftest import Cli, free_port, wait_for
+from conftest import Cli, add_nodes, free_port, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.index import Index
 from shardfs.maintenance import gc as run_gc
@@ -34,12 +33,6 @@ SMALL = ("--chunk-size", "1MiB")  # the 24 MiB model (plus its header) -> 25 chu
 
 # -- helpers ----------------------------------------------------------------------------
 
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _SHA_CACHE: dict[str, str] = {}
@@ -52,13 +45,6 @@ def model_sha(path) -> str:
     return _SHA_CACHE[key]
 
 
-def add_nodes(cli, nodes, n, token_file=None):
-    """Start n node servers and register each with `shardfs node add`."""
-    procs = nodes(n, token_file=token_file)
-    for p in procs:
-        r = cli("node", "add", p.url)
-        assert "added node" in r.stdout
-    return procs
 
 
 def open_idx(redis_proc) -> Index:

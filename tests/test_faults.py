@@ -1,7 +1,6 @@
 """Faults with real processes: each ends bit-exact or with a clean error."""
 
 import errno
-import hashlib
 import json
 import os
 import signal
@@ -9,17 +8,10 @@ import subprocess
 import time
 
 import pytest
-import redis
 
-from conftest import Cli, RedisProc, needs_fuse, wait_for
+from conftest import Cli, RedisProc, add_nodes, needs_fuse, sha256_file, wait_for
 
 
-def sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
 
 
 @needs_fuse
@@ -42,7 +34,7 @@ def test_daemon_killed_mid_read_leaves_no_partial_cache_entry(cli, nodes, model_
     m.mount()  # the restarted daemon drops the killed one's unfinished fills before serving
     for d, _, files in os.walk(m.cache_dir):
         assert not [f for f in files if f.startswith(".tmp-")]
-    assert sha(m.file("big.safetensors")) == sha(model_256)
+    assert sha256_file(m.file("big.safetensors")) == sha256_file(model_256)
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["cache"]["corrupt"] == 0 and stats["cache"]["hits"] > 0
 
@@ -118,9 +110,7 @@ def cli_cmd(args):
 def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_path, mounts):
     from shardfs import soak
     from shardfs.synth import write_safetensors
-    ns = nodes(3)
-    for x in ns:
-        cli("node", "add", x.url)
+    add_nodes(cli, nodes, 3)
     srcs = {}
     for i in range(3):
         p = tmp_path / f"m{i}.safetensors"
@@ -137,9 +127,7 @@ def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_pa
 
 
 def test_gc_with_a_node_down_does_not_block_a_later_put(cli, nodes, tmp_path, redis_proc):
-    ns = nodes(2)
-    for x in ns:
-        cli("node", "add", x.url)
+    ns = add_nodes(cli, nodes, 2)
     f = tmp_path / "m.bin"
     f.write_bytes(os.urandom(3 << 20))
     cli("put", f, "--name", "m.bin", "--chunk-size", "1MiB")

@@ -14,25 +14,17 @@ import time
 import numpy as np
 import pytest
 
-from conftest import needs_fuse, wait_for
+from conftest import add_nodes, needs_fuse, sha256_file, wait_for
 
 pytestmark = needs_fuse
 
 
-def sha(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while data := f.read(1 << 20):
-            h.update(data)
-    return h.hexdigest()
 
 
 @pytest.fixture
 def store(cli, nodes, model_small, tmp_path):
     """3 HTTP nodes, R=2, the small model under two names plus a second model."""
-    ns = nodes(3)
-    for n in ns:
-        cli("node", "add", n.url)
+    ns = add_nodes(cli, nodes, 3)
     cli("put", model_small, "--name", "org/small.safetensors", "--chunk-size", "1MiB")
     other = tmp_path / "other.bin"
     other.write_bytes(os.urandom(3 << 20) + bytes(12345))
@@ -49,7 +41,7 @@ def test_tree_sizes_modes_xattrs(store, mounts):
     assert sorted(os.listdir(m.file("org"))) == ["deep", "small.safetensors"]
     out = subprocess.run(["ls", "-l", m.file("org/deep")], capture_output=True, text=True).stdout
     assert f" {os.path.getsize(store['other'])} " in out
-    assert os.getxattr(m.file("org/small.safetensors"), "user.shardfs.sha256").decode() == sha(store["small"])
+    assert os.getxattr(m.file("org/small.safetensors"), "user.shardfs.sha256").decode() == sha256_file(store["small"])
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.version")) >= 1
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.cached_bytes")) == 0
     sv = os.statvfs(m.path)
@@ -60,10 +52,10 @@ def test_cp_and_sha256_match(store, mounts, tmp_path):
     m = mounts()
     dest = tmp_path / "copy"
     subprocess.run(["cp", m.file("org/small.safetensors"), dest], check=True)
-    assert sha(dest) == sha(store["small"])
-    assert sha(m.file("org/deep/other.bin")) == sha(store["other"])
+    assert sha256_file(dest) == sha256_file(store["small"])
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])
     # second read through the same mount comes from the kernel page cache: same bytes
-    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
 
 
 def test_numpy_memmap_and_safetensors(store, mounts, cli, tmp_path):
@@ -139,7 +131,7 @@ def test_evict_and_warm_during_reads(store, mounts):
     m.cli("cache", "warm", "org/", "--mount", m.path)
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert all(x["cached_pct"] == 100.0 for x in stats["models"]), stats["models"]
-    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
 
 
 def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
@@ -153,7 +145,7 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
     m = mounts("--cache-size", "8MiB")
     m.cli("cache", "pin", "a", "--mount", m.path)
     m.cli("cache", "warm", "a", "--mount", m.path)
-    assert sha(m.file("b")) == sha(b)  # b does not fit next to a: LRU must evict b's chunks, not a's
+    assert sha256_file(m.file("b")) == sha256_file(b)  # b does not fit next to a: LRU must evict b's chunks, not a's
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     by = {x["name"]: x for x in stats["models"]}
     assert by["a"]["pinned"] and by["a"]["cached_pct"] == 100.0
@@ -198,9 +190,7 @@ def test_writes_fail_with_erofs(store, mounts):
 
 
 def test_replica_killed_during_cold_read(cli, nodes, model_256, mounts, tmp_path):
-    ns = nodes(3)
-    for n in ns:
-        cli("node", "add", n.url)
+    ns = add_nodes(cli, nodes, 3)
     cli("put", model_256, "--name", "big.safetensors")
     m = mounts()
     h = hashlib.sha256()
@@ -209,7 +199,7 @@ def test_replica_killed_during_cold_read(cli, nodes, model_256, mounts, tmp_path
         ns[0].kill()
         while data := f.read(1 << 20):
             h.update(data)
-    assert h.hexdigest() == sha(model_256)
+    assert h.hexdigest() == sha256_file(model_256)
 
 
 def test_chunk_bad_on_every_replica_gives_eio_for_that_range_only(cli, nodes, tmp_path, mounts):
@@ -253,7 +243,7 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     r = m.umount()
     assert "stale" in r.stdout
     m.mount()  # a new mount on the recovered mountpoint, same cache: no partial entries served
-    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
     m.umount()
     assert not os.path.ismount(m.path)
 
@@ -286,7 +276,7 @@ def test_redis_stopped_while_mounted(store, mounts, redis_proc):
     assert f.read() == ref[1000:]  # an open file keeps reading
     f.close()
     assert "small.safetensors" in os.listdir(m.file("org"))  # known models stay listed and openable
-    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["redis_ok"] is False
     redis_proc.start()
@@ -345,20 +335,18 @@ def test_header_driven_prefetch(store, mounts, prefetch):
         else:
             time.sleep(1.5)
             assert cached() < os.path.getsize(store["small"]) // 2
-    assert sha(path) == sha(store["small"])
+    assert sha256_file(path) == sha256_file(store["small"])
 
 
 def test_hung_node_is_raced_by_a_hedged_request(cli, nodes, tmp_path, mounts):
-    ns = nodes(3)
-    for n in ns:
-        cli("node", "add", n.url)
+    ns = add_nodes(cli, nodes, 3)
     src = tmp_path / "m.bin"
     src.write_bytes(os.urandom(12 << 20))
     cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
     m = mounts()
     ns[0].proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
     try:
-        assert sha(m.file("m.bin")) == sha(src)
+        assert sha256_file(m.file("m.bin")) == sha256_file(src)
     finally:
         ns[0].proc.send_signal(signal.SIGCONT)
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
@@ -370,7 +358,7 @@ def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp
     chunks = os.path.join(m.cache_dir, "data", "chunks")
     shutil.rmtree(chunks)
     open(chunks, "w").close()  # a file where the cache's directory should be: every fill fails
-    assert sha(m.file("org/small.safetensors")) == sha(store["small"])
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["cache"]["writable"] is False
     log = open(next(os.path.join(d, f) for d, _, fs in os.walk(m.cli.env["SHARDFS_HOME"]) for f in fs
@@ -395,7 +383,7 @@ def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
         src.write_bytes(os.urandom(3 << 20))
         cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
         m = mounts("--metrics", f"127.0.0.1:{mount_port}")
-        assert sha(m.file("m.bin")) == sha(src)
+        assert sha256_file(m.file("m.bin")) == sha256_file(src)
 
         def scrape(port):
             return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
