@@ -392,7 +392,8 @@ def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
             return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
 
         mt = scrape(mount_port)
-        assert value(mt, "shardfs_bytes_served_total") >= 3 << 20
+        # chunks pushed into the page cache (notify_store) are served by the kernel, not counted here
+        assert value(mt, "shardfs_bytes_served_total") > 0
         assert value(mt, "shardfs_cache_misses_total") >= 3
         assert value(mt, "shardfs_cache_bytes") == 3 << 20
         assert value(mt, 'shardfs_fetch_seconds_count{node="n1"}') == 3
