@@ -89,8 +89,6 @@ class NodePool:
         try:
             while pending or nxt < len(order):
                 if nxt < len(order):
-                    if nxt:
-                        self.failovers += 1
                     nid = order[nxt]
                     pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid)] = nid
                     nxt += 1
@@ -107,6 +105,8 @@ class NodePool:
                     except CorruptChunk as e:
                         self.report_corrupt(hex_id, nid, e)
                         errors.append(f"{nid}: corrupt copy ({e})")
+                    if nxt < len(order):
+                        self.failovers += 1  # an error sends us on to the next replica
                 if not done and pending:
                     self.hedges += 1
         finally:

@@ -36,6 +36,8 @@ from .pool import NodePool
 
 log = logging.getLogger("shardfs.reader")
 
+MAX_PUSHING = 4  # notify_store pushes waiting or running at once (each holds a chunk)
+
 
 @dataclass
 class OpenModel:
@@ -60,12 +62,13 @@ class ReadState:
 
 
 class _Flight:
-    __slots__ = ("event", "data", "error")
+    __slots__ = ("event", "data", "error", "keep")
 
-    def __init__(self):
+    def __init__(self, keep: bool):
         self.event = trio.Event()
         self.data = None
         self.error = None
+        self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
 
 
 class MemBuffer:
@@ -112,6 +115,7 @@ class Reader:
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
         self._notify_limiter = trio.CapacityLimiter(2)
+        self._pushing = 0
         self._flights: dict[str, _Flight] = {}
         self._nursery: trio.Nursery | None = None
         self._unavailable_logged: set[str] = set()
@@ -123,23 +127,27 @@ class Reader:
 
     # -- chunks ----------------------------------------------------------------------
 
-    async def chunk(self, m: OpenModel, i: int) -> bytes:
+    async def chunk(self, m: OpenModel, i: int, keep: bool = True) -> bytes:
+        """The raw bytes of chunk i. keep=False (prefetch, warm) fills the disk cache only,
+        so background work never crowds what readers use out of the memory buffer."""
         h = m.hexes[i]
         data = self.mem.get(h)
         if data is not None:
             return data
-        flight = self._start(m, i)
+        flight = self._start(m, i, keep)
         await flight.event.wait()
         if flight.error is not None:
             raise flight.error
         return flight.data
 
-    def _start(self, m: OpenModel, i: int) -> _Flight:
+    def _start(self, m: OpenModel, i: int, keep: bool = True) -> _Flight:
         h = m.hexes[i]
         flight = self._flights.get(h)
         if flight is None:
-            flight = self._flights[h] = _Flight()
+            flight = self._flights[h] = _Flight(keep)
             self._nursery.start_soon(self._fill, m, i, flight)
+        elif keep:
+            flight.keep = True
         return flight
 
     async def _fill(self, m: OpenModel, i: int, flight: _Flight) -> None:
@@ -147,12 +155,15 @@ class Reader:
         try:
             async with self.fetch_limiter:
                 data = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
-            self.mem.put(h, data)
             flight.data = data
-            if self.notify is not None:
-                # In a thread, never on the trio thread: the kernel may hold these pages
-                # locked for a read that only this trio thread can answer.
-                self._nursery.start_soon(self._push, m.inode, m.manifest.offsets[i], data)
+            if flight.keep:
+                self.mem.put(h, data)
+                if self.notify is not None and self._pushing < MAX_PUSHING:
+                    # In a thread, never on the trio thread: the kernel may hold these pages
+                    # locked for a read that only this trio thread can answer. Bounded: a
+                    # push that would wait is skipped (the kernel will just ask for the pages).
+                    self._pushing += 1
+                    self._nursery.start_soon(self._push, m.inode, m.manifest.offsets[i], data)
         except (ChunkUnavailable, CorruptChunk) as e:
             flight.error = e
             if h not in self._unavailable_logged:
@@ -168,8 +179,11 @@ class Reader:
             flight.event.set()
 
     async def _push(self, inode: int, offset: int, data: bytes) -> None:
-        await trio.to_thread.run_sync(self.notify, inode, offset, data, limiter=self._notify_limiter,
-                                      abandon_on_cancel=True)
+        try:
+            await trio.to_thread.run_sync(self.notify, inode, offset, data, limiter=self._notify_limiter,
+                                          abandon_on_cancel=True)
+        finally:
+            self._pushing -= 1
 
     def _load(self, m: OpenModel, h: str) -> bytes:
         """Worker thread: the verified raw chunk from the disk cache or the nodes."""
@@ -237,7 +251,7 @@ class Reader:
         async def one(i):
             nonlocal done
             try:
-                await self.chunk(m, i)
+                await self.chunk(m, i, keep=False)
                 done += m.manifest.lengths[i]
                 if progress is not None:
                     progress(done, m.size)
@@ -258,8 +272,9 @@ class Reader:
         """Header-driven prefetch: fetch a checkpoint's tensor data in file order.
 
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
-        closes. Chunks land in the disk cache and (via notify_store) the kernel page cache,
-        so an mmap loader touching tensors in any order finds them ready."""
+        closes. Chunks not yet local are fetched into the disk cache (not the memory buffer,
+        which belongs to readers), so an mmap loader touching tensors in any order finds
+        them on local disk instead of behind the network."""
         first = await self.chunk(m, 0)
         start = tensor_data_start(first, m.size)
         if start is None:
@@ -268,7 +283,7 @@ class Reader:
 
         async def one(i):
             try:
-                await self.chunk(m, i)
+                await self.chunk(m, i, keep=False)
             except (ChunkUnavailable, CorruptChunk):
                 pass  # the reader that needs it gets the error; prefetch just moves on
             finally:
@@ -276,6 +291,9 @@ class Reader:
 
         async with trio.open_nursery() as n:
             for i in m.manifest.span(start, m.size - start):
+                h = m.hexes[i]
+                if h in self._flights or self.mem.get(h) is not None or (self.cache is not None and h in self.cache):
+                    continue  # already local: nothing to fetch ahead
                 await slots.acquire()
                 n.start_soon(one, i)
         log.debug("prefetched %s", m.name)
