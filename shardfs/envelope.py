@@ -88,7 +88,10 @@ def _encode_grouped(raw, k: int) -> bytes | None:
 
 def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
     n = raw_len // k
-    out = np.empty((n, k), np.uint8)
+    if len(payload) < _STREAM.size * k:
+        raise CorruptChunk("grouped stream table truncated")
+    flat = np.empty(raw_len, np.uint8)  # the result, filled in place: one copy out at the end
+    out = flat[:n * k].reshape(n, k)
     pos = _STREAM.size * k
     for i in range(k):
         mode, length = _STREAM.unpack_from(payload, i * _STREAM.size)
@@ -106,7 +109,8 @@ def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
     tail = payload[pos:]
     if len(tail) != raw_len - n * k:
         raise CorruptChunk("grouped tail has the wrong length")
-    return out.tobytes() + bytes(tail)
+    flat[n * k:] = np.frombuffer(tail, np.uint8)
+    return flat.tobytes()
 
 
 def encode(raw, codec: str | int | None = None, cid: bytes | None = None) -> tuple[bytes, bytes, int]:
