@@ -60,7 +60,7 @@ class Config:
                     self.file = tomllib.load(f)
             except FileNotFoundError:
                 raise UsageError(f"config file {path} does not exist") from None
-            except (OSError, tomllib.TOMLDecodeError) as e:
+            except (OSError, ValueError) as e:  # TOMLDecodeError and bad UTF-8 are ValueErrors
                 raise UsageError(f"config file {path}: {e}") from None
             unknown = sorted(set(self.file) - set(SETTINGS))
             if unknown:
@@ -77,7 +77,9 @@ class Config:
                 return parse(os.environ[env]), f"env {env}"
             if key in self.file:
                 v = self.file[key]
-                return (parse(v) if isinstance(v, str) or parse is int else v), f"file {self.path}"
+                if isinstance(v, bool) or not isinstance(v, (str, int)) or (parse is str and not isinstance(v, str)):
+                    raise UsageError(f"{v!r} is not a valid value")
+                return parse(v) if isinstance(v, str) else v, f"file {self.path}"
         except (ValueError, UsageError) as e:
             raise UsageError(f"setting {key}: {e}") from None
         return (default() if callable(default) else default), "default"

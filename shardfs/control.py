@@ -135,36 +135,44 @@ async def _dispatch(daemon, req, send):
         if req.get("all"):
             freed = await trio.to_thread.run_sync(cache.evict_all)
             reader.mem.clear()
-            for m in daemon.models.values():
-                daemon.invalidate(m)
+            for m in list(daemon.models.values()):
+                await trio.to_thread.run_sync(daemon.invalidate, m)
             return {"freed": freed}
         freed = 0
         for m in await _models(daemon, req):
             freed += await trio.to_thread.run_sync(cache.evict, m.hexes)
             reader.forget(m.hexes)
-            daemon.invalidate(m)
+            # in a thread: the kernel may wait on pages locked by reads only the trio thread answers
+            await trio.to_thread.run_sync(daemon.invalidate, m)
         return {"freed": freed}
     if op == "warm":
         total = 0
         for m in await _models(daemon, req):
-            state = {"last": 0.0}
+            state = {}
 
-            def progress(done, size, m=m):
+            def progress(done, size, state=state):
                 state["done"], state["size"] = done, size
 
-            async with trio.open_nursery() as n:
-                async def ticker(m=m):
+            async def ticker(m=m, state=state):
+                try:
                     while True:
                         await trio.sleep(0.2)
                         if "done" in state:
                             await send({"progress": state["done"], "total": state["size"], "name": m.name})
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the client left; the warm goes on
+
+            failure = None
+            async with trio.open_nursery() as n:
                 n.start_soon(ticker)
                 try:
                     total += await reader.warm(m, progress)
                 except ChunkUnavailable as e:
-                    raise ShardfsError(str(e)) from None
+                    failure = str(e)  # raised after the nursery: errors inside it arrive grouped
                 finally:
                     n.cancel_scope.cancel()
+            if failure:
+                raise ShardfsError(failure)
             await send({"progress": m.size, "total": m.size, "name": m.name})
         return {"bytes": total}
     if op == "pin":

@@ -110,6 +110,8 @@ class Daemon:
                 await self.reader.prefetch(m)
             except (ChunkUnavailable, CorruptChunk):
                 pass
+            except Exception:  # a bug in prefetch must not end the mount
+                log.exception("prefetch of %s failed", m.name)
         if self._prefetching.get(m.vid) is scope:
             del self._prefetching[m.vid]
 

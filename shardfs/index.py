@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, UsageError
+from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
 from .manifest import Manifest
 
 P = "shardfs:"
@@ -215,14 +215,23 @@ class Index:
         return int(self.r.get(K_EPOCH) or 0)
 
     def publish(self, name: str, manifest: Manifest, size: int, sha256: str, chunk_size: int,
-                replicas: int, stats: dict, force: bool) -> int:
-        """Make a version visible under `name` in one MULTI/EXEC; returns its id."""
+                replicas: int, stats: dict, force: bool, put_id: str | None = None,
+                lease_margin: float = 0.0) -> int:
+        """Make a version visible under `name` in one MULTI/EXEC; returns its id.
+
+        With put_id, refuses to publish unless that put's lease is still live for at least
+        lease_margin seconds: a lease that lapsed may have let gc take chunks it relied on."""
         unique = set(manifest.ids)
         vid = self.r.incr(K_VSEQ)
         with self.r.pipeline() as p:
             while True:
                 try:
-                    p.watch(K_MODELS)
+                    p.watch(K_MODELS, K_PUTS)
+                    if put_id is not None:
+                        expiry = p.zscore(K_PUTS, put_id)
+                        if expiry is None or expiry < (time.time() + lease_margin) * 1000:
+                            raise ShardfsError("this put's lease on its chunks lapsed (Redis was unreachable "
+                                               "too long); nothing was published, run put again")
                     if p.hexists(K_MODELS, name) and not force:
                         raise NameClash(f"model {name!r} already exists; use --force to replace it")
                     p.multi()
@@ -335,7 +344,10 @@ class Index:
         p = self.r.pipeline()
         if deleted_from:
             p.srem(k_locs(hex_id), *deleted_from)
-        p.hset(k_chunk(hex_id), "state", "ok")
+        # only a chunk whose upload finished (record_chunk wrote its sizes) is "ok"; a killed
+        # put's chunk stays "pending", so no later put trusts copies that may never have landed
+        state = "ok" if self.r.hexists(k_chunk(hex_id), "raw") else "pending"
+        p.hset(k_chunk(hex_id), "state", state)
         p.execute()
 
     def forget_chunk(self, hex_id: str) -> None:

@@ -166,7 +166,10 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
 
     def heartbeat():
         while not stop_heartbeat.wait(LEASE_TTL / 3):
-            idx.renew_put(put_id, LEASE_TTL)
+            try:
+                idx.renew_put(put_id, LEASE_TTL)
+            except Exception:  # noqa: BLE001 - a Redis blip: retry; publish checks the lease is live
+                continue
 
     hb = threading.Thread(target=heartbeat, daemon=True)
     hb.start()
@@ -223,7 +226,8 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         stats = {"raw": size, "stored_new": stored_new, "codecs": dict(codecs), "deduped_chunks": deduped,
                  "dtypes": {k: {"raw": r, "stored": s} for k, (r, s) in sorted(by_dtype.items())},
                  "stored": _stored_total(idx, manifest)}
-        vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force)
+        vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force,
+                          put_id=put_id, lease_margin=LEASE_TTL / 3)
     except BaseException:
         for f in futures:
             f.cancel()

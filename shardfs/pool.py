@@ -42,7 +42,9 @@ class NodePool:
         with self._lock:
             st = self._stores.get(nid)
             if st is None:
-                node = self.nodes[nid]
+                node = self.nodes.get(nid)
+                if node is None:  # unregistered while a read was on its way
+                    raise NodeError(nid, "node is no longer registered")
                 st = self._stores[nid] = open_store(node.url, node.token)
             return st
 
@@ -131,7 +133,8 @@ class NodePool:
                 return
             self._reported.add((hex_id, nid))
             self.corrupt_copies += 1
-        log.warning("corrupt copy of chunk %s on node %s (%s): %s", hex_id, nid, self.nodes[nid].url, err)
+        node = self.nodes.get(nid)
+        log.warning("corrupt copy of chunk %s on node %s (%s): %s", hex_id, nid, node.url if node else "?", err)
 
     def close(self) -> None:
         with self._lock:

@@ -275,6 +275,8 @@ class Reader:
         closes. Chunks not yet local are fetched into the disk cache (not the memory buffer,
         which belongs to readers), so an mmap loader touching tensors in any order finds
         them on local disk instead of behind the network."""
+        if not len(m.manifest):
+            return
         first = await self.chunk(m, 0)
         start = tensor_data_start(first, m.size)
         if start is None:

@@ -28,3 +28,14 @@ def test_bad_config_is_one_clear_line(base_env, tmp_path):
     cfg.write_text("this is [not toml\n")
     r = Cli(base_env)("--config", cfg, "ls", check=False)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_config_values_of_the_wrong_type_are_one_line(base_env, tmp_path):
+    cfg = tmp_path / "c.toml"
+    for bad in ("replicas = [2]\n", "cache_size = true\n", "redis = 6379\n"):
+        cfg.write_text(bad)
+        r = Cli(base_env)("--config", cfg, "config", "show", check=False)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "not a valid value" in r.stderr, (bad, r.stderr)
+    cfg.write_bytes(b"redis = \"\xff\xfe\"\n")
+    r = Cli(base_env)("--config", cfg, "ls", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr

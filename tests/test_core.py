@@ -203,7 +203,7 @@ def test_node_loss_then_verify_and_repair(cli, nodes, redis_proc, model_small, t
     assert f"{len(on_victim)} repaired" in r.stdout
 
     r = cli("verify")
-    assert re.search(r" 0 under-replicated, 0 bad copies, 0 missing copies, 0 lost", r.stdout), r.stdout
+    assert re.search(r" 0 under-replicated, 0 bad copies, 0 missing copies, 0 unreadable copies, 0 lost", r.stdout), r.stdout
 
     idx = open_idx(redis_proc)
     live = survivors + [fresh]
@@ -604,7 +604,7 @@ def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
     run_gc(idx, out=io.StringIO())
     get_and_compare(cli, "new", model_small, tmp_path)
     r = cli("verify")
-    assert " 0 under-replicated, 0 bad copies, 0 missing copies, 0 lost" in r.stdout
+    assert " 0 under-replicated, 0 bad copies, 0 missing copies, 0 unreadable copies, 0 lost" in r.stdout
     ids = manifest_hexes(idx, "new")
     assert set(copies(procs)) == ids
 

@@ -414,3 +414,13 @@ def _port_open(port):
         return True
     except OSError:
         return False
+
+
+def test_empty_checkpoint_file_opens_and_mount_survives(cli, nodes, tmp_path, mounts):
+    add_nodes(cli, nodes, 1)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    cli("put", tmp_path / "empty.safetensors")
+    m = mounts()
+    assert open(m.file("empty.safetensors"), "rb").read() == b""
+    time.sleep(0.5)  # prefetch of an empty file must not end the mount
+    assert os.path.ismount(m.path) and os.listdir(m.path) == ["empty.safetensors"]
