@@ -142,3 +142,36 @@ def test_gc_with_a_node_down_does_not_block_a_later_put(cli, nodes, tmp_path, re
     cli("put", f, "--name", "again.bin", "--chunk-size", "1MiB", "--replicas", "1")
     cli("get", "again.bin", tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == f.read_bytes()
+
+
+@needs_fuse
+def test_redis_emptied_while_mounted_does_not_crash_the_daemon(cli, nodes, tmp_path, mounts, redis_proc):
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    m = mounts()
+    f = open(m.file("m.bin"), "rb")
+    head = f.read(1000)
+    redis_proc.client().flushall()
+    wait_for(lambda: "m.bin" not in os.listdir(m.path), timeout=10, what="the emptied index to show")
+    assert head + f.read() == src.read_bytes()  # the open file keeps reading from its manifest
+    f.close()
+    assert os.path.ismount(m.path)
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["models"] == []
+
+
+@needs_fuse
+def test_a_restarted_node_is_used_again(cli, nodes, tmp_path, mounts):
+    ns = add_nodes(cli, nodes, 2)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(6 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")  # R=2: every chunk on both nodes
+    m = mounts("--no-prefetch")
+    ns[0].kill()
+    assert sha256_file(m.file("m.bin")) == sha256_file(src)  # all from ns[1]
+    ns[0].start()  # same port and directory
+    ns[1].kill()
+    m.cli("cache", "evict", "--all", "--mount", m.path)
+    assert sha256_file(m.file("m.bin")) == sha256_file(src)  # only the restarted node can serve this
