@@ -424,3 +424,19 @@ def test_empty_checkpoint_file_opens_and_mount_survives(cli, nodes, tmp_path, mo
     assert open(m.file("empty.safetensors"), "rb").read() == b""
     time.sleep(0.5)  # prefetch of an empty file must not end the mount
     assert os.path.ismount(m.path) and os.listdir(m.path) == ["empty.safetensors"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+def test_mount_and_control_socket_are_private_to_the_owner(store, mounts):
+    from shardfs.control import socket_path
+    m = mounts()
+    as_nobody = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+    r = subprocess.run(as_nobody + ["cat", m.file("org/small.safetensors")], capture_output=True)
+    assert r.returncode != 0 and b"Permission denied" in r.stderr  # no --allow-other: owner only
+    probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+             "s.sendall(b'{\"op\": \"stats\"}\\n'); print(s.recv(100))")
+    py = "/usr/bin/python3"  # the test's own python may live under root's private home
+    if os.access(py, os.X_OK):
+        r = subprocess.run(as_nobody + [py, "-c", probe, socket_path(m.path, uid=0)], capture_output=True, text=True)
+        assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr  # refused at connect
+    assert open(m.file("org/small.safetensors"), "rb").read(8)  # the owner still reads
