@@ -46,6 +46,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from _common import free_port, stop, wait_port  # noqa: E402
+from shardfs.mountcli import _is_stale as stale  # noqa: E402
 from shardfs.units import human, parse_size  # noqa: E402
 
 MODEL_NAME = "bench/model.safetensors"
@@ -143,15 +144,6 @@ def mounted(mp: str) -> bool:
     """In /proc/self/mounts (true for a stale FUSE mount too, unlike os.path.ismount)."""
     with open("/proc/self/mounts") as f:
         return any(line.split()[1].replace("\\040", " ") == mp for line in f)
-
-
-def stale(mp: str) -> bool:
-    try:
-        os.stat(mp)
-        return False
-    except OSError as e:
-        import errno
-        return e.errno == errno.ENOTCONN
 
 
 def sha256_file(path: str) -> str:
