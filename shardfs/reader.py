@@ -171,9 +171,9 @@ class Reader:
                 log.error("%s: chunk %s at offset %d unreadable: %s", m.name, h, m.manifest.offsets[i], e)
         except BaseException as e:  # noqa: BLE001 - a bug: surface it to the reader as EIO too
             flight.error = ChunkUnavailable(f"internal error: {e!r}")
-            log.exception("unexpected error filling chunk %s", h)
             if not isinstance(e, Exception):
-                raise
+                raise  # cancellation at shutdown: waiting readers get the error, nothing to log
+            log.exception("unexpected error filling chunk %s", h)
         finally:
             del self._flights[h]
             flight.event.set()
