@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -175,3 +176,33 @@ def test_a_restarted_node_is_used_again(cli, nodes, tmp_path, mounts):
     ns[1].kill()
     m.cli("cache", "evict", "--all", "--mount", m.path)
     assert sha256_file(m.file("m.bin")) == sha256_file(src)  # only the restarted node can serve this
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+def test_rediss_tls_url(tmp_path, base_env, nodes):
+    from conftest import free_port
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+                             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                             "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="TLS redis")
+        cli = Cli({**base_env, "SHARDFS_REDIS": f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"})
+        node = nodes(1)[0]
+        cli("node", "add", node.url)
+        f = tmp_path / "m.bin"
+        f.write_bytes(os.urandom(200000))
+        cli("put", f, "--name", "m.bin")
+        assert "m.bin" in cli("ls").stdout
+        untrusted = Cli({**base_env, "SHARDFS_REDIS": f"rediss://127.0.0.1:{port}/0"})
+        r = untrusted("ls", check=False)
+        assert r.returncode != 0 and "CERTIFICATE_VERIFY_FAILED" in r.stderr and "Traceback" not in r.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
