@@ -121,7 +121,9 @@ def cmd_node_serve(args):
 
 def cmd_put(args):
     from .connect import home
-    from .ingest import put_file, summary
+    from .ingest import open_source, put_file, summary
+    if not os.path.isdir(args.file):
+        open_source(args.file).close()  # a bad FILE is reported before any service is started
     idx = _index(args)
     name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.file))
     name = name.rstrip("/") or name
