@@ -105,7 +105,7 @@ class ChunkCache:
         with self._lock:
             return hex_id in self._lru
 
-    def get(self, hex_id: str) -> bytes | None:
+    def get(self, hex_id: str, keyring=None) -> bytes | None:
         """The verified raw chunk, or None on a miss. Damaged entries are dropped."""
         with self._lock:
             known = hex_id in self._lru
@@ -119,7 +119,7 @@ class ChunkCache:
             self._forget(hex_id)
             self.misses += 1
             return None
-        if envelope.chunk_id(raw) != bytes.fromhex(hex_id):
+        if envelope.chunk_id(raw, keyring) != bytes.fromhex(hex_id):
             self.corrupt += 1
             log.warning("cache entry %s is damaged; dropped and fetched again", hex_id)
             self.discard(hex_id)

@@ -32,6 +32,13 @@ def _size(text):
     return parse_size(text)
 
 
+def _keyring(args):
+    if not getattr(args, "key_file", None):
+        return None
+    from .crypto import Keyring
+    return Keyring.from_file(args.key_file)
+
+
 def _print_json(obj):
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -124,6 +131,9 @@ def cmd_put(args):
     from .ingest import open_source, put_file, summary
     if not os.path.isdir(args.file):
         open_source(args.file).close()  # a bad FILE is reported before any service is started
+    if args.encrypt and not args.key_file:
+        raise UsageError("--encrypt needs a key: --key-file FILE (32 random bytes, e.g. head -c32 /dev/urandom)")
+    keyring = _keyring(args) if args.encrypt else None
     idx = _index(args)
     name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.file))
     name = name.rstrip("/") or name
@@ -141,7 +151,8 @@ def cmd_put(args):
     for rel, path in files.items():
         res = put_file(idx, path, name if rel is None else f"{name}/{rel}", replicas=args.replicas,
                        chunk_size=args.chunk_size, force=args.force,
-                       progress=None if not args.no_progress else False, default_node_url=default_node)
+                       progress=None if not args.no_progress else False, default_node_url=default_node,
+                       keyring=keyring)
         print(summary(res))
 
 
@@ -242,7 +253,7 @@ def cmd_get(args):
         bar = tqdm(total=idx.model(args.name).size, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"get {args.name}", file=sys.stderr)
     try:
-        ver, dest = get_model(idx, args.name, args.dest, bar)
+        ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_keyring(args))
     finally:
         if bar:
             bar.close()
@@ -268,7 +279,7 @@ def cmd_rm(args):
 def cmd_verify(args):
     from .maintenance import verify
     idx = _index(args)
-    rep = verify(idx, [args.name] if args.name else None, repair=args.repair)
+    rep = verify(idx, [args.name] if args.name else None, repair=args.repair, keyring=_keyring(args))
     print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
@@ -342,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--replicas", type=int, help="copies of each chunk (default min(2, live nodes))")
     a.add_argument("--chunk-size", type=_size, default=4 << 20, help="64KiB..64MiB (default 4MiB)")
     a.add_argument("--force", action="store_true", help="replace an existing model of that name")
+    a.add_argument("--encrypt", action="store_true", help="seal every chunk with AES-256-GCM under --key-file; "
+                   "nodes hold only ciphertext")
+    a.add_argument("--key-file", help="32-byte key (raw or hex) for --encrypt (default: key_file setting)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     a.set_defaults(func=cmd_put)
 
@@ -356,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("get", help="reassemble a model into a file without FUSE, verified")
     a.add_argument("name")
     a.add_argument("dest", help="file path or existing directory")
+    a.add_argument("--key-file", help="the key of an encrypted model (default: key_file setting)")
     a.set_defaults(func=cmd_get)
     a = sub.add_parser("rm", help="remove a model and its versions, or NAME/ for a whole folder "
                        "(chunks go at the next gc)")
@@ -364,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("verify", help="check every chunk is hash-valid on R live nodes")
     a.add_argument("name", nargs="?")
     a.add_argument("--repair", action="store_true", help="re-replicate and drop bad copies")
+    a.add_argument("--key-file", help="key of encrypted models (others are checked anyway; "
+                   "encrypted ones without it are skipped)")
     a.set_defaults(func=cmd_verify)
     a = sub.add_parser("gc", help="delete chunks that no version references")
     a.set_defaults(func=cmd_gc)

@@ -35,6 +35,7 @@ SETTINGS = {
     "memory": ("SHARDFS_MEMORY", parse_size, 128 << 20, "mount in-memory chunk buffer"),
     "replicas": ("SHARDFS_REPLICAS", int, None, "copies per chunk for put (unset: min(2, live nodes))"),
     "token_file": ("SHARDFS_TOKEN_FILE", str, None, "node write token file for `node add`"),
+    "key_file": ("SHARDFS_KEY_FILE", str, None, "encryption key file (put --encrypt, get, verify, mount)"),
 }
 
 

@@ -23,7 +23,7 @@ import pyfuse3
 import trio
 
 from .cache import ChunkCache
-from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, NotFound, ShardfsError
+from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, KeyMismatch, NotFound, ShardfsError
 from .index import Index
 from .manifest import Manifest
 from .pool import NodePool
@@ -46,6 +46,7 @@ class MountConfig:
     control_path: str = ""
     notify_store: bool = True
     prefetch: bool = True
+    keyring: object = None  # crypto.Keyring for encrypted models, or None
 
 
 def sd_notify(message: str) -> None:
@@ -206,8 +207,9 @@ class Daemon:
             hexes = sorted({c.hex() for c in manifest.ids})
             infos = idx.chunk_info(hexes)
             locs = {h: (i["locs"] if i else []) for h, i in zip(hexes, infos)}
+            key = ver.stats.get("key")
             _write_json(self._snap_path(entry.vid), {
-                "vid": entry.vid, "name": entry.name, "size": ver.size, "sha256": ver.sha256,
+                "vid": entry.vid, "name": entry.name, "size": ver.size, "sha256": ver.sha256, "key": key,
                 "manifest": base64.b64encode(ver.manifest_blob).decode(), "locs": locs})
         except NotFound:
             raise
@@ -220,10 +222,16 @@ class Daemon:
             log.info("loaded %s from its local snapshot (index: %s)", entry.name, e)
             manifest = Manifest.decode(base64.b64decode(snap["manifest"]))
             locs = snap["locs"]
+            key = snap.get("key")
         if manifest.size != entry.size:
             raise IndexUnavailable(f"{entry.name}: manifest covers {manifest.size} bytes, "
                                    f"version says {entry.size}")
-        return OpenModel(entry.vid, entry.inode, entry.name, entry.size, entry.sha256, manifest, locs)
+        kr = self.cfg.keyring
+        if key and (kr is None or kr.fingerprint != key):
+            raise KeyMismatch(f"{entry.name} is encrypted with key {key}; this mount has "
+                              + (f"key {kr.fingerprint}" if kr else "no --key-file"))
+        return OpenModel(entry.vid, entry.inode, entry.name, entry.size, entry.sha256, manifest, locs,
+                         keyring=kr if key else None)
 
     async def cached_bytes(self, entry: FileEntry) -> int:
         m = await self.open_model(entry)

@@ -6,7 +6,8 @@ A stored chunk is a fixed header followed by the codec's payload:
     0      4    magic  b"SFCK"
     4      1    format version (FORMAT_VERSION)
     5      1    codec id (stable one-byte number, see CODECS)
-    6      2    reserved, zero
+    6      2    flags: bit 0 = sealed (payload is nonce + AES-256-GCM of the codec payload,
+                the id bound as associated data; see crypto.py); other bits zero
     8      8    raw length (little-endian u64)
     16     8    payload length (u64)
     24     32   chunk id = BLAKE3-256 of the raw bytes
@@ -54,7 +55,13 @@ MAX_STORED = HEADER_SIZE + MAX_RAW + MAX_RAW // 128 + 64
 _STREAM = struct.Struct("<BI")  # per stream: mode (0 raw, 1 lz4), stored length
 
 
-def chunk_id(raw) -> bytes:
+FLAG_SEALED = 1
+
+
+def chunk_id(raw, keyring=None) -> bytes:
+    """BLAKE3-256 of the raw bytes; keyed when the chunk is encrypted."""
+    if keyring is not None:
+        return keyring.chunk_id(raw)
     return blake3.blake3(raw, max_threads=1).digest()
 
 
@@ -113,16 +120,17 @@ def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
     return flat.tobytes()
 
 
-def encode(raw, codec: str | int | None = None, cid: bytes | None = None) -> tuple[bytes, bytes, int]:
+def encode(raw, codec: str | int | None = None, cid: bytes | None = None,
+           keyring=None) -> tuple[bytes, bytes, int]:
     """Encode raw bytes into an envelope. Returns (chunk id, envelope, codec id).
 
     `codec` names a preferred codec (or None: try lz4-g2, then lz4); raw is used when
-    compression does not save MIN_SAVING.
+    compression does not save MIN_SAVING. With a keyring the payload is sealed.
     """
     raw = memoryview(raw).cast("B")
     if len(raw) > MAX_RAW:
         raise ValueError(f"chunk of {len(raw)} bytes exceeds {MAX_RAW}")
-    cid = cid or chunk_id(raw)
+    cid = cid or chunk_id(raw, keyring)
     if isinstance(codec, str):
         codec = CODECS[codec]
     candidates = [codec] if codec is not None else [CODEC_LZ4_GROUP2, CODEC_LZ4]
@@ -140,15 +148,24 @@ def encode(raw, codec: str | int | None = None, cid: bytes | None = None) -> tup
             break
     if payload is None:
         payload = raw
-    head = HEADER.pack(MAGIC, FORMAT_VERSION, used, 0, len(raw), len(payload), cid)
+    flags = 0
+    if keyring is not None:
+        payload, flags = keyring.seal(payload, cid), FLAG_SEALED
+    head = HEADER.pack(MAGIC, FORMAT_VERSION, used, flags, len(raw), len(payload), cid)
     return cid, head + bytes(payload), used
+
+
+def is_sealed(blob) -> bool:
+    return len(blob) >= HEADER_SIZE and bool(HEADER.unpack_from(blob)[3] & FLAG_SEALED)
 
 
 def read_header(blob) -> tuple[int, int, int, bytes]:
     """Parse and check a header: returns (codec, raw_len, payload_len, id)."""
     if len(blob) < HEADER_SIZE:
         raise CorruptChunk("envelope shorter than its header")
-    magic, version, codec, _res, raw_len, payload_len, cid = HEADER.unpack_from(blob)
+    magic, version, codec, flags, raw_len, payload_len, cid = HEADER.unpack_from(blob)
+    if flags & ~FLAG_SEALED:
+        raise CorruptChunk(f"unknown envelope flags {flags:#x}")
     if magic != MAGIC:
         raise CorruptChunk("bad magic")
     if version not in READABLE_VERSIONS:
@@ -162,13 +179,24 @@ def read_header(blob) -> tuple[int, int, int, bytes]:
     return codec, raw_len, payload_len, cid
 
 
-def decode(blob, expected_id: bytes | None = None) -> bytes:
-    """Decode and verify an envelope; raises CorruptChunk on any mismatch."""
+def decode(blob, expected_id: bytes | None = None, keyring=None) -> bytes:
+    """Decode and verify an envelope; raises CorruptChunk on any mismatch.
+
+    A sealed envelope needs the keyring it was sealed with (callers check the version's
+    key fingerprint first, so a failing tag here means damage, not a wrong key)."""
     blob = memoryview(blob).cast("B")
     codec, raw_len, _plen, cid = read_header(blob)
     if expected_id is not None and cid != expected_id:
         raise CorruptChunk("envelope carries another chunk id")
     payload = blob[HEADER_SIZE:]
+    sealed = bool(HEADER.unpack_from(blob)[3] & FLAG_SEALED)
+    if sealed != (keyring is not None):
+        raise CorruptChunk("sealed chunk without a key" if sealed else "plain chunk where a sealed one was expected")
+    if sealed:
+        payload = keyring.open(payload, cid)
+        if payload is None:
+            raise CorruptChunk("authentication tag does not verify")
+        payload = memoryview(payload)
     try:
         if codec == CODEC_RAW:
             raw = bytes(payload)
@@ -180,6 +208,6 @@ def decode(blob, expected_id: bytes | None = None) -> bytes:
         raise CorruptChunk(f"payload does not decode: {e}") from None
     if len(raw) != raw_len:
         raise CorruptChunk("decoded length differs from the header")
-    if chunk_id(raw) != cid:
+    if chunk_id(raw, keyring) != cid:
         raise CorruptChunk("content hash differs from the chunk id")
     return raw

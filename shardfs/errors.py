@@ -44,5 +44,9 @@ class NodeError(Exception):
         self.missing = missing
 
 
+class KeyMismatch(ShardfsError):
+    """An encrypted model was opened without its key (or with another one)."""
+
+
 class ChunkUnavailable(ShardfsError):
     """No replica could serve a verified copy of a chunk."""

@@ -14,7 +14,7 @@ import os
 
 import pyfuse3
 
-from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, NotFound
+from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, KeyMismatch, NotFound
 from .reader import ReadState
 from .vfs import ROOT
 
@@ -37,6 +37,9 @@ def _errors(fn):
             raise pyfuse3.FUSEError(errno.EIO) from None
         except NotFound:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except KeyMismatch as e:
+            log.warning("%s", e)
+            raise pyfuse3.FUSEError(errno.EACCES) from None
         except Exception:
             log.exception("bug in %s; answered EIO", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None

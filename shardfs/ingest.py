@@ -79,14 +79,16 @@ def live_nodes(pool: NodePool) -> dict[str, float]:
 class Uploader:
     """Places one chunk on R nodes, skipping nodes that fail during this put."""
 
-    def __init__(self, idx: Index, pool: NodePool, live: dict[str, float], replicas: int, put_id: str):
+    def __init__(self, idx: Index, pool: NodePool, live: dict[str, float], replicas: int, put_id: str,
+                 keyring=None):
+        self.keyring = keyring
         self.idx, self.pool, self.live, self.replicas, self.put_id = idx, pool, dict(live), replicas, put_id
         self.failed: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def store(self, raw, codec: str | None = None) -> tuple[bytes, int, int | None, bool]:
         """Returns (chunk id, stored bytes, codec or None if deduplicated, deduplicated)."""
-        cid = envelope.chunk_id(raw)
+        cid = envelope.chunk_id(raw, self.keyring)
         hex_id = cid.hex()
         deadline = time.monotonic() + GC_WAIT
         while (state := self.idx.lease_chunk(self.put_id, hex_id)) == "deleting":
@@ -98,7 +100,7 @@ class Uploader:
             have = {n for n in self.idx.locations(hex_id) if n in self.live and n not in self.failed}
             if len(have) >= self.replicas:
                 return cid, 0, None, True
-        _, blob, codec = envelope.encode(raw, codec, cid=cid)
+        _, blob, codec = envelope.encode(raw, codec, cid=cid, keyring=self.keyring)
         errors, failed_here = [], set()
         for nid in rank(hex_id, self.live):
             if len(have) >= self.replicas:
@@ -128,7 +130,7 @@ class Uploader:
 
 def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
              chunk_size: int = DEFAULT_CHUNK, force: bool = False, progress: bool | None = None,
-             default_node_url: str | None = None) -> PutResult:
+             default_node_url: str | None = None, keyring=None) -> PutResult:
     check_name(name)
     check_chunk_size(chunk_size)
     src = open_source(path)
@@ -153,12 +155,12 @@ def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
                 raise UsageError("--replicas must be at least 1")
             if r > len(live):
                 raise NoNodes(f"{r} replicas asked for but only {len(live)} live node(s)")
-            return _ingest(idx, pool, live, src, size, name, r, chunk_size, force, progress)
+            return _ingest(idx, pool, live, src, size, name, r, chunk_size, force, progress, keyring)
         finally:
             pool.close()
 
 
-def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progress) -> PutResult:
+def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progress, keyring) -> PutResult:
     t0 = time.monotonic()
     put_id = uuid.uuid4().hex
     idx.start_put(put_id, LEASE_TTL)
@@ -173,7 +175,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
 
     hb = threading.Thread(target=heartbeat, daemon=True)
     hb.start()
-    uploader = Uploader(idx, pool, live, replicas, put_id)
+    uploader = Uploader(idx, pool, live, replicas, put_id, keyring)
     sha = hashlib.sha256()
     workers = max(4, 2 * (os.cpu_count() or 2))
     inflight = threading.Semaphore(workers + 2)
@@ -224,6 +226,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         stored_new = sum(s for _, s, _, _ in results)
         deduped = sum(1 for *_, d in results if d)
         stats = {"raw": size, "stored_new": stored_new, "codecs": dict(codecs), "deduped_chunks": deduped,
+                 "key": keyring.fingerprint if keyring else None,
                  "dtypes": {k: {"raw": r, "stored": s} for k, (r, s) in sorted(by_dtype.items())},
                  "stored": _stored_total(idx, manifest)}
         vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force,

@@ -19,7 +19,17 @@ from .pool import NodePool
 WORKERS = 8
 
 
-def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS * 2):
+def check_key(ver: Version, keyring) -> None:
+    """A clear error, before any read, when the key given does not match the version's."""
+    want = ver.stats.get("key")
+    if want and keyring is None:
+        raise UsageError(f"{ver.name} is encrypted; give its key with --key-file (or the key_file setting)")
+    if want and keyring.fingerprint != want:
+        raise UsageError(f"{ver.name} is encrypted with another key (fingerprint {want}, "
+                         f"given {keyring.fingerprint})")
+
+
+def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS * 2, keyring=None):
     """Yield the raw bytes of every chunk in file order, fetched `window` ahead in parallel."""
     hexes = [c.hex() for c in manifest.ids]
     infos = idx.chunk_info(sorted(set(hexes)))
@@ -28,19 +38,21 @@ def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS *
         pending = deque()
         it = iter(hexes)
         for h in it:
-            pending.append(ex.submit(pool.read, h, locs[h]))
+            pending.append(ex.submit(pool.read, h, locs[h], keyring))
             if len(pending) >= window:
                 break
         while pending:
             yield pending.popleft().result()
             h = next(it, None)
             if h is not None:
-                pending.append(ex.submit(pool.read, h, locs[h]))
+                pending.append(ex.submit(pool.read, h, locs[h], keyring))
 
 
-def get_model(idx: Index, name: str, dest: str, progress_bar=None) -> tuple[Version, str]:
+def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None) -> tuple[Version, str]:
     """Reassemble a model into dest (a file path or an existing directory), verified end to end."""
     ver = idx.model(name)
+    check_key(ver, keyring)
+    keyring = keyring if ver.stats.get("key") else None  # a key given for plain models is not used
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(name))
     d = os.path.dirname(os.path.abspath(dest))
@@ -54,7 +66,7 @@ def get_model(idx: Index, name: str, dest: str, progress_bar=None) -> tuple[Vers
         raise UsageError(f"cannot write in {d}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            for raw in _ordered_reads(pool, idx, ver.manifest):
+            for raw in _ordered_reads(pool, idx, ver.manifest, keyring=keyring):
                 sha.update(raw)
                 out.write(raw)
                 if progress_bar:
@@ -92,7 +104,8 @@ class VerifyReport:
         return not (self.under or self.bad_copies or self.missing or self.lost or self.unreadable)
 
 
-def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout) -> VerifyReport:
+def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout,
+           keyring=None) -> VerifyReport:
     """Check that every chunk of the named (or all) models is hash-valid on R live nodes."""
     models = idx.models()
     if names:
@@ -103,9 +116,18 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
     else:
         vids = idx.all_vids()
     want: dict[str, int] = {}
+    keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
     for ver in idx.versions(vids):
+        fp = ver.stats.get("key")
+        if fp and (keyring is None or keyring.fingerprint != fp):
+            if names:
+                check_key(ver, keyring)  # raises: the user asked for this model
+            print(f"skipping {ver.name} (version {ver.vid}): encrypted with a key not given", file=out)
+            continue
         for cid in ver.manifest.ids:
             want[cid.hex()] = max(want.get(cid.hex(), 0), ver.replicas)
+            if fp:
+                keyrings[cid.hex()] = keyring
     pool = NodePool(idx.nodes())
     health = pool.probe()
     live = {nid: pool.nodes[nid].weight for nid, h in health.items()
@@ -124,7 +146,7 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
             if nid not in pool.nodes or isinstance(health.get(nid), NodeError):
                 continue
             try:
-                got = envelope.decode(pool.store(nid).get(h), bytes.fromhex(h))
+                got = envelope.decode(pool.store(nid).get(h), bytes.fromhex(h), keyrings.get(h))
                 good.append(nid)
                 raw = raw or got
             except NodeError as e:  # a flaky node's copy may be fine: report it, never drop it
@@ -160,13 +182,13 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
                           f"({', '.join(active_good) or 'none live'})", file=out)
                 if repair:
                     rep.repaired += _repair(idx, pool, live, h, raw, active_good, want[h],
-                                            [n for n, _ in bad + missing], out)
+                                            [n for n, _ in bad + missing], out, keyrings.get(h))
     finally:
         pool.close()
     return rep
 
 
-def _repair(idx, pool, live, h, raw, good, want, broken, out) -> int:
+def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> int:
     for nid in broken:  # drop bad and missing copies from the index, then from the node
         idx.drop_locations(h, [nid])
         try:
@@ -176,7 +198,7 @@ def _repair(idx, pool, live, h, raw, good, want, broken, out) -> int:
     have = list(good)
     if len(have) >= want:
         return 1
-    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h))
+    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h), keyring=keyring)
     for nid in rank(h, live):
         if len(have) >= want:
             break

@@ -34,6 +34,8 @@ def add_mount_commands(sub) -> None:
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
     a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
+    a.add_argument("--key-file", help="key for encrypted models (default: key_file setting); "
+                   "without it they fail to open with EACCES")
     a.add_argument("--no-prefetch", action="store_true", help="do not fetch a safetensors/GGUF file's "
                    "tensors ahead when it is opened (header-driven prefetch is on by default)")
     a.add_argument("--no-notify-store", action="store_true", help=__import__("argparse").SUPPRESS)
@@ -180,6 +182,8 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         cmd.append("--no-prefetch")
     if args.metrics:
         cmd += ["--metrics", args.metrics]
+    if args.key_file:
+        cmd += ["--key-file", os.path.abspath(args.key_file)]
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                                 start_new_session=True, cwd="/")
@@ -195,6 +199,7 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
 
 def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
     import trio
+    from .cli import _keyring
     from .connect import open_index
     from .control import socket_path
     from .daemon import Daemon, MountConfig, run, sd_notify
@@ -216,7 +221,7 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
                           cache_size=args.cache_size or _default_cache_size(cache_dir),
                           read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
                           control_path=socket_path(mp), notify_store=not args.no_notify_store,
-                          prefetch=not args.no_prefetch)
+                          prefetch=not args.no_prefetch, keyring=_keyring(args))
         daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
         daemon.idx = idx
         if args.metrics:

@@ -77,7 +77,7 @@ class NodePool:
         now = time.monotonic()
         return sorted(ranked, key=lambda n: now - self._failed_at.get(n, -1e9) < COOLDOWN)
 
-    def read(self, hex_id: str, locs) -> bytes:
+    def read(self, hex_id: str, locs, keyring=None) -> bytes:
         """Raw bytes of a chunk, verified, from the first replica that serves a good copy.
 
         Replicas are tried in preference order; a replica that has not answered within
@@ -92,7 +92,7 @@ class NodePool:
             while pending or nxt < len(order):
                 if nxt < len(order):
                     nid = order[nxt]
-                    pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid)] = nid
+                    pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid, keyring)] = nid
                     nxt += 1
                 timeout = HEDGE_AFTER if nxt < len(order) else None
                 done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
@@ -117,10 +117,10 @@ class NodePool:
         raise ChunkUnavailable(f"chunk {hex_id[:16]}: no replica could serve it: "
                                + "; ".join(errors or ["no locations"]))
 
-    def _attempt(self, nid: str, hex_id: str, cid: bytes) -> bytes:
+    def _attempt(self, nid: str, hex_id: str, cid: bytes, keyring=None) -> bytes:
         t0 = time.monotonic()
         try:
-            raw = envelope.decode(self.store(nid).get(hex_id), cid)
+            raw = envelope.decode(self.store(nid).get(hex_id), cid, keyring)
         except (NodeError, CorruptChunk):
             NODE_ERRORS.labels(nid).inc()
             raise

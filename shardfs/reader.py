@@ -49,6 +49,7 @@ class OpenModel:
     manifest: Manifest
     locs: dict[str, list[str]]
     hexes: list[str] = field(default_factory=list)
+    keyring: object = None  # set for an encrypted version
 
     def __post_init__(self):
         self.hexes = [c.hex() for c in self.manifest.ids]
@@ -188,11 +189,11 @@ class Reader:
     def _load(self, m: OpenModel, h: str) -> bytes:
         """Worker thread: the verified raw chunk from the disk cache or the nodes."""
         if self.cache is not None:
-            data = self.cache.get(h)
+            data = self.cache.get(h, m.keyring)
             if data is not None:
                 return data
         try:
-            data = self.pool.read(h, m.locs.get(h, []))
+            data = self.pool.read(h, m.locs.get(h, []), m.keyring)
         except ChunkUnavailable:
             if self.refresh_locs is None:
                 raise
@@ -200,7 +201,7 @@ class Reader:
             if not fresh or set(fresh) == set(m.locs.get(h, [])):
                 raise
             m.locs[h] = fresh
-            data = self.pool.read(h, fresh)
+            data = self.pool.read(h, fresh, m.keyring)
         self.fetched += 1
         if self.cache is not None:
             self.cache.put(h, data)

@@ -1,0 +1,74 @@
+"""Encryption at rest: sealed chunks, keyed ids, clear errors for a wrong or missing key."""
+
+import errno
+import os
+
+import pytest
+
+from conftest import add_nodes, needs_fuse, sha256_file
+from shardfs import envelope
+from shardfs.crypto import Keyring
+from shardfs.errors import CorruptChunk
+
+PLAIN = b"top secret weights! " * 5000
+
+
+def test_sealed_envelope_roundtrip_and_keyed_ids():
+    k1, k2 = Keyring(os.urandom(32)), Keyring(os.urandom(32))
+    cid, blob, _ = envelope.encode(PLAIN, keyring=k1)
+    assert envelope.is_sealed(blob) and b"top secret" not in blob
+    assert envelope.decode(blob, cid, k1) == PLAIN
+    assert cid != envelope.chunk_id(PLAIN) and cid != envelope.chunk_id(PLAIN, k2)  # not linkable
+    assert envelope.encode(PLAIN, keyring=k1)[1] != blob  # a fresh nonce per chunk
+    for key in (None, k2):
+        with pytest.raises(CorruptChunk):
+            envelope.decode(blob, cid, key)
+    bad = bytearray(blob)
+    bad[-1] ^= 1
+    with pytest.raises(CorruptChunk):
+        envelope.decode(bytes(bad), cid, k1)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    k, other = tmp_path / "key", tmp_path / "other.key"
+    k.write_bytes(os.urandom(32))
+    other.write_text(os.urandom(32).hex())
+    return k, other
+
+
+def test_put_encrypt_get_verify(cli, nodes, tmp_path, keys):
+    key, other = keys
+    ns = add_nodes(cli, nodes, 2)
+    src = tmp_path / "secret.bin"
+    src.write_bytes(PLAIN * 40)
+    r = cli("put", src, "--name", "secret.bin", "--encrypt", check=False)
+    assert r.returncode == 2 and "--key-file" in r.stderr
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key, "--chunk-size", "1MiB")
+    for n in ns:  # nodes hold only ciphertext
+        for f in n.chunk_files():
+            assert b"top secret" not in open(f, "rb").read()
+    cli("get", "secret.bin", tmp_path / "out", "--key-file", key)
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    for args, words in (((), "is encrypted; give its key"), (("--key-file", other), "another key")):
+        r = cli("get", "secret.bin", tmp_path / "out2", *args, check=False)
+        assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out2").exists()
+    assert "0 bad copies" in cli("verify", "--key-file", key).stdout
+    assert "skipping secret.bin" in cli("verify").stdout
+
+
+@needs_fuse
+def test_mount_decrypts_with_the_key_and_refuses_without(cli, nodes, tmp_path, keys, mounts):
+    key, _ = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "secret.bin"
+    src.write_bytes(PLAIN * 40)
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key, "--chunk-size", "1MiB")
+    m = mounts("--key-file", key)
+    assert sha256_file(m.file("secret.bin")) == sha256_file(src)
+    plain = mounts()
+    with pytest.raises(OSError) as e:
+        open(plain.file("secret.bin"), "rb")
+    assert e.value.errno == errno.EACCES
+    assert os.path.ismount(plain.path)
