@@ -206,3 +206,28 @@ def test_rediss_tls_url(tmp_path, base_env, nodes):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@needs_fuse
+def test_corrupt_copy_on_one_node_is_counted_and_logged_once(cli, nodes, tmp_path, mounts):
+    ns = add_nodes(cli, nodes, 2)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")  # R=2: each chunk on both nodes
+    from shardfs.placement import rank
+    h = os.path.basename(sorted(ns[0].chunk_files())[0])
+    first = {"n1": ns[0], "n2": ns[1]}[rank(h, {"n1": 1.0, "n2": 1.0})[0]]  # the replica readers try first
+    victim = next(f for f in first.chunk_files() if os.path.basename(f) == h)
+    blob = bytearray(open(victim, "rb").read())
+    blob[len(blob) // 2] ^= 0x55
+    open(victim, "wb").write(bytes(blob))
+    m = mounts("--no-prefetch")
+    for _ in range(2):  # read twice (evicting between): the bad copy is reported once
+        assert sha256_file(m.file("m.bin")) == sha256_file(src)
+        m.cli("cache", "evict", "--all", "--mount", m.path)
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["corrupt_copies"] == 1
+    log = open(next(os.path.join(d, f) for d, _, fs in os.walk(m.cli.env["SHARDFS_HOME"]) for f in fs
+                    if f.startswith("mount-"))).read()
+    assert log.count("corrupt copy of chunk " + os.path.basename(victim)) == 1
+    assert "bad copy" in cli("verify", check=False).stdout
