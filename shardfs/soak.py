@@ -9,7 +9,6 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,7 +106,3 @@ def run(pairs: dict[str, str], seconds: float, readers: int = 16, seed: int = 0,
     if daemon_pid:
         rep.daemon_peak_rss = peak_rss(daemon_pid)
     return rep
-
-
-def median(xs):
-    return statistics.median(xs) if xs else 0.0

@@ -111,10 +111,6 @@ class Tree:
     def entry(self, inode: int) -> FileEntry | None:
         return self.files.get(inode)
 
-    def is_current(self, inode: int) -> bool:
-        f = self.files.get(inode)
-        return f is not None and self.current.get(f.name) is f
-
     def resolve(self, path: str) -> int | None:
         ino = ROOT
         for part in filter(None, path.split("/")):

@@ -36,7 +36,7 @@ def test_replacing_a_model_gives_a_new_inode_and_keeps_the_old():
     assert changed == {"m", "n"}
     assert t.resolve("m") == file_inode(5)
     assert t.entry(file_inode(1)).vid == 1  # an open reader of the old version keeps it
-    assert not t.is_current(file_inode(1)) and t.is_current(file_inode(5))
+    assert t.current["m"].vid == 5 and t.current["m"] is t.entry(file_inode(5))
     t.update({})
     assert t.listdir(ROOT) == [] and org_dirs
 
