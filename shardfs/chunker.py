@@ -5,7 +5,9 @@ and every tensor of at least chunk_size/8 starts a chunk (smaller neighbours sha
 larger ones split into chunk_size pieces). Changing one tensor, or the header's length, then leaves
 every other chunk byte-identical, so a fine-tune stored next to its base costs only the
 tensors it changed. Each chunk also gets a codec hint from its tensors' dtype.
-Other files (.pt zips, .bin, GGUF for now) are cut into fixed-size chunks.
+GGUF files are cut the same way along their tensor table (tensor extents run from one
+tensor's offset to the next, so no quantization block sizes are needed). Other files
+(.pt zips, .bin) are cut into fixed-size chunks.
 """
 
 from __future__ import annotations
@@ -86,9 +88,87 @@ def _safetensors_tensors(f, file_size: int):
     return out
 
 
+GGML_DTYPE = {0: "F32", 1: "F16", 30: "BF16", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
+_GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+MAX_GGUF_ITEMS = 1 << 24
+
+
+def gguf_tensors(f, file_size: int):
+    """[(start, end, dtype)] of a GGUF file's tensor data in file order, or None.
+
+    Leaves the file positioned at 0."""
+    try:
+        return _gguf_tensors(f, file_size)
+    except (struct.error, ValueError, UnicodeDecodeError, OverflowError):
+        return None
+    finally:
+        f.seek(0)
+
+
+def _gguf_tensors(f, file_size: int):
+    f.seek(0)
+    head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        return None
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
+    if version not in (2, 3) or n_tensors > MAX_GGUF_ITEMS or n_kv > MAX_GGUF_ITEMS:
+        return None
+
+    def read(n):
+        data = f.read(n)
+        if len(data) != n:
+            raise ValueError("truncated GGUF header")
+        return data
+
+    def string():
+        (n,) = struct.unpack("<Q", read(8))
+        if n > MAX_HEADER:
+            raise ValueError("GGUF string too long")
+        return read(n).decode()
+
+    def value(t):
+        if t in _GGUF_SCALAR:
+            fmt = _GGUF_SCALAR[t]
+            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+        if t == 8:
+            return string()
+        if t == 9:
+            it, n = struct.unpack("<IQ", read(12))
+            if n > MAX_GGUF_ITEMS:
+                raise ValueError("GGUF array too long")
+            return [value(it) for _ in range(n)]
+        raise ValueError(f"unknown GGUF value type {t}")
+
+    alignment = 32
+    for _ in range(n_kv):
+        key = string()
+        (t,) = struct.unpack("<I", read(4))
+        v = value(t)
+        if key == "general.alignment" and isinstance(v, int) and v > 0:
+            alignment = v
+    infos = []
+    for _ in range(n_tensors):
+        string()
+        (n_dims,) = struct.unpack("<I", read(4))
+        if n_dims > 8:
+            raise ValueError("too many GGUF dimensions")
+        read(8 * n_dims)
+        gtype, offset = struct.unpack("<IQ", read(12))
+        infos.append((offset, GGML_DTYPE.get(gtype, f"GGML{gtype}")))
+    base = -(-f.tell() // alignment) * alignment
+    infos.sort()
+    out = []
+    for i, (off, dtype) in enumerate(infos):
+        end = infos[i + 1][0] if i + 1 < len(infos) else file_size - base
+        out.append((base + off, base + end, dtype))
+    if not out or out[0][0] < base or any(e > file_size or e < s for s, e, _ in out):
+        return None
+    return out
+
+
 def plan_spans(f, file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]:
-    """Chunk spans covering the file, tensor-aligned for safetensors."""
-    tensors = safetensors_tensors(f, file_size)
+    """Chunk spans covering the file, tensor-aligned for safetensors and GGUF."""
+    tensors = safetensors_tensors(f, file_size) or gguf_tensors(f, file_size)
     if not tensors:
         return fixed_spans(file_size, chunk_size)
     spans = [Span(0, tensors[0][0], "lz4", "header")]

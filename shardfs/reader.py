@@ -310,8 +310,8 @@ def tensor_data_start(head: bytes, size: int) -> int | None:
     """Where a checkpoint's tensor data starts, if `head` (its first bytes) is a known format.
 
     safetensors: u64 header length + JSON header, then the tensors, in file order.
-    GGUF: b"GGUF" magic; its tensor data follows a header we do not parse, so prefetch
-    starts right after the first chunk."""
+    GGUF: b"GGUF" magic; put cuts its header into the first chunk (chunker.gguf_tensors),
+    so prefetch starts right after that chunk."""
     if len(head) >= 9 and head[8:9] == b"{":
         n = int.from_bytes(head[:8], "little")
         if 2 <= n <= size - 8:

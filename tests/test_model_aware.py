@@ -101,3 +101,60 @@ def test_plan_leaves_the_file_at_offset_zero(tmp_path):
     with open(p, "rb", buffering=0) as f:
         plan_spans(f, 51, 1 << 16)
         assert f.tell() == 0
+
+
+def write_gguf(path, tensors, alignment=32):
+    """A minimal GGUF v3 file: one kv (general.alignment), then (name, ggml type, dims, bytes)."""
+    def s(text):
+        b = text.encode()
+        return struct.pack("<Q", len(b)) + b
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1)
+    head += s("general.alignment") + struct.pack("<II", 4, alignment)
+    off, infos, blobs = 0, b"", []
+    for name, gtype, dims, data in tensors:
+        infos += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        infos += struct.pack("<IQ", gtype, off)
+        pad = -len(data) % alignment
+        blobs.append(data + bytes(pad))
+        off += len(data) + pad
+    meta = head + infos
+    meta += bytes(-len(meta) % alignment)
+    with open(path, "wb") as f:
+        f.write(meta + b"".join(blobs))
+    return len(meta)
+
+
+def test_gguf_chunks_start_at_tensors(tmp_path):
+    rng = np.random.default_rng(7)
+    ts = [("tok_embd", 30, [4096, 200], tensor_bytes(rng, (200, 4096), "BF16")),
+          ("blk.0.attn_q", 0, [4096, 100], tensor_bytes(rng, (100, 4096), "F32")),
+          ("blk.0.ffn_q4", 2, [4096, 64], bytes(rng.integers(0, 256, 4096 * 36, dtype=np.uint8)))]
+    data_start = write_gguf(tmp_path / "m.gguf", ts)
+    size = (tmp_path / "m.gguf").stat().st_size
+    with open(tmp_path / "m.gguf", "rb") as f:
+        spans = plan_spans(f, size, 1 << 20)
+    assert spans[0].offset == 0 and spans[0].length == data_start  # the header is its own chunk
+    assert sum(s.length for s in spans) == size
+    starts = {s.offset: s for s in spans}
+    assert starts[data_start].codec == "lz4-g2"
+    f32_start = data_start + len(ts[0][3])
+    assert starts[f32_start].codec == "lz4-g4"
+    assert starts[f32_start + len(ts[1][3])].dtype == "GGML2"
+    garbage = tmp_path / "bad.gguf"
+    garbage.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 1) + b"\xff" * 100)
+    with open(garbage, "rb") as f:
+        assert plan_spans(f, garbage.stat().st_size, 1 << 16) == fixed_spans(garbage.stat().st_size, 1 << 16)
+        assert f.tell() == 0
+
+
+def test_gguf_put_get_roundtrip(cli, nodes, tmp_path):
+    from conftest import add_nodes
+    add_nodes(cli, nodes, 1)
+    rng = np.random.default_rng(8)
+    write_gguf(tmp_path / "m.gguf", [("a", 1, [4096, 300], tensor_bytes(rng, (300, 4096), "F16")),
+                                     ("b", 0, [4096, 70], tensor_bytes(rng, (70, 4096), "F32"))])
+    cli("put", tmp_path / "m.gguf", "--chunk-size", "1MiB")
+    cli("get", "m.gguf", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == (tmp_path / "m.gguf").read_bytes()
+    info = json.loads(cli("info", "m.gguf", "--json").stdout)
+    assert {"F16", "F32", "header"} <= set(info["dtypes"])
