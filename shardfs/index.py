@@ -172,10 +172,8 @@ class Index:
         v = self.r.hget(K_MODELS, name)
         return int(v) if v is not None else None
 
-    def version(self, vid: int) -> Version:
-        h = self.r.hgetall(k_version(vid))
-        if not h:
-            raise NotFound(f"version {vid} does not exist")
+    @staticmethod
+    def _version(vid: int, h: dict) -> Version:
         try:
             return Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
                            int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
@@ -183,18 +181,18 @@ class Index:
         except (KeyError, ValueError) as e:
             raise CorruptChunk(f"malformed version record {vid}: {e}") from None
 
+    def version(self, vid: int) -> Version:
+        h = self.r.hgetall(k_version(vid))
+        if not h:
+            raise NotFound(f"version {vid} does not exist")
+        return self._version(vid, h)
+
     def versions(self, vids) -> list[Version]:
-        """Several versions in one round trip (no manifests decoded)."""
+        """Several versions in one round trip (no manifests decoded); missing ones are skipped."""
         pipe = self.r.pipeline(transaction=False)
         for vid in vids:
             pipe.hgetall(k_version(vid))
-        out = []
-        for vid, h in zip(vids, pipe.execute()):
-            if h:
-                out.append(Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
-                                   int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
-                                   h[b"manifest"]))
-        return out
+        return [self._version(vid, h) for vid, h in zip(vids, pipe.execute()) if h]
 
     def model(self, name: str) -> Version:
         vid = self.current_vid(name)
