@@ -95,7 +95,7 @@ def _fusermount(mp: str, lazy: bool = False) -> subprocess.CompletedProcess:
 
 
 def _users_of(mp: str) -> list[str]:
-    """Processes with a file or cwd under the mountpoint, as 'pid (name)'."""
+    """Processes with an open file, a memory map or the cwd under the mountpoint, as 'pid (name)'."""
     mp = os.path.realpath(mp)
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -103,6 +103,8 @@ def _users_of(mp: str) -> list[str]:
             paths = [os.readlink(f"/proc/{pid}/cwd")]
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            with open(f"/proc/{pid}/maps") as f:  # mmap'd files (safetensors, torch mmap) hold a mount too
+                paths.extend(parts[5] for line in f if len(parts := line.rstrip("\n").split(maxsplit=5)) == 6)
         except OSError:
             continue
         if any(p == mp or p.startswith(mp + "/") for p in paths):

@@ -234,6 +234,12 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     assert r.returncode != 0 and "busy" in r.stderr and str(os.getpid()) in r.stderr
     assert "Traceback" not in r.stderr
     f.close()
+    import mmap  # a memory map alone (safetensors, torch.load(mmap=True)) keeps the mount busy too
+    with open(m.file("org/small.safetensors"), "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    r = m.umount(check=False)
+    assert r.returncode != 0 and f"{os.getpid()} (" in r.stderr
+    mm.close()
     os.kill(m.pid, signal.SIGKILL)
     wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
              what="daemon to die")
