@@ -23,9 +23,10 @@ MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
-# dtype -> codec name: byte grouping by element width, none for bytes and packed types
+# dtype -> codec name: byte grouping by element width, none for bytes and packed types.
+# F32 uses zstd streams: lz4 cannot entropy-code its exponent byte (0.92 of raw against 0.85).
 DTYPE_CODEC = {"BF16": "lz4-g2", "F16": "lz4-g2", "I16": "lz4-g2", "U16": "lz4-g2",
-               "F32": "lz4-g4", "I32": "lz4-g4", "U32": "lz4-g4",
+               "F32": "zstd-g4", "I32": "lz4-g4", "U32": "lz4-g4",
                "F64": "lz4-g4", "I64": "lz4-g4", "U64": "lz4-g4",
                "I8": "lz4", "U8": "lz4", "BOOL": "lz4", "F8_E4M3": "lz4", "F8_E5M2": "lz4"}
 

@@ -16,18 +16,24 @@ A stored chunk is a fixed header followed by the codec's payload:
 Codec ids never change meaning once released; the names users see are separate.
 Grouped codecs split the raw bytes into k byte streams (byte 0 of every k-byte word,
 then byte 1, ...), which turns bf16/fp32 weights into one compressible exponent stream
-and incompressible mantissa streams; each stream is stored lz4 or raw, whichever is
+and incompressible mantissa streams; each stream is stored compressed or raw, whichever is
 smaller, so the mantissa streams cost a memcpy on decode. Trailing raw_len % k bytes
-are stored verbatim after the streams.
+are stored verbatim after the streams. lz4-gK compresses streams with lz4 (fastest to
+decode); zstd-gK with zstd level 1, whose Huffman stage codes the ~3 bits of entropy in an
+exponent byte (stream ratio 0.37 against lz4's 0.68 on normal-distributed weights, decoded
+at ~1 GB/s per core against lz4's ~2 GB/s).
 """
 
 from __future__ import annotations
 
 import struct
 
+import threading
+
 import blake3
 import lz4.block
 import numpy as np
+import zstandard
 
 from .errors import CorruptChunk
 
@@ -42,9 +48,13 @@ CODEC_RAW = 0
 CODEC_LZ4 = 1
 CODEC_LZ4_GROUP2 = 2
 CODEC_LZ4_GROUP4 = 3
-CODECS = {"raw": CODEC_RAW, "lz4": CODEC_LZ4, "lz4-g2": CODEC_LZ4_GROUP2, "lz4-g4": CODEC_LZ4_GROUP4}
+CODEC_ZSTD_GROUP2 = 4
+CODEC_ZSTD_GROUP4 = 5
+CODECS = {"raw": CODEC_RAW, "lz4": CODEC_LZ4, "lz4-g2": CODEC_LZ4_GROUP2, "lz4-g4": CODEC_LZ4_GROUP4,
+          "zstd-g2": CODEC_ZSTD_GROUP2, "zstd-g4": CODEC_ZSTD_GROUP4}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
-GROUP_WIDTH = {CODEC_LZ4_GROUP2: 2, CODEC_LZ4_GROUP4: 4}
+GROUP_WIDTH = {CODEC_LZ4_GROUP2: 2, CODEC_LZ4_GROUP4: 4, CODEC_ZSTD_GROUP2: 2, CODEC_ZSTD_GROUP4: 4}
+STREAM_CODEC = {CODEC_LZ4_GROUP2: 1, CODEC_LZ4_GROUP4: 1, CODEC_ZSTD_GROUP2: 2, CODEC_ZSTD_GROUP4: 2}
 
 # Compression must save at least this fraction to be kept; otherwise we store raw.
 MIN_SAVING = 0.03
@@ -52,7 +62,29 @@ MAX_RAW = 64 << 20
 # Worst case lz4 expansion is tiny; bound a stored envelope for server body limits.
 MAX_STORED = HEADER_SIZE + MAX_RAW + MAX_RAW // 128 + 64
 
-_STREAM = struct.Struct("<BI")  # per stream: mode (0 raw, 1 lz4), stored length
+_STREAM = struct.Struct("<BI")  # per stream: mode (0 raw, 1 lz4, 2 zstd), stored length
+STREAM_RAW, STREAM_LZ4, STREAM_ZSTD = 0, 1, 2
+ZSTD_LEVEL = 1  # measured on exponent streams: smaller output than levels 2-3, and faster
+# Word views used to (un)group with whole-word shifts: contiguous SIMD passes, where strided
+# byte copies ran at a third of the speed. Explicit little-endian, so the layout is the file's.
+_WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_zstd = threading.local()  # zstandard (de)compressor objects are not thread-safe
+
+
+def _zstd_compress(data: bytes) -> bytes:
+    c = getattr(_zstd, "c", None)
+    if c is None:
+        c = _zstd.c = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c.compress(data)
+
+
+def _zstd_decompress(data, size: int) -> bytes:
+    d = getattr(_zstd, "d", None)
+    if d is None:
+        d = _zstd.d = zstandard.ZstdDecompressor()
+    if zstandard.frame_content_size(data) != size:  # checked before any allocation a frame asks for
+        raise CorruptChunk("zstd stream declares the wrong length")
+    return d.decompress(data, max_output_size=size)
 
 
 FLAG_SEALED = 1
@@ -66,22 +98,43 @@ def chunk_id(raw, keyring=None) -> bytes:
 
 
 def _group(raw, k: int) -> np.ndarray:
+    """(k, n) array: row i holds byte i of every k-byte word."""
     n = len(raw) // k
-    words = np.frombuffer(raw, np.uint8, count=n * k).reshape(n, k)
     out = np.empty((k, n), np.uint8)
-    for i in range(k):
-        out[i] = words[:, i]
+    words = np.frombuffer(raw, _WORD[k], count=n)
+    np.copyto(out[0], words, casting="unsafe")  # the low byte: a truncating cast
+    shifted = np.empty(n, _WORD[k])
+    for i in range(1, k):
+        np.right_shift(words, 8 * i, out=shifted)
+        np.copyto(out[i], shifted, casting="unsafe")
     return out
 
 
-def _encode_grouped(raw, k: int) -> bytes | None:
+def _ungroup(streams: list, raw_len: int, tail) -> bytes:
+    """Inverse of _group: interleave k equal byte streams, append the tail."""
+    k = len(streams)
+    n = len(streams[0])
+    flat = np.empty(raw_len, np.uint8)
+    words = flat[:n * k].view(_WORD[k])
+    np.left_shift(streams[k - 1], 8 * (k - 1), out=words, dtype=_WORD[k])
+    if k > 2:
+        shifted = np.empty(n, _WORD[k])
+        for i in range(k - 2, 0, -1):
+            np.left_shift(streams[i], 8 * i, out=shifted, dtype=_WORD[k])
+            np.bitwise_or(words, shifted, out=words)
+    np.bitwise_or(words, streams[0], out=words)
+    flat[n * k:] = np.frombuffer(tail, np.uint8)
+    return flat.tobytes()
+
+
+def _encode_grouped(raw, k: int, mode: int = STREAM_LZ4) -> bytes | None:
     streams = _group(raw, k)
     parts, heads, total = [], [], 0
     for s in streams:
         sb = s.tobytes()
-        packed = lz4.block.compress(sb, store_size=False)
+        packed = lz4.block.compress(sb, store_size=False) if mode == STREAM_LZ4 else _zstd_compress(sb)
         if len(packed) < len(sb) * (1 - MIN_SAVING):
-            heads.append(_STREAM.pack(1, len(packed)))
+            heads.append(_STREAM.pack(mode, len(packed)))
             parts.append(packed)
         else:
             heads.append(_STREAM.pack(0, len(sb)))
@@ -97,8 +150,7 @@ def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
     n = raw_len // k
     if len(payload) < _STREAM.size * k:
         raise CorruptChunk("grouped stream table truncated")
-    flat = np.empty(raw_len, np.uint8)  # the result, filled in place: one copy out at the end
-    out = flat[:n * k].reshape(n, k)
+    streams = []
     pos = _STREAM.size * k
     for i in range(k):
         mode, length = _STREAM.unpack_from(payload, i * _STREAM.size)
@@ -106,18 +158,19 @@ def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> bytes:
         if len(part) != length:
             raise CorruptChunk("grouped stream truncated")
         pos += length
-        if mode == 1:
+        if mode == STREAM_LZ4:
             part = lz4.block.decompress(part, uncompressed_size=n)
-        elif mode != 0:
+        elif mode == STREAM_ZSTD:
+            part = _zstd_decompress(part, n)
+        elif mode != STREAM_RAW:
             raise CorruptChunk(f"unknown stream mode {mode}")
         if len(part) != n:
             raise CorruptChunk("grouped stream has the wrong length")
-        out[:, i] = np.frombuffer(part, np.uint8)
+        streams.append(np.frombuffer(part, np.uint8))
     tail = payload[pos:]
     if len(tail) != raw_len - n * k:
         raise CorruptChunk("grouped tail has the wrong length")
-    flat[n * k:] = np.frombuffer(tail, np.uint8)
-    return flat.tobytes()
+    return _ungroup(streams, raw_len, tail)
 
 
 def encode(raw, codec: str | int | None = None, cid: bytes | None = None,
@@ -142,7 +195,7 @@ def encode(raw, codec: str | int | None = None, cid: bytes | None = None,
             packed = lz4.block.compress(raw, store_size=False)
             payload = packed if len(packed) < len(raw) * (1 - MIN_SAVING) else None
         else:
-            payload = _encode_grouped(raw, GROUP_WIDTH[c])
+            payload = _encode_grouped(raw, GROUP_WIDTH[c], STREAM_CODEC[c])
         if payload is not None:
             used = c
             break
@@ -204,7 +257,7 @@ def decode(blob, expected_id: bytes | None = None, keyring=None) -> bytes:
             raw = lz4.block.decompress(payload, uncompressed_size=raw_len)
         else:
             raw = _decode_grouped(payload, raw_len, GROUP_WIDTH[codec])
-    except (lz4.block.LZ4BlockError, ValueError, struct.error) as e:
+    except (lz4.block.LZ4BlockError, zstandard.ZstdError, ValueError, struct.error) as e:
         raise CorruptChunk(f"payload does not decode: {e}") from None
     if len(raw) != raw_len:
         raise CorruptChunk("decoded length differs from the header")
