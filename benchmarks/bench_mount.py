@@ -14,7 +14,8 @@ the original file in the same state: one warm-up pass of each, then the median o
     cold, cached        full cache dir, fresh mount, caches dropped    original, cold         >= 0.9
     warm                full cache dir in page cache, fresh mount      original in page cache >= 0.3
     hot                 second read through the same mount             original in page cache >= 0.65
-    safetensors mmap    safe_open(np)+get_tensor of every key, cold    same on original, cold >= 0.7
+    safetensors mmap    safe_open(np)+get_tensor of every key, cold,   same on original, cold >= 0.9 (on)
+                        header-driven prefetch on, then off                                   >= 0.7 (off)
     memory              daemon VmHWM during the cold file-node read    -                      <= 512 MiB
 
 Cold states need root (sync; echo 3 > /proc/sys/vm/drop_caches); without it they are
@@ -308,12 +309,12 @@ class Bench:
         self.cache_seq += 1
         return os.path.join(self.dir, f"cache-{tag}-{self.cache_seq}")
 
-    def mount(self, db: int, cache_dir: str) -> int:
+    def mount(self, db: int, cache_dir: str, *extra: str) -> int:
         if mounted(self.mp):
             self.note("mountpoint still mounted before a mount; unmounting first")
             self.umount()
         r = self.cli(self.env_for(db), "mount", self.mp, "--cache-dir", cache_dir,
-                     "--cache-size", str(self.cache_size), timeout=120)
+                     "--cache-size", str(self.cache_size), *extra, timeout=120)
         m = re.search(r"daemon pid (\d+)", r.stdout)
         pid = int(m.group(1)) if m else None
         if pid is None:
@@ -479,11 +480,11 @@ class Bench:
 
     # shardfs reads
 
-    def shard_cold(self, db: int, tag: str, mode="read", stats=True):
+    def shard_cold(self, db: int, tag: str, mode="read", stats=True, mount_args=()):
         def fn(warm):
             cache = self.fresh_cache_dir(tag)
             try:
-                self.mount(db, cache)
+                self.mount(db, cache, *mount_args)
                 self.drop_caches()
                 res = self.run_child(mode, self.mnt_path(), do_hash=warm and mode == "read")
                 if stats:
@@ -792,16 +793,21 @@ def main() -> int:
         if e:
             row("hot", None, f"ERROR: {e}"[:200], None, ">=", 0.65)
 
-        # 6. safetensors mmap load, cold, file nodes
-        def st_cold():
-            s, bb, infos = b.measure(b.shard_cold(0, "st", mode="st"), b.base_cold(mode="st"))
-            row("safetensors mmap load, cold, file nodes", s, bb, None, ">=", 0.7)
-        if not b.can_drop:
-            row("safetensors mmap load, cold, file nodes", None, cold_reason, None, ">=", 0.7)
-        else:
-            e = state("safetensors mmap load (safe_open np + get_tensor of every key), cold, file nodes", st_cold)
-            if e:
-                row("safetensors mmap load, cold, file nodes", None, f"ERROR: {e}"[:200], None, ">=", 0.7)
+        # 6. safetensors mmap load, cold, file nodes: header-driven prefetch on (the default) and off.
+        # Issue 3 asks >= 0.7; issue 6 asks >= 0.9 with prefetch on.
+        for label, args, bound in (("prefetch on", (), 0.9), ("prefetch off", ("--no-prefetch",), 0.7)):
+            name = f"safetensors mmap load, cold, file nodes, {label}"
+
+            def st_cold(args=args, name=name, bound=bound):
+                s, bb, infos = b.measure(b.shard_cold(0, "st", mode="st", mount_args=args), b.base_cold(mode="st"))
+                row(name, s, bb, None, ">=", bound)
+            if not b.can_drop:
+                row(name, None, cold_reason, None, ">=", bound)
+            else:
+                e = state(f"safetensors mmap load (safe_open np + get_tensor of every key), cold, file nodes, {label}",
+                          st_cold)
+                if e:
+                    row(name, None, f"ERROR: {e}"[:200], None, ">=", bound)
 
         # 7. memory
         if hwm_cold:

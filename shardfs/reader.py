@@ -269,13 +269,16 @@ class Reader:
             raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
         return done
 
-    async def prefetch(self, m: OpenModel, parallel: int = 4) -> None:
-        """Header-driven prefetch: fetch a checkpoint's tensor data in file order.
+    async def prefetch(self, m: OpenModel, parallel: int = 8) -> None:
+        """Header-driven prefetch: bring a checkpoint's tensor data in, in file order.
 
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
-        closes. Chunks not yet local are fetched into the disk cache (not the memory buffer,
-        which belongs to readers), so an mmap loader touching tensors in any order finds
-        them on local disk instead of behind the network."""
+        closes. Each chunk is fetched (or loaded from the disk cache) and pushed into the
+        kernel's page cache, so the page faults of an mmap loader touching tensors in any
+        order are answered by the kernel without a round trip to this daemon. Not kept in
+        the memory buffer, which belongs to readers. Without a page-cache push (notify off)
+        it only fills the disk cache. At most `parallel` chunks are in hand at once: a chunk
+        is let go only after its push, so prefetch cannot outrun the kernel's copying."""
         if not len(m.manifest):
             return
         first = await self.chunk(m, 0)
@@ -283,10 +286,14 @@ class Reader:
         if start is None:
             return
         slots = trio.Semaphore(parallel)
+        push = self.notify is not None
 
         async def one(i):
             try:
-                await self.chunk(m, i, keep=False)
+                data = await self.chunk(m, i, keep=False)
+                if push:
+                    await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
+                                                  limiter=self._notify_limiter, abandon_on_cancel=True)
             except (ChunkUnavailable, CorruptChunk):
                 pass  # the reader that needs it gets the error; prefetch just moves on
             finally:
@@ -295,8 +302,10 @@ class Reader:
         async with trio.open_nursery() as n:
             for i in m.manifest.span(start, m.size - start):
                 h = m.hexes[i]
-                if h in self._flights or self.mem.get(h) is not None or (self.cache is not None and h in self.cache):
-                    continue  # already local: nothing to fetch ahead
+                if h in self._flights or self.mem.get(h) is not None:
+                    continue  # a reader has it or is fetching it (and pushes it itself)
+                if not push and self.cache is not None and h in self.cache:
+                    continue  # already local, and there is nothing more to do with it
                 await slots.acquire()
                 n.start_soon(one, i)
         log.debug("prefetched %s", m.name)

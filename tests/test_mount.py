@@ -333,15 +333,25 @@ def test_header_driven_prefetch(store, mounts, prefetch):
     def cached():
         return int(os.getxattr(path, "user.shardfs.cached_bytes"))
 
+    def served():
+        return json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["bytes_served"]
+
+    size = os.path.getsize(store["small"])
     with open(path, "rb") as f:
         f.read(8)  # a loader reads the header, then maps the file
         if prefetch:
-            wait_for(lambda: cached() == os.path.getsize(store["small"]), timeout=30,
-                     what="the tensors to be prefetched")
+            wait_for(lambda: cached() == size, timeout=30, what="the tensors to be prefetched")
         else:
             time.sleep(1.5)
-            assert cached() < os.path.getsize(store["small"]) // 2
-    assert sha256_file(path) == sha256_file(store["small"])
+            assert cached() < size // 2
+        before = served()
+        time.sleep(0.5)  # the last pushes into the page cache
+        assert sha256_file(path) == sha256_file(store["small"])
+        fuse_reads = served() - before
+    if prefetch:  # prefetched chunks were pushed into the page cache: the kernel answered the reads
+        assert fuse_reads < size // 8, (fuse_reads, size)
+    else:
+        assert fuse_reads > size // 8, (fuse_reads, size)  # only pushes of what readers asked for
 
 
 def test_hung_node_is_raced_by_a_hedged_request(cli, nodes, tmp_path, mounts):
