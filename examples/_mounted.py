@@ -47,7 +47,7 @@ def mounted(models: dict[str, str]):
                 print(f"unmounted {mnt} (lazily: it goes away when this process exits)")
         pidfile = os.path.join(os.environ["SHARDFS_HOME"], "redis", "redis.pid")
         if os.path.exists(pidfile):
-            with open(pidfile) as f:
+            with open(pidfile) as f, contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(f.read()), signal.SIGTERM)
         if "--keep" in sys.argv:
             print(f"workspace kept: {work}")

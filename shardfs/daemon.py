@@ -250,8 +250,14 @@ class Daemon:
             raise NotFound(f"no model named {name!r} in this mount")
         return entry
 
+    def stop_prefetch(self, m: OpenModel) -> None:
+        """Trio thread: cancel a running prefetch of m (it restarts at the next open)."""
+        if m.vid in self._prefetching:
+            self._prefetching.pop(m.vid).cancel()
+
     def invalidate(self, m: OpenModel) -> None:
         """Drop the kernel's cached pages of a model (after its chunks were evicted)."""
+        m.pushed.clear()
         try:
             pyfuse3.invalidate_inode(m.inode, attr_only=False)
         except OSError:
@@ -317,6 +323,8 @@ async def run(daemon: Daemon, ready) -> None:
                     sd_notify("STOPPING=1")
                     break
             n.cancel_scope.cancel()
+        with trio.move_on_after(5):
+            await daemon.reader.idle()  # no notify_store thread may outlive the session
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", cfg.mountpoint)

@@ -103,10 +103,13 @@ def _users_of(mp: str) -> list[str]:
             paths = [os.readlink(f"/proc/{pid}/cwd")]
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            with open(f"/proc/{pid}/maps") as f:  # mmap'd files (safetensors, torch mmap) hold a mount too
-                paths.extend(parts[5] for line in f if len(parts := line.rstrip("\n").split(maxsplit=5)) == 6)
         except OSError:
             continue
+        try:  # mmap'd files (safetensors, torch mmap) hold a mount too; names need not be UTF-8
+            with open(f"/proc/{pid}/maps", errors="surrogateescape") as f:
+                paths.extend(parts[5] for line in f if len(parts := line.rstrip("\n").split(maxsplit=5)) == 6)
+        except OSError:
+            pass
         if any(p == mp or p.startswith(mp + "/") for p in paths):
             try:
                 with open(f"/proc/{pid}/comm") as f:

@@ -50,6 +50,7 @@ class OpenModel:
     locs: dict[str, list[str]]
     hexes: list[str] = field(default_factory=list)
     keyring: object = None  # set for an encrypted version
+    pushed: set[int] = field(default_factory=set)  # chunk indices pushed into the page cache
 
     def __post_init__(self):
         self.hexes = [c.hex() for c in self.manifest.ids]
@@ -116,6 +117,9 @@ class Reader:
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
         self._notify_limiter = trio.CapacityLimiter(2)
+        # chunks in hand for prefetch, across every open file: half the fetch slots, so
+        # readers' page faults always find a free one
+        self._prefetch_slots = trio.Semaphore(max(1, fetchers // 2))
         self._pushing = 0
         self._flights: dict[str, _Flight] = {}
         self._nursery: trio.Nursery | None = None
@@ -164,7 +168,7 @@ class Reader:
                     # locked for a read that only this trio thread can answer. Bounded: a
                     # push that would wait is skipped (the kernel will just ask for the pages).
                     self._pushing += 1
-                    self._nursery.start_soon(self._push, m.inode, m.manifest.offsets[i], data)
+                    self._nursery.start_soon(self._push, m, i, data)
         except (ChunkUnavailable, CorruptChunk) as e:
             flight.error = e
             if h not in self._unavailable_logged:
@@ -179,12 +183,21 @@ class Reader:
             del self._flights[h]
             flight.event.set()
 
-    async def _push(self, inode: int, offset: int, data: bytes) -> None:
+    async def _push(self, m: OpenModel, i: int, data: bytes) -> None:
         try:
-            await trio.to_thread.run_sync(self.notify, inode, offset, data, limiter=self._notify_limiter,
-                                          abandon_on_cancel=True)
+            await self._push_now(m, i, data)
         finally:
             self._pushing -= 1
+
+    async def _push_now(self, m: OpenModel, i: int, data: bytes) -> None:
+        await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
+                                      limiter=self._notify_limiter, abandon_on_cancel=True)
+        m.pushed.add(i)
+
+    async def idle(self) -> None:
+        """Wait until no page-cache push runs (before the FUSE session is closed)."""
+        for _ in range(self._notify_limiter.total_tokens):
+            await self._notify_limiter.acquire()
 
     def _load(self, m: OpenModel, h: str) -> bytes:
         """Worker thread: the verified raw chunk from the disk cache or the nodes."""
@@ -269,7 +282,7 @@ class Reader:
             raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
         return done
 
-    async def prefetch(self, m: OpenModel, parallel: int = 8) -> None:
+    async def prefetch(self, m: OpenModel) -> None:
         """Header-driven prefetch: bring a checkpoint's tensor data in, in file order.
 
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
@@ -277,23 +290,23 @@ class Reader:
         kernel's page cache, so the page faults of an mmap loader touching tensors in any
         order are answered by the kernel without a round trip to this daemon. Not kept in
         the memory buffer, which belongs to readers. Without a page-cache push (notify off)
-        it only fills the disk cache. At most `parallel` chunks are in hand at once: a chunk
-        is let go only after its push, so prefetch cannot outrun the kernel's copying."""
+        it only fills the disk cache. All prefetches together hold at most half the fetch
+        slots' worth of chunks: a chunk is let go only after its push, so prefetch cannot
+        outrun the kernel's copying, and a reopened file is not pushed again."""
         if not len(m.manifest):
             return
         first = await self.chunk(m, 0)
         start = tensor_data_start(first, m.size)
         if start is None:
             return
-        slots = trio.Semaphore(parallel)
+        slots = self._prefetch_slots
         push = self.notify is not None
 
         async def one(i):
             try:
-                data = await self.chunk(m, i, keep=False)
+                data = await self.chunk(m, i, keep=False)  # joins a fetch already under way
                 if push:
-                    await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
-                                                  limiter=self._notify_limiter, abandon_on_cancel=True)
+                    await self._push_now(m, i, data)
             except (ChunkUnavailable, CorruptChunk):
                 pass  # the reader that needs it gets the error; prefetch just moves on
             finally:
@@ -301,10 +314,10 @@ class Reader:
 
         async with trio.open_nursery() as n:
             for i in m.manifest.span(start, m.size - start):
-                h = m.hexes[i]
-                if h in self._flights or self.mem.get(h) is not None:
-                    continue  # a reader has it or is fetching it (and pushes it itself)
-                if not push and self.cache is not None and h in self.cache:
+                if push:
+                    if i in m.pushed:
+                        continue  # already in the page cache (unless the kernel dropped it)
+                elif self.cache is not None and m.hexes[i] in self.cache:
                     continue  # already local, and there is nothing more to do with it
                 await slots.acquire()
                 n.start_soon(one, i)
