@@ -55,6 +55,16 @@ def mounted(models: dict[str, str]):
             shutil.rmtree(work, ignore_errors=True)
 
 
+def original_or(make, filename: str) -> str:
+    """The file or folder named on the command line, else `make(path)` writes one to a scratch dir."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args:
+        return args[0]
+    path = os.path.join(scratch_dir(), filename)
+    make(path)
+    return path
+
+
 def scratch_dir() -> str:
     """A directory for the example's original files, removed at exit."""
     import atexit

@@ -14,17 +14,12 @@ import sys
 import torch
 from safetensors import safe_open
 
-from _mounted import mounted, scratch_dir
+from _mounted import mounted, original_or
 from shardfs.synth import write_safetensors
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if args:
-        original = args[0]
-    else:
-        original = os.path.join(scratch_dir(), "synthetic.safetensors")
-        write_safetensors(original, 64 << 20, seed=1)
+    original = original_or(lambda p: write_safetensors(p, 64 << 20, seed=1), "synthetic.safetensors")
     with mounted({"example/model.safetensors": original}) as mnt:
         path = os.path.join(mnt, "example/model.safetensors")
         with safe_open(path, framework="pt") as got, safe_open(original, framework="pt") as ref:

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from _mounted import mounted, scratch_dir
+from _mounted import mounted, original_or
 
 
 def synthetic_state_dict():
@@ -29,12 +29,7 @@ def synthetic_state_dict():
 
 
 def main():
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if args:
-        original = args[0]
-    else:
-        original = os.path.join(scratch_dir(), "checkpoint.pt")
-        torch.save(synthetic_state_dict(), original)
+    original = original_or(lambda p: torch.save(synthetic_state_dict(), p), "checkpoint.pt")
     with mounted({"example/checkpoint.pt": original}) as mnt:
         got = torch.load(os.path.join(mnt, "example/checkpoint.pt"), mmap=True, weights_only=True)
         ref = torch.load(original, weights_only=True)
