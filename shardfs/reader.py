@@ -252,8 +252,8 @@ class Reader:
             if len(self._flights) >= budget:
                 break
             h = m.hexes[j]
-            if h not in self._flights and self.mem.get(h) is None:
-                self._start(m, j)
+            if j not in m.pushed and h not in self._flights and self.mem.get(h) is None:
+                self._start(m, j)  # (a pushed chunk is in the page cache: the kernel has it)
 
     async def warm(self, m: OpenModel, progress=None) -> int:
         """Fetch every chunk of a model into the cache. `progress(done, total)` is called
@@ -306,6 +306,9 @@ class Reader:
             try:
                 data = await self.chunk(m, i, keep=False)  # joins a fetch already under way
                 if push:
+                    # A loader is often right behind: until the push lands, its faults on this
+                    # chunk reach the daemon, and must find it in memory, not reload it from disk.
+                    self.mem.put(m.hexes[i], data)
                     await self._push_now(m, i, data)
             except (ChunkUnavailable, CorruptChunk):
                 pass  # the reader that needs it gets the error; prefetch just moves on
