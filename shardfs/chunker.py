@@ -24,8 +24,9 @@ MAX_CHUNK = 64 << 20
 MAX_HEADER = 100 << 20  # safetensors' own limit
 
 # dtype -> codec name: byte grouping by element width, none for bytes and packed types.
-# F32 uses zstd streams: lz4 cannot entropy-code its exponent byte (0.92 of raw against 0.85).
-DTYPE_CODEC = {"BF16": "lz4-g2", "F16": "lz4-g2", "I16": "lz4-g2", "U16": "lz4-g2",
+# Floats use zstd streams: lz4 cannot entropy-code an exponent byte (bf16 0.67 of raw against
+# 0.84 with lz4, fp32 0.84 against 0.92), and the tuned zstd encodes faster and decodes as fast.
+DTYPE_CODEC = {"BF16": "zstd-g2", "F16": "zstd-g2", "I16": "lz4-g2", "U16": "lz4-g2",
                "F32": "zstd-g4", "I32": "lz4-g4", "U32": "lz4-g4",
                "F64": "lz4-g4", "I64": "lz4-g4", "U64": "lz4-g4",
                "I8": "lz4", "U8": "lz4", "BOOL": "lz4", "F8_E4M3": "lz4", "F8_E5M2": "lz4"}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat
 import sys
 import threading
@@ -183,13 +184,19 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
     futures = []
     failed = threading.Event()
 
-    def job(raw, codec):
+    # Read buffers are recycled: a fresh 4 MiB bytearray per chunk is zero-filled and
+    # faulted in page by page, which was ~10% of put's CPU on these VMs.
+    spare: queue.SimpleQueue = queue.SimpleQueue()
+
+    def job(buf, raw, codec):
         try:
             return uploader.store(raw, codec)
         except BaseException:
             failed.set()
             raise
         finally:
+            if len(buf) == chunk_size:
+                spare.put(buf)
             inflight.release()
 
     ex = ThreadPoolExecutor(workers, thread_name_prefix="put")
@@ -197,13 +204,20 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         spans = _read(src, plan_spans, src, size, chunk_size)  # reads the safetensors header
         for span in spans:
             off, length = span.offset, span.length
-            buf = bytearray(length)
-            got = _read(src, src.readinto, buf)
+            inflight.acquire()
+            if length <= chunk_size:
+                try:
+                    buf = spare.get_nowait()
+                except queue.Empty:
+                    buf = bytearray(chunk_size)
+            else:
+                buf = bytearray(length)  # a header chunk can exceed the chunk size
+            raw = memoryview(buf)[:length]
+            got = _read(src, src.readinto, raw)
             if got != length:
                 raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
-            sha.update(buf)
-            inflight.acquire()
-            futures.append(ex.submit(job, buf, span.codec))
+            sha.update(raw)
+            futures.append(ex.submit(job, buf, raw, span.codec))
             if failed.is_set():
                 break
             if bar:

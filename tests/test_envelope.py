@@ -27,8 +27,8 @@ def test_roundtrip_every_codec(bf16):
 
 def test_default_picks_grouping_for_bf16_and_raw_for_random(bf16):
     _, blob, codec = envelope.encode(bf16)
-    assert codec == envelope.CODEC_LZ4_GROUP2
-    assert len(blob) < 0.86 * len(bf16)
+    assert codec == envelope.CODEC_ZSTD_GROUP2
+    assert len(blob) < 0.70 * len(bf16)
     rnd = os.urandom(1 << 20)
     _, blob, codec = envelope.encode(rnd)
     assert codec == envelope.CODEC_RAW
