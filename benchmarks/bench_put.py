@@ -5,6 +5,7 @@ Builds a synthetic bf16 safetensors model (shardfs.synth), starts its own redis-
 127.0.0.1, and times, after one warm-up pass of each, the median of --reps repetitions of
 
     cp MODEL DIR/           plain cp, no sync; the copy is removed between repetitions
+    cp MODEL DIR/ && sync   for reference: a durable copy, which is what put makes (twice)
     shardfs put MODEL       R=2 over 3 local file:// nodes, --force, on empty node
                             directories and an empty index, so nothing deduplicates
 
@@ -116,17 +117,21 @@ class Bench:
 
     # -- measurements -----------------------------------------------------------------
 
-    def time_cp(self, model: str) -> float:
+    def time_cp(self, model: str, sync: bool = False) -> float:
         dest = os.path.join(self.dir, "cp-dest")
         os.makedirs(dest, exist_ok=True)
+        os.sync()  # start from clean page cache state: no earlier writeback in the timing
         t0 = time.perf_counter()
         subprocess.run(["cp", model, dest + "/"], check=True)
+        if sync:
+            os.sync()
         dt = time.perf_counter() - t0
         os.unlink(os.path.join(dest, os.path.basename(model)))
         return dt
 
     def time_put(self, model: str, http: bool) -> tuple[float, str]:
         roots = self.fresh_nodes(http)
+        os.sync()  # the previous repetition's writeback is not this one's
         t0 = time.perf_counter()
         out = self.cli("put", model, "--name", "bench.safetensors", "--replicas", "2", "--force",
                        "--no-progress")
@@ -182,6 +187,7 @@ def main() -> int:
 
         print(f"timings (warm-up pass first, then {args.reps} reps):")
         cp = measure("cp", lambda: b.time_cp(model), args.reps)
+        cp_sync = measure("cp && sync", lambda: b.time_cp(model, sync=True), args.reps)
         last = {}
 
         def put_once(http):
@@ -197,6 +203,8 @@ def main() -> int:
         if args.http:
             print(f"  last put (http):    {last[True]}")
         print(f"  cp                        {mib / cp:8.1f} MiB/s")
+        print(f"  cp && sync                {mib / cp_sync:8.1f} MiB/s   (reference: put/(cp && sync) = "
+              f"{cp_sync / put:.2f})")
         print(f"  put, file:// nodes, R=2   {mib / put:8.1f} MiB/s   put/cp = {cp / put:.2f}  "
               f"({'meets' if cp / put >= 0.5 else 'BELOW'} the 0.5 target)")
         if args.http:
