@@ -241,14 +241,20 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
         tell(f"error: {e}")
         raise
 
+    was_ready = []
+
     def ready():
+        was_ready.append(True)
         tell("ok")
         sd_notify("READY=1\nSTATUS=mounted " + mp)
 
     try:
         trio.run(run, daemon, ready)
-    except RuntimeError as e:  # pyfuse3.init failures arrive as RuntimeError
-        tell(f"error: cannot mount {mp}: {e}")
+    except RuntimeError as e:
+        if was_ready:  # not a mount failure: a bug in the running daemon; keep its traceback
+            logging.getLogger("shardfs.daemon").exception("the mount daemon failed")
+            raise ShardfsError(f"the mount daemon of {mp} failed: {e}") from None
+        tell(f"error: cannot mount {mp}: {e}")  # pyfuse3.init failures arrive as RuntimeError
         raise ShardfsError(f"cannot mount {mp}: {e}") from None
     finally:
         tell("error: the mount daemon stopped before the mount was ready")

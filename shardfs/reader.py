@@ -196,8 +196,8 @@ class Reader:
 
     async def idle(self) -> None:
         """Wait until no page-cache push runs (before the FUSE session is closed)."""
-        for _ in range(self._notify_limiter.total_tokens):
-            await self._notify_limiter.acquire()
+        while self._notify_limiter.borrowed_tokens:  # (one task may hold only one token)
+            await trio.sleep(0.01)
 
     def _load(self, m: OpenModel, h: str) -> bytes:
         """Worker thread: the verified raw chunk from the disk cache or the nodes."""

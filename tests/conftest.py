@@ -217,12 +217,32 @@ class Mount:
     def mount(self):
         r = self.cli("mount", self.path, "--cache-dir", self.cache_dir, *self.extra)
         self.pid = int(r.stdout.split("daemon pid ")[1].split(")")[0].split(",")[0])
+        self.log = r.stdout.split(", log ")[1].rsplit(")", 1)[0]
         return self
+
+    def tracebacks(self) -> str:
+        """The daemon log from the first Python traceback on ('' if none): a daemon bug."""
+        try:
+            with open(self.log, errors="replace") as f:
+                text = f.read()
+        except (OSError, AttributeError):
+            return ""
+        at = text.find("Traceback (most recent call last)")
+        return text[max(0, at - 300):at + 3000] if at >= 0 else ""
 
     def umount(self, check=True):
         return self.cli("umount", self.path, check=check)
 
     def cleanup(self):
+        if os.path.ismount(self.path) and not _stale(self.path):
+            self.umount(check=False)  # a clean unmount: the daemon's shutdown path runs every time
+            deadline = time.monotonic() + 10
+            while self.pid and time.monotonic() < deadline:
+                try:
+                    os.kill(self.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
         if os.path.ismount(self.path) or _stale(self.path):
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
         if self.pid:
@@ -256,6 +276,8 @@ def mounts(tmp_path, cli):
     yield make
     for m in made:
         m.cleanup()
+    for m in made:  # whatever a test did, the daemon must not have crashed or logged a bug
+        assert not m.tracebacks(), m.tracebacks()
 
 
 def sha256_file(path) -> str:
