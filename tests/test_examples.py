@@ -50,3 +50,15 @@ def test_example_fails_loudly_on_a_wrong_original(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode != 0 and "FAILED: tensor" in r.stderr, r.stdout + r.stderr
     assert "unmounted" in r.stdout  # the failure still unmounts
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's first command runs examples/demo.py (after installing): here at 32 MiB."""
+    env = {**os.environ, "HOME": str(tmp_path), "DEMO_SIZE_MB": "32"}
+    env.pop("SHARDFS_REDIS", None)
+    env.pop("SHARDFS_HOME", None)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "all equal to the original" in r.stdout and "SHA-256 through the mount matches" in r.stdout
+    assert r.stdout.rstrip().endswith("demo OK")
