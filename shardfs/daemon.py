@@ -237,12 +237,14 @@ class Daemon:
         m = await self.open_model(entry)
         return self.cache.cached_bytes(m.hexes)
 
-    def _notify_store(self, inode: int, offset: int, data: bytes) -> None:
+    def _notify_store(self, inode: int, offset: int, data: bytes) -> bool:
         try:
             pyfuse3.notify_store(inode, offset, data)
+            return True
         except OSError as e:
             if e.errno not in (errno.ENOENT, errno.EBADF):
                 log.debug("notify_store(%d, %d) failed: %s", inode, offset, e)
+            return False
 
     def entry_by_name(self, name: str) -> FileEntry:
         entry = self.tree.current.get(name)

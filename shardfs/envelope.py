@@ -137,16 +137,21 @@ def _ungroup(streams: list, raw_len: int, tail) -> bytes:
 SAMPLE = 16 << 10
 
 
-def _hopeless(data) -> bool:
-    """True when lz4 saves nothing on three samples (start, middle, three quarters) of a
-    large buffer: a bf16 mantissa stream or random bytes. Skipping the full compression of
-    those cut put's lz4 time about in half. A buffer that compresses only outside the
-    samples is stored raw: a little space, never correctness."""
+def _lz4(data) -> bytes:
+    return lz4.block.compress(data, store_size=False)
+
+
+def _hopeless(data, compress=_lz4) -> bool:
+    """True when `compress` saves nothing on three samples (start, middle, three quarters)
+    of a large buffer: a mantissa stream or random bytes. Probing with the compressor that
+    would be used matters: lz4 cannot shrink an f16 high-byte stream that zstd takes to
+    0.69. A buffer that compresses only outside the samples is stored raw: a little space,
+    never correctness."""
     n = len(data)
     if n < 8 * SAMPLE:
         return False
     for at in (0, n // 2, 3 * n // 4):
-        if len(lz4.block.compress(data[at:at + SAMPLE], store_size=False)) < SAMPLE * (1 - MIN_SAVING):
+        if len(compress(data[at:at + SAMPLE])) < SAMPLE * (1 - MIN_SAVING):
             return False
     return True
 
@@ -155,10 +160,11 @@ def _encode_grouped(raw, k: int, mode: int = STREAM_LZ4) -> list | None:
     """The payload as a list of buffers (joined once, with the header, by encode)."""
     streams = _group(raw, k)
     parts, heads, total = [], [], 0
+    compress = _lz4 if mode == STREAM_LZ4 else _zstd_compress
     for s in streams:  # each row is contiguous: compressors and join read it in place
         packed = None
-        if not _hopeless(s):
-            packed = lz4.block.compress(s, store_size=False) if mode == STREAM_LZ4 else _zstd_compress(s)
+        if not _hopeless(s, compress):
+            packed = compress(s)
         if packed is not None and len(packed) < len(s) * (1 - MIN_SAVING):
             heads.append(_STREAM.pack(mode, len(packed)))
             parts.append(packed)

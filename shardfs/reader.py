@@ -190,9 +190,9 @@ class Reader:
             self._pushing -= 1
 
     async def _push_now(self, m: OpenModel, i: int, data: bytes) -> None:
-        await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
-                                      limiter=self._notify_limiter, abandon_on_cancel=True)
-        m.pushed.add(i)
+        if await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
+                                         limiter=self._notify_limiter, abandon_on_cancel=True):
+            m.pushed.add(i)
 
     async def idle(self) -> None:
         """Wait until no page-cache push runs (before the FUSE session is closed)."""
@@ -227,6 +227,7 @@ class Reader:
         if off >= end:
             return b""
         span = m.manifest.span(off, end - off)
+        m.pushed.difference_update(span)  # the kernel asks: it does not hold these (any more)
         if state is not None:
             self._readahead(m, span, off, end, state)
         parts = []
@@ -288,8 +289,10 @@ class Reader:
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
         closes. Each chunk is fetched (or loaded from the disk cache) and pushed into the
         kernel's page cache, so the page faults of an mmap loader touching tensors in any
-        order are answered by the kernel without a round trip to this daemon. Not kept in
-        the memory buffer, which belongs to readers. Without a page-cache push (notify off)
+        order are answered by the kernel without a round trip to this daemon. Each chunk also
+        goes into the memory buffer (LRU, bounded): a loader right behind the push, whose
+        faults reach the daemon before the pages land, must find it there, not on disk.
+        Without a page-cache push (notify off)
         it only fills the disk cache. All prefetches together hold at most half the fetch
         slots' worth of chunks: a chunk is let go only after its push, so prefetch cannot
         outrun the kernel's copying, and a reopened file is not pushed again."""

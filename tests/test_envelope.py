@@ -54,6 +54,14 @@ def test_zstd_grouping_beats_lz4_on_bf16(bf16):
     assert envelope.decode(zs) == bf16
 
 
+def test_f16_high_bytes_compress_with_zstd_although_lz4_cannot():
+    """The skip-if-incompressible probe must use the codec's own compressor."""
+    f16 = tensor_bytes(np.random.default_rng(3), (256, 4096), "F16")
+    _, blob, codec = envelope.encode(f16, "zstd-g2")
+    assert codec == envelope.CODEC_ZSTD_GROUP2 and len(blob) < 0.87 * len(f16)
+    assert envelope.decode(blob) == f16
+
+
 def test_grouped_layout_is_fixed():
     """Envelopes written by earlier releases keep decoding: build one by hand from the spec."""
     import struct
