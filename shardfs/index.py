@@ -43,9 +43,20 @@ K_MODELS = P + "models"
 K_VSEQ = P + "vseq"
 K_NODES = P + "nodes"
 K_NSEQ = P + "nseq"
+K_NODE_URLS = P + "node-urls"  # url (no trailing /) -> node id: one registration per url
 K_PUTS = P + "puts"
 K_EPOCH = P + "epoch"
 LEASE_PREFIX = P + "put:"
+
+# KEYS: node-urls, nodes; ARGV: url, node id, node record. Claims the url and records the
+# node in one step; returns the id already holding the url, or nil when registered.
+ADD_NODE_LUA = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+    return redis.call('HGET', KEYS[1], ARGV[1])
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return false
+"""
 
 
 def k_version(vid: int) -> str:
@@ -124,6 +135,7 @@ class Index:
         self.url = url
         self._lease = client.register_script(LEASE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
+        self._add_node = client.register_script(ADD_NODE_LUA)
 
     # -- connection -----------------------------------------------------------------
 
@@ -143,13 +155,15 @@ class Index:
         return dict(sorted(out.items(), key=lambda kv: (len(kv[0]), kv[0])))
 
     def add_node(self, url: str, weight: float = 1.0, token: str | None = None) -> Node:
-        for n in self.nodes().values():
+        for n in self.nodes().values():  # also covers nodes registered before K_NODE_URLS existed
             if n.url.rstrip("/") == url.rstrip("/"):
                 raise UsageError(f"node {url} is already registered as {n.id}")
         nid = f"n{self.r.incr(K_NSEQ)}"
-        node = Node(nid, url, weight, "active", token)
-        self.r.hset(K_NODES, nid, json.dumps({"url": url, "weight": weight, "state": "active", "token": token}))
-        return node
+        record = json.dumps({"url": url, "weight": weight, "state": "active", "token": token})
+        holder = self._add_node(keys=[K_NODE_URLS, K_NODES], args=[url.rstrip("/"), nid, record])
+        if holder is not None:  # a concurrent `node add` of the same url won
+            raise UsageError(f"node {url} is already registered as {_s(holder)}")
+        return Node(nid, url, weight, "active", token)
 
     def set_node_state(self, nid: str, state: str) -> None:
         raw = self.r.hget(K_NODES, nid)
@@ -160,8 +174,12 @@ class Index:
         self.r.hset(K_NODES, nid, json.dumps(d))
 
     def remove_node(self, nid: str) -> None:
-        if not self.r.hdel(K_NODES, nid):
+        raw = self.r.hget(K_NODES, nid)
+        if raw is None or not self.r.hdel(K_NODES, nid):
             raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
+        url = json.loads(raw)["url"].rstrip("/")
+        if _s(self.r.hget(K_NODE_URLS, url)) == nid:
+            self.r.hdel(K_NODE_URLS, url)
 
     # -- models and versions --------------------------------------------------------
 

@@ -706,3 +706,29 @@ def test_two_concurrent_puts_of_one_name(cli, nodes, redis_proc, model_small, tm
     assert list(ls_rows(cli)) == ["same"]
     get_and_compare(cli, "same", model_small, tmp_path)
     cli("verify")
+
+
+def test_concurrent_node_add_of_one_url_registers_it_once(cli, redis_proc):
+    import threading
+    from shardfs.errors import UsageError
+    url = "file:///var/tmp/shardfs-test-never-used"
+    barrier = threading.Barrier(8)
+    won, lost = [], []
+
+    def add():
+        idx = open_idx(redis_proc)
+        barrier.wait()
+        try:
+            won.append(idx.add_node(url + "/" * (len(won) % 2)).id)  # a trailing / is the same node
+        except UsageError as e:
+            lost.append(str(e))
+    threads = [threading.Thread(target=add) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    idx = open_idx(redis_proc)
+    assert len(won) == 1 and len(lost) == 7 and all("already registered" in e for e in lost)
+    assert [n.url for n in idx.nodes().values()].count(url) == 1
+    idx.remove_node(won[0])  # and the url is free again after `node rm`
+    assert idx.add_node(url).id != won[0]
