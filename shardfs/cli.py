@@ -60,7 +60,7 @@ def cmd_node_add(args):
         except OSError as e:
             raise UsageError(f"cannot create node directory {store.root}: {e.strerror}") from None
     try:
-        health = store.health()
+        health = store.health(used=False)
     except NodeError as e:
         if not args.offline:
             raise ShardfsError(f"node {args.url} does not answer ({e}); use --offline to add it anyway") from None
@@ -82,7 +82,7 @@ def cmd_node_ls(args):
     from .pool import NodePool
     idx = _index(args)
     pool = NodePool(idx.nodes())
-    health = pool.probe()
+    health = pool.probe(used=True)
     rows = []
     for nid, node in pool.nodes.items():
         h = health.get(nid)

@@ -36,7 +36,7 @@ def checks(redis_flag: str | None, cache_dir: str):
         pool = NodePool(idx.nodes())
         if not pool.nodes:
             yield None, "nodes", "no nodes registered", "`shardfs put` registers a local node; or `shardfs node add URL`"
-        for nid, h in pool.probe().items():
+        for nid, h in pool.probe(used=True).items():
             url = pool.nodes[nid].url
             if isinstance(h, NodeError):
                 yield False, f"node {nid}", f"{url}: {h}", "start the node (shardfs node serve / systemctl start " \

@@ -55,11 +55,12 @@ class NodePool:
                     self._stores.pop(nid).close()
             self.nodes = dict(nodes)
 
-    def probe(self) -> dict[str, dict | NodeError]:
-        """Health of every node, probed in parallel: id -> health dict or the error."""
+    def probe(self, used: bool = False) -> dict[str, dict | NodeError]:
+        """Health of every node, probed in parallel: id -> health dict or the error.
+        used=True also counts the bytes each node holds (slow on big file:// nodes)."""
         def one(nid):
             try:
-                return nid, self.store(nid).health()
+                return nid, self.store(nid).health(used)
             except NodeError as e:
                 return nid, e
         if not self.nodes:

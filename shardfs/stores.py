@@ -52,8 +52,9 @@ class NodeStore(ABC):
         """Remove a chunk; removing an absent chunk is not an error."""
 
     @abstractmethod
-    def health(self) -> dict:
-        """{"used": bytes held, "free": bytes free}; NodeError when unreachable."""
+    def health(self, used: bool = True) -> dict:
+        """{"used": bytes held, "free": bytes free}; NodeError when unreachable.
+        used=False: a liveness probe; "used" may be None where it is costly to count."""
 
     def close(self) -> None:
         pass
@@ -90,10 +91,11 @@ class FileStore(NodeStore):
         except OSError as e:
             raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: {e.strerror}") from None
 
-    def health(self):
+    def health(self, used=True):
         if not os.path.isdir(self.root):
             raise NodeError(self.url, f"directory {self.root} does not exist")
-        return {"used": dir_usage(self.root), "free": shutil.disk_usage(self.root).free}
+        # counting what a directory holds walks every chunk file: only when asked (node ls, doctor)
+        return {"used": dir_usage(self.root) if used else None, "free": shutil.disk_usage(self.root).free}
 
 
 def write_atomic(path: str, blob, node: str = "") -> None:
@@ -174,7 +176,7 @@ class HttpStore(NodeStore):
         if r.status not in (200, 204, 404):
             raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}")
 
-    def health(self):
+    def health(self, used=True):  # the server keeps its own count: cheap either way
         r = self._request("GET", "/health")
         if r.status != 200:
             raise NodeError(self.url, f"health: HTTP {r.status}")

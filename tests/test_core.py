@@ -732,3 +732,16 @@ def test_concurrent_node_add_of_one_url_registers_it_once(cli, redis_proc):
     assert [n.url for n in idx.nodes().values()].count(url) == 1
     idx.remove_node(won[0])  # and the url is free again after `node rm`
     assert idx.add_node(url).id != won[0]
+
+
+def test_file_node_probe_counts_bytes_only_when_asked(tmp_path):
+    """put and verify probe nodes for liveness and free space; walking a big node's
+    directory to count its bytes is left to `node ls` and `doctor`."""
+    from shardfs import envelope
+    from shardfs.stores import open_store
+    store = open_store(f"file://{tmp_path}/node")
+    (tmp_path / "node").mkdir()
+    cid, blob, _ = envelope.encode(os.urandom(100_000))
+    store.put(cid.hex(), blob)
+    assert store.health(used=False)["used"] is None and store.health(used=False)["free"] > 0
+    assert store.health()["used"] >= len(blob)
