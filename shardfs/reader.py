@@ -292,10 +292,10 @@ class Reader:
         order are answered by the kernel without a round trip to this daemon. Each chunk also
         goes into the memory buffer (LRU, bounded): a loader right behind the push, whose
         faults reach the daemon before the pages land, must find it there, not on disk.
-        Without a page-cache push (notify off)
-        it only fills the disk cache. All prefetches together hold at most half the fetch
-        slots' worth of chunks: a chunk is let go only after its push, so prefetch cannot
-        outrun the kernel's copying, and a reopened file is not pushed again."""
+        Without page-cache pushes (notify off) it only fills the disk cache. All prefetches
+        together hold at most half the fetch slots' worth of chunks: a chunk is let go only
+        after its push, so prefetch cannot outrun the kernel's copying, and a reopened file
+        is not pushed again."""
         if not len(m.manifest):
             return
         first = await self.chunk(m, 0)
