@@ -18,6 +18,8 @@ Thread-safe: the daemon calls it from worker threads; one lock guards the index.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -26,6 +28,8 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+
+import numpy as np
 
 from . import envelope
 from .stores import chunk_relpath
@@ -38,7 +42,7 @@ TOUCH_EVERY = 60.0
 
 
 class ChunkCache:
-    def __init__(self, root: str, limit: int, free_floor: int = 1 << 30):
+    def __init__(self, root: str, limit: int, free_floor: int = 1 << 30, direct: bool = True):
         self.root = os.path.abspath(root)
         self.limit = limit
         self.free_floor = free_floor
@@ -50,6 +54,10 @@ class ChunkCache:
         self.used = 0
         self.hits = self.misses = self.evictions = self.corrupt = 0
         self.write_failed = False
+        # Fill entries with O_DIRECT where the filesystem allows it: the chunk is already in
+        # the mounted file's page cache, so a second cached copy only costs a memcpy per byte
+        # (~1/5 of a cold read's CPU, measured) and memory. Off on tmpfs and friends.
+        self.direct = direct and hasattr(os, "O_DIRECT")
         os.makedirs(os.path.join(self.root, "chunks"), exist_ok=True)
         self._scan()
         self._load_pins()
@@ -152,8 +160,12 @@ class ChunkCache:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
+            try:
+                if not _write_all(fd, raw, self.direct) and self.direct:
+                    self.direct = False
+                    log.info("cache %s refuses O_DIRECT; filling it through the page cache", self.root)
+            finally:
+                os.close(fd)
             os.rename(tmp, path)
             tmp = None
         except OSError as e:
@@ -250,6 +262,36 @@ class ChunkCache:
             return {"dir": self.root, "used": self.used, "limit": self.limit, "entries": len(self._lru),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                     "corrupt": self.corrupt, "writable": not self.write_failed, "pins": sorted(self._pins)}
+
+
+DIRECT_ALIGN = 4096  # covers every logical block size and DMA alignment in use
+
+
+def _write_all(fd: int, data, direct: bool) -> bool:
+    """Write all of data to fd. With direct, the block-aligned head of a page-aligned
+    buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered; if the
+    filesystem refuses O_DIRECT, everything is written the plain way and False returned."""
+    mv = memoryview(data).cast("B")
+    done = 0
+    head = len(mv) - len(mv) % DIRECT_ALIGN
+    if direct and head and np.frombuffer(mv, np.uint8).ctypes.data % DIRECT_ALIGN == 0:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            while done < head:
+                done += os.write(fd, mv[done:head])
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            os.lseek(fd, 0, os.SEEK_SET)  # O_DIRECT refused: write it all the plain way
+            os.ftruncate(fd, 0)
+            done = 0
+            direct = False
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    while done < len(mv):
+        done += os.write(fd, mv[done:])
+    return direct
 
 
 def envelope_id_ok(name: str) -> bool:

@@ -61,6 +61,14 @@ def safetensors_tensors(f, file_size: int):
 
 
 def _safetensors_tensors(f, file_size: int):
+    named = safetensors_named(f, file_size)
+    return None if named is None else sorted((s, e, d) for _n, s, e, d in named)
+
+
+def safetensors_named(f, file_size: int):
+    """[(name, start, end, dtype)] of a safetensors file's tensors in header order, or None.
+
+    Reads from the file's position 0 (f may be a BytesIO over its first chunk)."""
     f.seek(0)
     head = f.read(8)
     if len(head) < 8:
@@ -68,8 +76,11 @@ def _safetensors_tensors(f, file_size: int):
     (n,) = struct.unpack("<Q", head)
     if not 2 <= n <= min(MAX_HEADER, file_size - 8):
         return None
+    raw = f.read(n)
+    if len(raw) != n:
+        return None
     try:
-        header = json.loads(f.read(n))
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(header, dict):
@@ -81,11 +92,10 @@ def _safetensors_tensors(f, file_size: int):
             continue
         try:
             a, b = t["data_offsets"]
-            out.append((base + int(a), base + int(b), str(t.get("dtype"))))
+            out.append((name, base + int(a), base + int(b), str(t.get("dtype"))))
         except (KeyError, TypeError, ValueError):
             return None
-    out.sort()
-    if any(s < base or e > file_size or e < s for s, e, _ in out):
+    if any(s < base or e > file_size or e < s for _n, s, e, _d in out):
         return None
     return out
 

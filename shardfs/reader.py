@@ -23,6 +23,7 @@ Decoding, hashing and disk I/O run in worker threads, never on the trio thread.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .cache import ChunkCache
+from .chunker import safetensors_named
 from .errors import ChunkUnavailable, CorruptChunk
 from .manifest import Manifest
 from .pool import NodePool
@@ -64,10 +66,11 @@ class ReadState:
 
 
 class _Flight:
-    __slots__ = ("event", "data", "error", "keep")
+    __slots__ = ("event", "stored", "data", "error", "keep")
 
     def __init__(self, keep: bool):
-        self.event = trio.Event()
+        self.event = trio.Event()  # data (or error) is there
+        self.stored = trio.Event()  # the flight is over: the chunk is in the disk cache, or failed
         self.data = None
         self.error = None
         self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
@@ -132,16 +135,20 @@ class Reader:
 
     # -- chunks ----------------------------------------------------------------------
 
-    async def chunk(self, m: OpenModel, i: int, keep: bool = True) -> bytes:
+    async def chunk(self, m: OpenModel, i: int, keep: bool = True, stored: bool = False) -> bytes:
         """The raw bytes of chunk i. keep=False (prefetch, warm) fills the disk cache only,
-        so background work never crowds what readers use out of the memory buffer."""
+        so background work never crowds what readers use out of the memory buffer.
+        stored=True also waits until the chunk is in the disk cache (warm)."""
         h = m.hexes[i]
         data = self.mem.get(h)
-        if data is not None:
-            return data
-        flight = self._start(m, i, keep)
-        await flight.event.wait()
-        if flight.error is not None:
+        if data is None:
+            flight = self._start(m, i, keep)
+        else:
+            flight = self._flights.get(h) if stored else None
+            if flight is None:
+                return data
+        await (flight.stored if stored else flight.event).wait()
+        if flight.data is None:
             raise flight.error
         return flight.data
 
@@ -151,24 +158,26 @@ class Reader:
         if flight is None:
             flight = self._flights[h] = _Flight(keep)
             self._nursery.start_soon(self._fill, m, i, flight)
-        elif keep:
+        elif keep and not flight.keep:
             flight.keep = True
+            if flight.data is not None:  # already fetched, its cache write under way
+                self._keep(m, i, flight.data)
         return flight
 
     async def _fill(self, m: OpenModel, i: int, flight: _Flight) -> None:
         h = m.hexes[i]
         try:
             async with self.fetch_limiter:
-                data = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
-            flight.data = data
-            if flight.keep:
-                self.mem.put(h, data)
-                if self.notify is not None and self._pushing < MAX_PUSHING:
-                    # In a thread, never on the trio thread: the kernel may hold these pages
-                    # locked for a read that only this trio thread can answer. Bounded: a
-                    # push that would wait is skipped (the kernel will just ask for the pages).
-                    self._pushing += 1
-                    self._nursery.start_soon(self._push, m, i, data)
+                data, fetched = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                flight.data = data
+                flight.event.set()  # readers go on at once: the disk-cache write follows
+                if flight.keep:
+                    self._keep(m, i, data)
+                if fetched and self.cache is not None:
+                    # Write-behind, still holding the fetch slot: fills run ahead of the
+                    # disk by at most the slots, and the flight (with its data) stays
+                    # joinable until the entry exists, so nobody fetches the chunk twice.
+                    await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
         except (ChunkUnavailable, CorruptChunk) as e:
             flight.error = e
             if h not in self._unavailable_logged:
@@ -182,6 +191,17 @@ class Reader:
         finally:
             del self._flights[h]
             flight.event.set()
+            flight.stored.set()
+
+    def _keep(self, m: OpenModel, i: int, data) -> None:
+        """A reader wants chunk i: keep it in memory and push it into the page cache."""
+        self.mem.put(m.hexes[i], data)
+        if self.notify is not None and self._pushing < MAX_PUSHING:
+            # In a thread, never on the trio thread: the kernel may hold these pages
+            # locked for a read that only this trio thread can answer. Bounded: a
+            # push that would wait is skipped (the kernel will just ask for the pages).
+            self._pushing += 1
+            self._nursery.start_soon(self._push, m, i, data)
 
     async def _push(self, m: OpenModel, i: int, data: bytes) -> None:
         try:
@@ -199,12 +219,13 @@ class Reader:
         while self._notify_limiter.borrowed_tokens:  # (one task may hold only one token)
             await trio.sleep(0.01)
 
-    def _load(self, m: OpenModel, h: str) -> bytes:
-        """Worker thread: the verified raw chunk from the disk cache or the nodes."""
+    def _load(self, m: OpenModel, h: str) -> tuple[bytes, bool]:
+        """Worker thread: the verified raw chunk from the disk cache or the nodes, and
+        whether it came from the nodes (so the cache still has to take it)."""
         if self.cache is not None:
             data = self.cache.get(h, m.keyring)
             if data is not None:
-                return data
+                return data, False
         try:
             data = self.pool.read(h, m.locs.get(h, []), m.keyring)
         except ChunkUnavailable:
@@ -216,9 +237,7 @@ class Reader:
             m.locs[h] = fresh
             data = self.pool.read(h, fresh, m.keyring)
         self.fetched += 1
-        if self.cache is not None:
-            self.cache.put(h, data)
-        return data
+        return data, True
 
     # -- reads -----------------------------------------------------------------------
 
@@ -266,7 +285,7 @@ class Reader:
         async def one(i):
             nonlocal done
             try:
-                await self.chunk(m, i, keep=False)
+                await self.chunk(m, i, keep=False, stored=True)
                 done += m.manifest.lengths[i]
                 if progress is not None:
                     progress(done, m.size)
@@ -284,7 +303,8 @@ class Reader:
         return done
 
     async def prefetch(self, m: OpenModel) -> None:
-        """Header-driven prefetch: bring a checkpoint's tensor data in, in file order.
+        """Header-driven prefetch: bring a checkpoint's tensor data in, in the order loaders
+        read it (prefetch_order).
 
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
         closes. Each chunk is fetched (or loaded from the disk cache) and pushed into the
@@ -299,8 +319,8 @@ class Reader:
         if not len(m.manifest):
             return
         first = await self.chunk(m, 0)
-        start = tensor_data_start(first, m.size)
-        if start is None:
+        order = prefetch_order(first, m)
+        if order is None:
             return
         slots = self._prefetch_slots
         push = self.notify is not None
@@ -319,7 +339,7 @@ class Reader:
                 slots.release()
 
         async with trio.open_nursery() as n:
-            for i in m.manifest.span(start, m.size - start):
+            for i in order:
                 if push:
                     if i in m.pushed:
                         continue  # already in the page cache (unless the kernel dropped it)
@@ -332,6 +352,28 @@ class Reader:
     def forget(self, hexes) -> None:
         for h in hexes:
             self.mem.drop(h)
+
+
+def prefetch_order(head, m: OpenModel) -> list[int] | None:
+    """The chunks holding a checkpoint's tensor data, in the order loaders touch them, or
+    None if `head` (the first chunk) does not start a known format.
+
+    safetensors loaders walk `safe_open(...).keys()`, which is sorted by name, and that
+    is not always file order (a file written layer by layer puts layers.10 after layers.9,
+    sorting puts it after layers.1). Following the name order, a loader finds each tensor
+    ready instead of racing the prefetch to it. GGUF and a header larger than the first
+    chunk: file order."""
+    named = None
+    if len(head) >= 9 and head[8:9] == b"{":
+        named = safetensors_named(io.BytesIO(head), m.size)
+    if named:
+        order: dict[int, None] = {}
+        for _name, s, e, _d in sorted(named):
+            for i in m.manifest.span(s, e - s):
+                order[i] = None
+        return list(order)
+    start = tensor_data_start(head, m.size)
+    return None if start is None else list(m.manifest.span(start, m.size - start))
 
 
 def tensor_data_start(head: bytes, size: int) -> int | None:

@@ -158,3 +158,32 @@ def test_gguf_put_get_roundtrip(cli, nodes, tmp_path):
     assert (tmp_path / "out").read_bytes() == (tmp_path / "m.gguf").read_bytes()
     info = json.loads(cli("info", "m.gguf", "--json").stdout)
     assert {"F16", "F32", "header"} <= set(info["dtypes"])
+
+
+def test_prefetch_follows_the_loaders_name_order(tmp_path):
+    """safe_open(...).keys() is sorted by name; a file written layer by layer is not, so the
+    prefetch goes by name (layers.10 right after layers.1), each chunk once."""
+    from shardfs.chunker import plan_spans as plan
+    from shardfs.manifest import Manifest
+    from shardfs.reader import OpenModel, prefetch_order
+
+    rng = np.random.default_rng(3)
+    tensors = [(f"layers.{i}.w", "BF16", [64, 4096], tensor_bytes(rng, (64, 4096), "BF16")) for i in range(12)]
+    path = tmp_path / "m.safetensors"
+    write_st(path, tensors)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        spans = plan(f, size, 1 << 20)
+        head = f.read(spans[0].length)
+    man = Manifest.build((bytes([k]) * 32, s.length) for k, s in enumerate(spans))
+    m = OpenModel(1, 2, "m.safetensors", size, "", man, {})
+    order = prefetch_order(head, m)
+    by_start = {s.offset: k for k, s in enumerate(spans)}
+    from safetensors import safe_open
+    with safe_open(str(path), "np") as f:
+        keys = list(f.keys())
+    hdr_len = 8 + struct.unpack("<Q", head[:8])[0]
+    offsets = {name: hdr_len + sum(len(t[3]) for t in tensors[:i]) for i, (name, *_r) in enumerate(tensors)}
+    assert order == [by_start[offsets[k]] for k in keys]  # one chunk per tensor here
+    assert keys[2] == "layers.10.w" and order != sorted(order)
+    assert prefetch_order(b"not a checkpoint at all", m) is None
