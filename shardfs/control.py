@@ -126,7 +126,8 @@ async def _dispatch(daemon, req, send):
             models.append({"name": name, "version": entry.vid, "size": entry.size, "cached": cached,
                            "cached_pct": round(100 * cached / entry.size, 1) if cached is not None and entry.size
                            else (100.0 if cached is not None else None),
-                           "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0)})
+                           "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0),
+                           "prefetching": entry.vid in daemon._prefetching})
         return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
                 "chunks_fetched": reader.fetched, "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,

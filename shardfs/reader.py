@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import logging
+import mmap
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ from .pool import NodePool
 log = logging.getLogger("shardfs.reader")
 
 MAX_PUSHING = 4  # notify_store pushes waiting or running at once (each holds a chunk)
+PAGE = mmap.PAGESIZE
+MAX_PIECES = 4096  # per open model: bytes of chunks that share a page, waiting for the rest
 
 
 @dataclass
@@ -53,6 +56,10 @@ class OpenModel:
     hexes: list[str] = field(default_factory=list)
     keyring: object = None  # set for an encrypted version
     pushed: set[int] = field(default_factory=set)  # chunk indices pushed into the page cache
+    # Chunks start where tensors start, rarely on a page boundary, and the kernel takes a
+    # pushed page only if the push covers all of it. So the pages two chunks share are
+    # assembled here from each chunk's piece and pushed once complete: page -> {chunk: bytes}
+    pieces: dict[int, dict[int, bytes]] = field(default_factory=dict)
 
     def __post_init__(self):
         self.hexes = [c.hex() for c in self.manifest.ids]
@@ -210,9 +217,17 @@ class Reader:
             self._pushing -= 1
 
     async def _push_now(self, m: OpenModel, i: int, data: bytes) -> None:
-        if await trio.to_thread.run_sync(self.notify, m.inode, m.manifest.offsets[i], data,
+        pages = shared_pages(m, i, data)
+        if await trio.to_thread.run_sync(self._push_pages, m, i, data, pages,
                                          limiter=self._notify_limiter, abandon_on_cancel=True):
             m.pushed.add(i)
+
+    def _push_pages(self, m: OpenModel, i: int, data, pages) -> bool:
+        """Worker thread: push chunk i, then every page it shares that is now complete."""
+        ok = self.notify(m.inode, m.manifest.offsets[i], data)
+        for at, page in pages:
+            self.notify(m.inode, at, page)
+        return ok
 
     async def idle(self) -> None:
         """Wait until no page-cache push runs (before the FUSE session is closed)."""
@@ -352,6 +367,27 @@ class Reader:
     def forget(self, hexes) -> None:
         for h in hexes:
             self.mem.drop(h)
+
+
+def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
+    """Record chunk i's pieces of the pages it shares with other chunks; return the shared
+    pages this completes, as (offset, bytes), ready to push."""
+    off = m.manifest.offsets[i]
+    end = off + len(data)
+    done = []
+    for at in {off // PAGE * PAGE, (end - 1) // PAGE * PAGE} if end > off else ():
+        stop = min(at + PAGE, m.size)
+        owners = m.manifest.span(at, stop - at)
+        if len(owners) < 2:
+            continue  # the page is this chunk's alone: its own push covers it
+        have = m.pieces.setdefault(at, {})
+        have[i] = bytes(data[max(at, off) - off:min(stop, end) - off])
+        if len(have) == len(owners):
+            done.append((at, b"".join(have[j] for j in owners)))
+            del m.pieces[at]
+    while len(m.pieces) > MAX_PIECES:  # a loader that never reads the neighbours: forget
+        del m.pieces[next(iter(m.pieces))]
+    return done
 
 
 def prefetch_order(head, m: OpenModel) -> list[int] | None:

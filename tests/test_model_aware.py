@@ -187,3 +187,28 @@ def test_prefetch_follows_the_loaders_name_order(tmp_path):
     assert order == [by_start[offsets[k]] for k in keys]  # one chunk per tensor here
     assert keys[2] == "layers.10.w" and order != sorted(order)
     assert prefetch_order(b"not a checkpoint at all", m) is None
+
+
+def test_shared_pages_are_assembled_from_every_chunk_on_them():
+    """Chunk boundaries off page boundaries (tensor starts), chunks smaller than a page so
+    one page spans three chunks, chunks arriving in any order: each page that more than
+    one chunk touches comes out once, complete and right, and nothing is left waiting."""
+    from shardfs.manifest import Manifest
+    from shardfs.reader import PAGE, OpenModel, shared_pages
+
+    rng = np.random.default_rng(7)
+    lengths = [PAGE + 100, 700, 900, 3 * PAGE, 5, PAGE - 5, 2 * PAGE + 1, 333]
+    data = rng.integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
+    man = Manifest.build((bytes([k]) * 32, n) for k, n in enumerate(lengths))
+    for trial in range(20):
+        m = OpenModel(1, 2, "x", len(data), "", man, {})
+        got = {}
+        for i in rng.permutation(len(lengths)):
+            o, n = man.offsets[i], man.lengths[i]
+            for at, page in shared_pages(m, int(i), memoryview(data)[o:o + n]):
+                assert at not in got
+                got[at] = page
+        want = {at for at in range(0, len(data), PAGE) if len(man.span(at, PAGE)) > 1}
+        assert set(got) == want and not m.pieces
+        for at, page in got.items():
+            assert page == data[at:at + PAGE]
