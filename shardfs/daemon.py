@@ -259,7 +259,8 @@ class Daemon:
 
     def invalidate(self, m: OpenModel) -> None:
         """Drop the kernel's cached pages of a model (after its chunks were evicted)."""
-        m.pushed.clear()
+        m.in_kernel.clear()
+        m.served.clear()
         try:
             pyfuse3.invalidate_inode(m.inode, attr_only=False)
         except OSError:

@@ -55,7 +55,9 @@ class OpenModel:
     locs: dict[str, list[str]]
     hexes: list[str] = field(default_factory=list)
     keyring: object = None  # set for an encrypted version
-    pushed: set[int] = field(default_factory=set)  # chunk indices pushed into the page cache
+    # chunks the kernel holds in its page cache: pushed, or handed over by reads in full
+    in_kernel: set[int] = field(default_factory=set)
+    served: dict[int, int] = field(default_factory=dict)  # chunk -> bitmask of its pages read
     # Chunks start where tensors start, rarely on a page boundary, and the kernel takes a
     # pushed page only if the push covers all of it. So the pages two chunks share are
     # assembled here from each chunk's piece and pushed once complete: page -> {chunk: bytes}
@@ -220,7 +222,7 @@ class Reader:
         pages = shared_pages(m, i, data)
         if await trio.to_thread.run_sync(self._push_pages, m, i, data, pages,
                                          limiter=self._notify_limiter, abandon_on_cancel=True):
-            m.pushed.add(i)
+            m.in_kernel.add(i)
 
     def _push_pages(self, m: OpenModel, i: int, data, pages) -> bool:
         """Worker thread: push chunk i, then every page it shares that is now complete."""
@@ -261,14 +263,23 @@ class Reader:
         if off >= end:
             return b""
         span = m.manifest.span(off, end - off)
-        m.pushed.difference_update(span)  # the kernel asks: it does not hold these (any more)
+        m.in_kernel.difference_update(span)  # the kernel asks: it does not hold these (any more)
         if state is not None:
             self._readahead(m, span, off, end, state)
-        parts = []
+        # Ranges of chunks whose pushes left out a page the kernel now wants come from the
+        # recorded pieces, taken before any await (a push can complete the page meanwhile).
+        ranges = []
         for i in span:
-            data = await self.chunk(m, i)
             start = m.manifest.offsets[i]
-            parts.append(data[max(off, start) - start:min(end, start + len(data)) - start])
+            lo, hi = max(off, start), min(end, start + m.manifest.lengths[i])
+            ranges.append((i, start, lo, hi, page_piece(m, i, lo, hi)))
+        parts = []
+        for i, start, lo, hi, piece in ranges:
+            if piece is None:
+                data = await self.chunk(m, i)
+                piece = data[lo - start:hi - start]
+            parts.append(piece)
+            handed_over(m, i, lo, hi)
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.bytes_served += len(out)
         return out
@@ -287,7 +298,7 @@ class Reader:
             if len(self._flights) >= budget:
                 break
             h = m.hexes[j]
-            if j not in m.pushed and h not in self._flights and self.mem.get(h) is None:
+            if j not in m.in_kernel and h not in self._flights and self.mem.get(h) is None:
                 self._start(m, j)  # (a pushed chunk is in the page cache: the kernel has it)
 
     async def warm(self, m: OpenModel, progress=None) -> int:
@@ -324,8 +335,8 @@ class Reader:
         Started when a safetensors or GGUF file is opened; cancelled when its last handle
         closes. Each chunk is fetched (or loaded from the disk cache) and pushed into the
         kernel's page cache, so the page faults of an mmap loader touching tensors in any
-        order are answered by the kernel without a round trip to this daemon. Each chunk also
-        goes into the memory buffer (LRU, bounded): a loader right behind the push, whose
+        order are answered by the kernel without a round trip to this daemon. While it is
+        pushed, each chunk is also in the memory buffer: a loader right behind the push, whose
         faults reach the daemon before the pages land, must find it there, not on disk.
         Without page-cache pushes (notify off) it only fills the disk cache. All prefetches
         together hold at most half the fetch slots' worth of chunks: a chunk is let go only
@@ -356,7 +367,7 @@ class Reader:
         async with trio.open_nursery() as n:
             for i in order:
                 if push:
-                    if i in m.pushed:
+                    if i in m.in_kernel:
                         continue  # already in the page cache (unless the kernel dropped it)
                 elif self.cache is not None and m.hexes[i] in self.cache:
                     continue  # already local, and there is nothing more to do with it
@@ -388,6 +399,40 @@ def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
     while len(m.pieces) > MAX_PIECES:  # a loader that never reads the neighbours: forget
         del m.pieces[next(iter(m.pieces))]
     return done
+
+
+def handed_over(m: OpenModel, i: int, lo: int, hi: int) -> None:
+    """A read handed the kernel bytes [lo, hi) of chunk i. Once reads have covered every
+    page of the chunk, the kernel holds it as if it had been pushed, and prefetch passes it
+    by instead of loading it again. Kept per page, not as a byte count: the kernel re-reads
+    pages it dropped, and a count would then call a chunk complete that is not."""
+    start = m.manifest.offsets[i]
+    end = start + m.manifest.lengths[i]
+    first = start // PAGE
+    # the pages whose part in this chunk the read covered whole: [a, b)
+    a = lo // PAGE if lo % PAGE == 0 or lo == start else lo // PAGE + 1
+    b = (hi - 1) // PAGE + 1 if hi % PAGE == 0 or hi == end else (hi - 1) // PAGE
+    if b <= a:
+        return
+    mask = m.served.get(i, 0) | (((1 << (b - a)) - 1) << (a - first))
+    if mask == (1 << ((end - 1) // PAGE + 1 - first)) - 1:
+        m.served.pop(i, None)
+        m.in_kernel.add(i)
+    else:
+        m.served[i] = mask
+
+
+def page_piece(m: OpenModel, i: int, lo: int, hi: int):
+    """Bytes [lo, hi) of chunk i from its recorded piece of a shared page, if it has one
+    covering them (saves reloading a whole chunk to answer for one page of it)."""
+    at = lo // PAGE * PAGE
+    if hi - 1 >= at + PAGE:
+        return None
+    piece = m.pieces.get(at, {}).get(i)
+    if piece is None:
+        return None
+    first = max(at, m.manifest.offsets[i])  # where the piece starts in the file
+    return piece[lo - first:hi - first]
 
 
 def prefetch_order(head, m: OpenModel) -> list[int] | None:

@@ -1,0 +1,112 @@
+"""The read path without a kernel: a real file:// node and a real disk cache under trio.
+
+`notify` stands where pyfuse3.notify_store is in the mount: it records what would be pushed
+into the kernel's page cache, so the tests can check which bytes go there and which chunks
+the reader loads for them (the mount tests check the same end to end, through the kernel)."""
+
+import numpy as np
+import trio
+
+from shardfs import envelope
+from shardfs.cache import ChunkCache
+from shardfs.index import Node
+from shardfs.manifest import Manifest
+from shardfs.pool import NodePool
+from shardfs.reader import PAGE, OpenModel, Reader
+from shardfs.stores import open_store
+
+
+def setup(tmp_path, lengths):
+    """A 'model' of random bytes cut at the given chunk lengths, stored on one file node."""
+    data = np.random.default_rng(5).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
+    url = f"file://{tmp_path}/node"
+    store = open_store(url)
+    entries, pos = [], 0
+    for n in lengths:
+        cid, blob, _ = envelope.encode(data[pos:pos + n])
+        store.put(cid.hex(), blob)
+        entries.append((cid, n))
+        pos += n
+    man = Manifest.build(entries)
+    m = OpenModel(1, 7, "m.bin", len(data), "", man, {c.hex(): ["n1"] for c, _ in entries})
+    pool = NodePool({"n1": Node("n1", url)})
+    cache = ChunkCache(str(tmp_path / "cache"), 1 << 30, free_floor=0)
+    return data, m, pool, cache
+
+
+async def with_reader(pool, cache, fn, push=True):
+    pushes = []
+
+    def notify(inode, off, buf):
+        pushes.append((off, bytes(buf)))
+        return True
+
+    reader = Reader(pool, cache, notify=notify if push else None)
+    async with trio.open_nursery() as n:
+        reader.attach(n)
+        await fn(reader, pushes)
+        n.cancel_scope.cancel()
+
+
+def test_reads_that_hand_over_a_whole_chunk_spare_it_from_prefetch(tmp_path):
+    lengths = [3 * PAGE + 10, 2 * PAGE + 7, 4 * PAGE + 1]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        off1, end1 = m.manifest.offsets[1], m.manifest.offsets[2]
+        p0, p1 = off1 // PAGE * PAGE, -(-end1 // PAGE) * PAGE
+        # the kernel reads whole pages; chunk 1 in two reads: held only after the second
+        assert bytes(await reader.read(m, p0, PAGE)) == data[p0:p0 + PAGE]
+        assert not m.in_kernel
+        assert bytes(await reader.read(m, p0 + PAGE, p1 - p0 - PAGE)) == data[p0 + PAGE:p1]
+        assert m.in_kernel == {1}  # (chunks 0 and 2 only had their shared pages read)
+        # the kernel asking again means it dropped the pages: no longer assumed held
+        await reader.read(m, p0, PAGE)
+        assert 1 not in m.in_kernel
+
+    trio.run(with_reader, pool, cache, main, False)  # no pushes: reads alone hand chunks over
+
+
+def test_a_shared_page_is_answered_from_the_pieces_not_by_reloading_the_chunk(tmp_path):
+    lengths = [3 * PAGE + 10, 2 * PAGE + 7, 4 * PAGE + 1]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        chunk = await reader.chunk(m, 1, keep=False)
+        await reader._push_now(m, 1, chunk)  # as prefetch does
+        assert 1 in m.in_kernel
+        # chunk 1 pushed whole, its two shared pages wait for chunks 0 and 2
+        assert [off for off, _ in pushes] == [m.manifest.offsets[1]]
+        reader.mem.clear()
+        hits, fetched = cache.hits, reader.fetched
+        page = m.manifest.offsets[1] // PAGE * PAGE
+        # the kernel asks for the page chunk 0 and chunk 1 share: chunk 0 is loaded,
+        # chunk 1's part comes from its piece
+        assert bytes(await reader.read(m, page, PAGE)) == data[page:page + PAGE]
+        assert reader.fetched == fetched + 1 and cache.hits == hits  # chunk 0 only, from the node
+        # pushing chunk 2 completes the page it shares with chunk 1: pushed whole
+        await reader._push_now(m, 2, await reader.chunk(m, 2, keep=False))
+        last = (m.manifest.offsets[2]) // PAGE * PAGE
+        assert (last, data[last:last + PAGE]) in pushes
+        assert last not in m.pieces
+
+    trio.run(with_reader, pool, cache, main)
+
+
+def test_pages_read_twice_do_not_complete_a_chunk():
+    """Coverage is kept per page: reading one page of a chunk twice, or every byte count's
+    worth of it in overlapping reads, does not mark it held; covering every page does."""
+    from shardfs.reader import handed_over
+
+    lengths = [PAGE + 10, 5 * PAGE + 7, PAGE]
+    man = Manifest.build((bytes([k]) * 32, n) for k, n in enumerate(lengths))
+    m = OpenModel(1, 7, "m.bin", sum(lengths), "", man, {})
+    s, e = man.offsets[1], man.offsets[1] + lengths[1]
+    first_page_end = (s // PAGE + 1) * PAGE
+    for _ in range(6):  # as many bytes as the chunk, all on its first page
+        handed_over(m, 1, s, first_page_end)
+    assert 1 not in m.in_kernel
+    handed_over(m, 1, first_page_end + 10, e)  # a read starting mid-page covers that page's rest only
+    assert 1 not in m.in_kernel
+    handed_over(m, 1, first_page_end, first_page_end + PAGE)
+    assert 1 in m.in_kernel and 1 not in m.served
