@@ -18,7 +18,6 @@ Thread-safe: the daemon calls it from worker threads; one lock guards the index.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
@@ -269,8 +268,9 @@ DIRECT_ALIGN = 4096  # covers every logical block size and DMA alignment in use
 
 def _write_all(fd: int, data, direct: bool) -> bool:
     """Write all of data to fd. With direct, the block-aligned head of a page-aligned
-    buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered; if the
-    filesystem refuses O_DIRECT, everything is written the plain way and False returned."""
+    buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered. If the
+    O_DIRECT part fails in any way, everything is written again the plain way (whose errors,
+    like ENOSPC, are the caller's) and False is returned."""
     mv = memoryview(data).cast("B")
     done = 0
     head = len(mv) - len(mv) % DIRECT_ALIGN
@@ -280,9 +280,7 @@ def _write_all(fd: int, data, direct: bool) -> bool:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             while done < head:
                 done += os.write(fd, mv[done:head])
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
+        except OSError:
             os.lseek(fd, 0, os.SEEK_SET)  # O_DIRECT refused: write it all the plain way
             os.ftruncate(fd, 0)
             done = 0

@@ -138,6 +138,7 @@ async def _dispatch(daemon, req, send):
             reader.mem.clear()
             for m in list(daemon.models.values()):
                 daemon.stop_prefetch(m)
+                m.kernel_dropped()
                 await trio.to_thread.run_sync(daemon.invalidate, m)
             return {"freed": freed}
         freed = 0
@@ -145,6 +146,7 @@ async def _dispatch(daemon, req, send):
             freed += await trio.to_thread.run_sync(cache.evict, m.hexes)
             reader.forget(m.hexes)
             daemon.stop_prefetch(m)
+            m.kernel_dropped()
             # in a thread: the kernel may wait on pages locked by reads only the trio thread answers
             await trio.to_thread.run_sync(daemon.invalidate, m)
         return {"freed": freed}

@@ -102,8 +102,10 @@ class Daemon:
 
     def closed(self, m: OpenModel) -> None:
         self.open_count[m.vid] -= 1
-        if self.open_count[m.vid] == 0 and m.vid in self._prefetching:
-            self._prefetching.pop(m.vid).cancel()
+        if self.open_count[m.vid] == 0:
+            m.pieces.clear()  # only a help while the file is being loaded
+            if m.vid in self._prefetching:
+                self._prefetching.pop(m.vid).cancel()
 
     async def _prefetch(self, m: OpenModel, scope: trio.CancelScope) -> None:
         with scope:
@@ -258,9 +260,8 @@ class Daemon:
             self._prefetching.pop(m.vid).cancel()
 
     def invalidate(self, m: OpenModel) -> None:
-        """Drop the kernel's cached pages of a model (after its chunks were evicted)."""
-        m.in_kernel.clear()
-        m.served.clear()
+        """Worker thread: drop the kernel's cached pages of a model (after its chunks were
+        evicted). The trio thread calls m.kernel_dropped() first."""
         try:
             pyfuse3.invalidate_inode(m.inode, attr_only=False)
         except OSError:

@@ -75,6 +75,7 @@ ZSTD_PARAMS = dict(compression_level=1, hash_log=6, min_match=7, search_log=1)
 # byte copies ran at a third of the speed. Explicit little-endian, so the layout is the file's.
 _WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 _zstd = threading.local()  # zstandard (de)compressor objects are not thread-safe
+SCRATCH_MAX = 4 << 20  # streams up to this size decompress into a per-thread scratch buffer
 
 
 def _zstd_compress(data: bytes) -> bytes:
@@ -98,7 +99,7 @@ def _zstd_decompress(data, size: int, fresh: bool = False) -> np.ndarray:
     if zstandard.frame_content_size(data) != size:  # checked before any allocation a frame asks for
         raise CorruptChunk("zstd stream declares the wrong length")
     # one spare byte: a frame that holds more than it declares shows up as a wrong length
-    if fresh:
+    if fresh or size > SCRATCH_MAX:  # (every fetch thread keeps its scratch: bounded)
         out = np.empty(size + 1, np.uint8)
     else:
         scratch = getattr(_zstd, "scratch", None)

@@ -66,6 +66,12 @@ class OpenModel:
     def __post_init__(self):
         self.hexes = [c.hex() for c in self.manifest.ids]
 
+    def kernel_dropped(self) -> None:
+        """Trio thread: the kernel's pages of this file are being dropped (cache evict)."""
+        self.in_kernel.clear()
+        self.served.clear()
+        self.pieces.clear()
+
 
 @dataclass
 class ReadState:
@@ -279,6 +285,7 @@ class Reader:
                 data = await self.chunk(m, i)
                 piece = data[lo - start:hi - start]
             parts.append(piece)
+        for i, _start, lo, hi, _piece in ranges:  # only once the whole reply is in hand
             handed_over(m, i, lo, hi)
         out = parts[0] if len(parts) == 1 else b"".join(parts)
         self.bytes_served += len(out)
@@ -305,13 +312,16 @@ class Reader:
         """Fetch every chunk of a model into the cache. `progress(done, total)` is called
         after each chunk. Raises the first ChunkUnavailable after trying every chunk."""
         done = 0
-        errors = []
+        errors, unstored = [], []
         slots = trio.Semaphore(self.fetch_limiter.total_tokens)
 
         async def one(i):
             nonlocal done
             try:
                 await self.chunk(m, i, keep=False, stored=True)
+                if self.cache is not None and m.hexes[i] not in self.cache:
+                    unstored.append(i)  # fetched, but the cache could not take it
+                    return
                 done += m.manifest.lengths[i]
                 if progress is not None:
                     progress(done, m.size)
@@ -326,6 +336,9 @@ class Reader:
                 n.start_soon(one, i)
         if errors:
             raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
+        if unstored:
+            raise ChunkUnavailable(f"{m.name}: {len(unstored)} chunk(s) could not be written to the cache "
+                                   f"{self.cache.root} (full or not writable? see the mount's log)")
         return done
 
     async def prefetch(self, m: OpenModel) -> None:
@@ -345,7 +358,7 @@ class Reader:
         if not len(m.manifest):
             return
         first = await self.chunk(m, 0)
-        order = prefetch_order(first, m)
+        order = await trio.to_thread.run_sync(prefetch_order, first, m)  # parses JSON: not here
         if order is None:
             return
         slots = self._prefetch_slots

@@ -389,6 +389,10 @@ def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp
     log = open(next(os.path.join(d, f) for d, _, fs in os.walk(m.cli.env["SHARDFS_HOME"]) for f in fs
                     if f.startswith("mount-"))).read()
     assert log.count("cannot be written") == 1
+    # warm promises the chunks are in the cache: here it cannot keep that, and says so
+    r = m.cli("cache", "warm", "org/deep/other.bin", "--mount", m.path, check=False)
+    assert r.returncode != 0 and "could not be written to the cache" in r.stderr, r
+    assert "Traceback" not in r.stderr
 
 
 def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
