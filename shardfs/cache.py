@@ -168,16 +168,18 @@ class ChunkCache:
             os.rename(tmp, path)
             tmp = None
         except OSError as e:
-            if not self.write_failed:
+            with self._lock:  # fills run in parallel threads: say it once
+                first, self.write_failed = not self.write_failed, True
+            if first:
                 log.warning("cache %s cannot be written (%s); serving reads without it", self.root, e.strerror)
-            self.write_failed = True
             return False
         finally:
             if tmp:
                 _unlink(tmp)
-        if self.write_failed:
+        with self._lock:
+            recovered, self.write_failed = self.write_failed, False
+        if recovered:
             log.warning("cache %s is writable again", self.root)
-            self.write_failed = False
         with self._lock:
             if hex_id not in self._lru:
                 self._lru[hex_id] = len(raw)
