@@ -265,7 +265,7 @@ class ChunkCache:
                     "corrupt": self.corrupt, "writable": not self.write_failed, "pins": sorted(self._pins)}
 
 
-DIRECT_ALIGN = 4096  # covers every logical block size and DMA alignment in use
+DIRECT_ALIGN = envelope.ALIGN  # covers every logical block size and DMA alignment in use
 
 
 def _write_all(fd: int, data, direct: bool) -> bool:

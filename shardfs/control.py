@@ -137,18 +137,13 @@ async def _dispatch(daemon, req, send):
             freed = await trio.to_thread.run_sync(cache.evict_all)
             reader.mem.clear()
             for m in list(daemon.models.values()):
-                daemon.stop_prefetch(m)
-                m.kernel_dropped()
-                await trio.to_thread.run_sync(daemon.invalidate, m)
+                await daemon.drop_kernel_pages(m)
             return {"freed": freed}
         freed = 0
         for m in await _models(daemon, req):
             freed += await trio.to_thread.run_sync(cache.evict, m.hexes)
             reader.forget(m.hexes)
-            daemon.stop_prefetch(m)
-            m.kernel_dropped()
-            # in a thread: the kernel may wait on pages locked by reads only the trio thread answers
-            await trio.to_thread.run_sync(daemon.invalidate, m)
+            await daemon.drop_kernel_pages(m)
         return {"freed": freed}
     if op == "warm":
         total = 0

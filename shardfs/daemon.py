@@ -104,8 +104,7 @@ class Daemon:
         self.open_count[m.vid] -= 1
         if self.open_count[m.vid] == 0:
             m.pieces.clear()  # only a help while the file is being loaded
-            if m.vid in self._prefetching:
-                self._prefetching.pop(m.vid).cancel()
+            self.stop_prefetch(m)
 
     async def _prefetch(self, m: OpenModel, scope: trio.CancelScope) -> None:
         with scope:
@@ -259,9 +258,15 @@ class Daemon:
         if m.vid in self._prefetching:
             self._prefetching.pop(m.vid).cancel()
 
-    def invalidate(self, m: OpenModel) -> None:
-        """Worker thread: drop the kernel's cached pages of a model (after its chunks were
-        evicted). The trio thread calls m.kernel_dropped() first."""
+    async def drop_kernel_pages(self, m: OpenModel) -> None:
+        """After a model's chunks were evicted: stop its prefetch and drop the kernel's
+        cached pages of it. The invalidation runs in a thread: the kernel may wait on pages
+        locked by reads that only this trio thread answers."""
+        self.stop_prefetch(m)
+        m.kernel_dropped()
+        await trio.to_thread.run_sync(self._invalidate, m)
+
+    def _invalidate(self, m: OpenModel) -> None:
         try:
             pyfuse3.invalidate_inode(m.inode, attr_only=False)
         except OSError:

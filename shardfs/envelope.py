@@ -161,7 +161,10 @@ def _ungroup(streams: list, raw_len: int, tail) -> memoryview:
     return memoryview(flat)
 
 
-def _aligned(size: int, align: int = 4096) -> np.ndarray:
+ALIGN = 4096  # decoded chunks start on a page boundary: the cache writes them with O_DIRECT
+
+
+def _aligned(size: int, align: int = ALIGN) -> np.ndarray:
     """An uninitialized byte array starting on a page boundary (so the cache can write it
     with O_DIRECT)."""
     base = np.empty(size + align, np.uint8)
@@ -262,7 +265,7 @@ def encode(raw, codec: str | int | None = None, cid: bytes | None = None,
             break
         if c == CODEC_LZ4:
             if not _hopeless(raw):
-                packed = lz4.block.compress(raw, store_size=False)
+                packed = _lz4(raw)
                 parts = [packed] if len(packed) < len(raw) * (1 - MIN_SAVING) else None
         else:
             parts = _encode_grouped(raw, GROUP_WIDTH[c], STREAM_CODEC[c])

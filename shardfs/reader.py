@@ -8,12 +8,14 @@ be followed from top to bottom here:
         memory buffer hit                 -> bytes
         else join or start one flight     -> _fill (worker thread, under fetch_limiter):
                                                cache.get (hash-checked) or
-                                               pool.read (failover, decode, hash-check) + cache.put
+                                               pool.read (failover, decode, hash-check);
+                                               waiting readers get it, then cache.put
       sequential reads also start flights for the next `window` bytes (readahead)
 
 Concurrency invariants (trio, single thread; only `await` points switch tasks):
-- `_flights[h]` exists exactly while one _fill for chunk h runs; every reader of h waits
-  on that flight's event, so a chunk is fetched once however many readers want it.
+- `_flights[h]` exists exactly while one _fill for chunk h runs (its cache write
+  included); every reader of h waits on that flight's event, so a chunk is fetched once
+  however many readers want it.
 - _fill runs in the reader's long-lived nursery, not in the requesting task, so a
   cancelled read never leaves a flight without an owner.
 - Errors are not remembered: the flight is removed when it ends, and the next reader
