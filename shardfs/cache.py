@@ -18,7 +18,6 @@ Thread-safe: the daemon calls it from worker threads; one lock guards the index.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -28,9 +27,8 @@ import threading
 import time
 from collections import OrderedDict
 
-import numpy as np
 
-from . import envelope
+from . import directio, envelope
 from .stores import chunk_relpath
 
 log = logging.getLogger("shardfs.cache")
@@ -53,9 +51,9 @@ class ChunkCache:
         self.used = 0
         self.hits = self.misses = self.evictions = self.corrupt = 0
         self.write_failed = False
-        # Fill entries with O_DIRECT where the filesystem allows it: the chunk is already in
-        # the mounted file's page cache, so a second cached copy only costs a memcpy per byte
-        # (~1/5 of a cold read's CPU, measured) and memory. Off on tmpfs and friends.
+        # Fill and load entries with O_DIRECT where the filesystem allows it (directio.py):
+        # the chunk is in the mounted file's page cache already, so a second cached copy
+        # only costs a memcpy per byte (~1/5 of a cold read's CPU, measured) and memory.
         self.direct = direct and hasattr(os, "O_DIRECT")
         os.makedirs(os.path.join(self.root, "chunks"), exist_ok=True)
         self._scan()
@@ -120,12 +118,13 @@ class ChunkCache:
             self.misses += 1
             return None
         try:
-            with open(self.path(hex_id), "rb") as f:
-                raw = f.read()
+            raw, direct = directio.read_whole(self.path(hex_id), self.direct)
         except OSError:
             self._forget(hex_id)
             self.misses += 1
             return None
+        if self.direct and not direct:
+            self._refuses_direct()
         if envelope.chunk_id(raw, keyring) != bytes.fromhex(hex_id):
             self.corrupt += 1
             log.warning("cache entry %s is damaged; dropped and fetched again", hex_id)
@@ -160,9 +159,8 @@ class ChunkCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
             try:
-                if not _write_all(fd, raw, self.direct) and self.direct:
-                    self.direct = False
-                    log.info("cache %s refuses O_DIRECT; filling it through the page cache", self.root)
+                if not directio.write_all(fd, raw, self.direct) and self.direct:
+                    self._refuses_direct()
             finally:
                 os.close(fd)
             os.rename(tmp, path)
@@ -186,6 +184,12 @@ class ChunkCache:
                 self.used += len(raw)
         self._maybe_evict()
         return True
+
+    def _refuses_direct(self) -> None:
+        with self._lock:  # parallel threads: say it once
+            first, self.direct = self.direct, False
+        if first:
+            log.info("cache %s refuses O_DIRECT; using the page cache", self.root)
 
     def discard(self, hex_id: str) -> bool:
         _unlink(self.path(hex_id))
@@ -263,35 +267,6 @@ class ChunkCache:
             return {"dir": self.root, "used": self.used, "limit": self.limit, "entries": len(self._lru),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                     "corrupt": self.corrupt, "writable": not self.write_failed, "pins": sorted(self._pins)}
-
-
-DIRECT_ALIGN = envelope.ALIGN  # covers every logical block size and DMA alignment in use
-
-
-def _write_all(fd: int, data, direct: bool) -> bool:
-    """Write all of data to fd. With direct, the block-aligned head of a page-aligned
-    buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered. If the
-    O_DIRECT part fails in any way, everything is written again the plain way (whose errors,
-    like ENOSPC, are the caller's) and False is returned."""
-    mv = memoryview(data).cast("B")
-    done = 0
-    head = len(mv) - len(mv) % DIRECT_ALIGN
-    if direct and head and np.frombuffer(mv, np.uint8).ctypes.data % DIRECT_ALIGN == 0:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-            while done < head:
-                done += os.write(fd, mv[done:head])
-        except OSError:
-            os.lseek(fd, 0, os.SEEK_SET)  # O_DIRECT refused: write it all the plain way
-            os.ftruncate(fd, 0)
-            done = 0
-            direct = False
-        finally:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    while done < len(mv):
-        done += os.write(fd, mv[done:])
-    return direct
 
 
 def envelope_id_ok(name: str) -> bool:

@@ -34,6 +34,7 @@ import lz4.block
 import numpy as np
 import zstandard
 
+from . import directio
 from .errors import CorruptChunk
 
 MAGIC = b"SFCK"
@@ -147,7 +148,7 @@ def _ungroup(streams: list, raw_len: int, tail) -> memoryview:
     fresh memory per chunk)."""
     k = len(streams)
     n = len(streams[0])
-    flat = _aligned(raw_len)
+    flat = directio.aligned(raw_len)  # page-aligned: the cache writes it with O_DIRECT
     words = flat[:n * k].view(_WORD[k])
     np.left_shift(streams[k - 1], 8 * (k - 1), out=words, dtype=_WORD[k])
     if k > 2:
@@ -159,17 +160,6 @@ def _ungroup(streams: list, raw_len: int, tail) -> memoryview:
     flat[n * k:] = np.frombuffer(tail, np.uint8)
     flat.flags.writeable = False
     return memoryview(flat)
-
-
-ALIGN = 4096  # decoded chunks start on a page boundary: the cache writes them with O_DIRECT
-
-
-def _aligned(size: int, align: int = ALIGN) -> np.ndarray:
-    """An uninitialized byte array starting on a page boundary (so the cache can write it
-    with O_DIRECT)."""
-    base = np.empty(size + align, np.uint8)
-    at = -base.ctypes.data % align
-    return base[at:at + size]
 
 
 SAMPLE = 16 << 10

@@ -1,0 +1,126 @@
+"""Whole-file reads and writes that bypass the page cache where that saves work.
+
+A cold read through the mount moves every byte through the kernel's page cache once
+already: the mounted file's. Reading a cache entry or a node's chunk file the buffered
+way adds a second cached copy of it, a memcpy out of that copy, and the page-cache
+bookkeeping per page; writing a cache entry the buffered way adds the same on the other
+side. With O_DIRECT the disk moves the bytes to and from our buffer directly.
+
+Two rules keep this safe and never slower than buffered I/O:
+- A file whose every page is already in the page cache (mincore says so) is read the
+  buffered way: that is a memcpy, O_DIRECT would go to the disk.
+- Any failure of O_DIRECT (a filesystem that refuses it, an odd alignment rule) falls
+  back to plain I/O for that call; callers keep a `direct` switch to stop trying.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import fcntl
+import mmap
+import os
+
+import numpy as np
+
+ALIGN = 4096  # covers every logical block size and DMA alignment in use
+PAGE = mmap.PAGESIZE
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def aligned(size: int, align: int = ALIGN) -> np.ndarray:
+    """An uninitialized byte array starting on a page boundary."""
+    base = np.empty(size + align, np.uint8)
+    at = -base.ctypes.data % align
+    return base[at:at + size]
+
+
+def resident(fd: int, size: int) -> bool:
+    """Whether every page of the first `size` bytes of fd is in the page cache."""
+    if size <= 0:
+        return True
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        return False
+    try:
+        vec = np.zeros((size + PAGE - 1) // PAGE, np.uint8)
+        if _libc.mincore(addr, size, vec.ctypes.data) != 0:
+            return False
+        return bool(np.all(vec & 1))
+    finally:
+        _libc.munmap(addr, size)
+
+
+def read_whole(path: str, direct: bool = True) -> tuple[memoryview, bool]:
+    """The whole file as a read-only view of a page-aligned buffer, and whether O_DIRECT
+    can still be used on this filesystem (False after it failed here).
+
+    Raises OSError like open/read would."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        buf = aligned(-(-size // ALIGN) * ALIGN)
+        got = None
+        if direct and size >= ALIGN and not resident(fd, size):
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            try:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+                got = _read_into(fd, buf, size, whole=True)
+            except OSError:
+                direct = False
+            finally:
+                fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        if got is None:
+            got = _read_into(fd, buf, size, whole=False)
+    finally:
+        os.close(fd)
+    out = buf[:got]
+    out.flags.writeable = False
+    return memoryview(out), direct
+
+
+def _read_into(fd: int, buf: np.ndarray, size: int, whole: bool) -> int:
+    """Read fd from offset 0 into buf until `size` bytes or end of file. whole=True asks
+    for block-sized requests (O_DIRECT: the last one is cut short at end of file)."""
+    mv = memoryview(buf)
+    got = 0
+    while got < size:
+        n = os.preadv(fd, [mv[got:] if whole else mv[got:size]], got)
+        if n == 0:
+            break
+        got += n
+        if whole and got % ALIGN:  # a short O_DIRECT read: the end of the file
+            break
+    return min(got, size)
+
+
+def write_all(fd: int, data, direct: bool) -> bool:
+    """Write all of data to fd. With direct, the block-aligned head of a page-aligned
+    buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered. If the
+    O_DIRECT part fails in any way, everything is written again the plain way (whose errors,
+    like ENOSPC, are the caller's) and False is returned."""
+    mv = memoryview(data).cast("B")
+    done = 0
+    head = len(mv) - len(mv) % ALIGN
+    if direct and head and np.frombuffer(mv, np.uint8).ctypes.data % ALIGN == 0:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            while done < head:
+                done += os.write(fd, mv[done:head])
+        except OSError:
+            os.lseek(fd, 0, os.SEEK_SET)  # O_DIRECT refused: write it all the plain way
+            os.ftruncate(fd, 0)
+            done = 0
+            direct = False
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    while done < len(mv):
+        done += os.write(fd, mv[done:])
+    return direct

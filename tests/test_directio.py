@@ -1,0 +1,108 @@
+"""Whole-file reads that bypass the page cache (directio.read_whole) and the residency
+check that decides when not to bypass it."""
+
+import errno
+import os
+
+import pytest
+
+from shardfs import directio
+from shardfs.cache import ChunkCache
+from shardfs.stores import FileStore, chunk_relpath
+
+from test_cache import decoded_chunk, resident_bytes, takes_o_direct
+
+
+def write_cold(path, data: bytes) -> None:
+    """Write a file and push its pages out of the page cache (as after a reboot)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def test_resident_follows_the_page_cache(tmp_path):
+    path = tmp_path / "f"
+    write_cold(path, os.urandom(5 * 4096 + 3))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert not directio.resident(fd, os.fstat(fd).st_size)
+        assert resident_bytes(str(path)) in (None, 0)
+        with open(path, "rb") as f:
+            f.read()  # a buffered read brings every page in
+        assert directio.resident(fd, os.fstat(fd).st_size)
+        assert directio.resident(fd, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 3 * 4096 + 17, (1 << 20) + 5])
+def test_cold_file_reads_whole_and_exact_without_filling_the_page_cache(tmp_path, size):
+    path = tmp_path / "f"
+    data = os.urandom(size)
+    write_cold(path, data)
+    got, direct = directio.read_whole(str(path))
+    assert bytes(got) == data
+    assert got.readonly
+    assert direct == takes_o_direct(tmp_path)
+    if direct and size >= 2 * 4096:
+        res = resident_bytes(str(path))
+        if res is not None:
+            assert res < size // 2, res  # read around the page cache, not through it
+
+
+def test_a_file_in_the_page_cache_is_read_from_it(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    data = os.urandom(64 * 1024 + 9)
+    path.write_bytes(data)  # buffered write: every page is cached
+    real_fcntl = directio.fcntl.fcntl
+    set_direct = []
+
+    def watch(fd, cmd, *arg):
+        if cmd == directio.fcntl.F_SETFL and arg and arg[0] & os.O_DIRECT:
+            set_direct.append(fd)
+        return real_fcntl(fd, cmd, *arg)
+    monkeypatch.setattr(directio.fcntl, "fcntl", watch)
+    got, direct = directio.read_whole(str(path))
+    assert bytes(got) == data and direct
+    assert set_direct == []  # a memcpy from the page cache, not a disk read
+
+
+def refuse_direct_reads(monkeypatch):
+    """Make O_DIRECT reads fail with EINVAL, as on a filesystem that refuses them."""
+    real_preadv = os.preadv
+
+    def preadv(fd, bufs, off, *a):
+        if directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, bufs, off, *a)
+    monkeypatch.setattr(directio.os, "preadv", preadv)
+
+
+def test_refused_o_direct_falls_back_to_a_plain_read(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    data = os.urandom(9 * 4096 + 1)
+    write_cold(path, data)
+    refuse_direct_reads(monkeypatch)
+    got, direct = directio.read_whole(str(path))
+    assert bytes(got) == data and not direct
+
+
+def test_cache_and_file_node_stop_trying_o_direct_once_refused(tmp_path, monkeypatch, caplog):
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30, free_floor=0)
+    h, data = decoded_chunk(512)
+    assert cache.put(h, data)
+    write_cold(cache.path(h), bytes(data))
+    node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
+    node.put(h, bytes(data))
+    write_cold(os.path.join(node.root, chunk_relpath(h)), bytes(data))
+    refuse_direct_reads(monkeypatch)
+    cache.direct = node.direct = True
+    with caplog.at_level("INFO", logger="shardfs.cache"):
+        assert bytes(cache.get(h)) == bytes(data)
+        assert bytes(cache.get(h)) == bytes(data)
+    assert not cache.direct
+    assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1
+    assert bytes(node.get(h)) == bytes(data)
+    assert not node.direct
