@@ -106,3 +106,22 @@ def test_cache_and_file_node_stop_trying_o_direct_once_refused(tmp_path, monkeyp
     assert sum("refuses O_DIRECT" in r.getMessage() for r in caplog.records) == 1
     assert bytes(node.get(h)) == bytes(data)
     assert not node.direct
+
+
+def test_refused_o_direct_fill_is_rewritten_the_plain_way(tmp_path, monkeypatch, caplog):
+    real_write = os.write
+
+    def write(fd, data):
+        if directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & os.O_DIRECT:
+            real_write(fd, bytes(memoryview(data)[:4096]))  # part of it lands, then the refusal
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+    monkeypatch.setattr(directio.os, "write", write)
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30, free_floor=0)
+    h, data = decoded_chunk(512, 5)
+    with caplog.at_level("INFO", logger="shardfs.cache"):
+        assert cache.put(h, data)
+    assert not cache.direct
+    assert any("refuses O_DIRECT" in r.getMessage() for r in caplog.records)
+    with open(cache.path(h), "rb") as f:
+        assert f.read() == bytes(data)  # no stray head from the refused attempt
