@@ -198,7 +198,7 @@ def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> i
     have = list(good)
     if len(have) >= want:
         return 1
-    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h), keyring=keyring)
+    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h), keyring=keyring, aligned=True)
     for nid in rank(h, live):
         if len(have) >= want:
             break

@@ -80,7 +80,7 @@ class FileStore(NodeStore):
             raise NodeError(self.url, f"cannot read chunk {hex_id[:16]}: {e.strerror}") from None
 
     def put(self, hex_id, blob):
-        write_atomic(self._path(hex_id), blob, self.url)
+        self.direct = write_atomic(self._path(hex_id), blob, self.url, self.direct)
 
     def has(self, hex_id):
         return os.path.exists(self._path(hex_id))
@@ -100,17 +100,21 @@ class FileStore(NodeStore):
         return {"used": dir_usage(self.root) if used else None, "free": shutil.disk_usage(self.root).free}
 
 
-def write_atomic(path: str, blob, node: str = "") -> None:
-    """tmp + fsync + rename, so a reader never sees a partial chunk (shared with the server)."""
+def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
+    """tmp + fsync + rename, so a reader never sees a partial chunk (shared with the server).
+
+    A page-aligned blob goes with O_DIRECT where the filesystem takes it (no copy into
+    the page cache; directio.py). Returns whether O_DIRECT is still worth trying here."""
     d = os.path.dirname(path)
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            direct = directio.write_all(fd, blob, direct)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
         tmp = None
     except OSError as e:
@@ -122,6 +126,7 @@ def write_atomic(path: str, blob, node: str = "") -> None:
                 os.unlink(tmp)
             except OSError:
                 pass
+    return direct
 
 
 def dir_usage(root: str) -> int:

@@ -125,3 +125,24 @@ def test_refused_o_direct_fill_is_rewritten_the_plain_way(tmp_path, monkeypatch,
     assert any("refuses O_DIRECT" in r.getMessage() for r in caplog.records)
     with open(cache.path(h), "rb") as f:
         assert f.read() == bytes(data)  # no stray head from the refused attempt
+
+
+@pytest.mark.parametrize("rows", [1, 512])
+def test_file_node_stores_aligned_envelopes_around_the_page_cache(tmp_path, rows):
+    from shardfs import envelope
+    from shardfs.synth import tensor_bytes
+    import numpy as np
+    raw = tensor_bytes(np.random.default_rng(rows), (rows, 1024), "BF16")
+    cid, blob, _ = envelope.encode(raw, "zstd-g2", aligned=True)
+    assert blob.readonly and np.frombuffer(blob, np.uint8).ctypes.data % directio.ALIGN == 0
+    assert bytes(blob) == envelope.encode(raw, "zstd-g2")[1]  # the same envelope, only placed
+    node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
+    node.put(cid.hex(), blob)
+    path = os.path.join(node.root, chunk_relpath(cid.hex()))
+    assert node.direct == takes_o_direct(tmp_path)
+    res = resident_bytes(path)
+    if res is not None and node.direct and len(blob) > 2 * 4096:
+        assert res <= 4096, res  # only the buffered tail went through the page cache
+    with open(path, "rb") as f:
+        assert f.read() == bytes(blob)
+    assert bytes(envelope.decode(node.get(cid.hex()), cid)) == raw
