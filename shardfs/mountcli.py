@@ -29,7 +29,9 @@ def add_mount_commands(sub) -> None:
     a.add_argument("--cache-size", type=_size,
                    help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB)")
     a.add_argument("--read-ahead", type=_size, help="largest readahead window (default 64MiB)")
-    a.add_argument("--memory", type=_size, help="in-memory chunk buffer (default 128MiB)")
+    a.add_argument("--memory", type=_size,
+                   help="in-memory buffer of recently read chunks (default 128MiB); chunks being "
+                        "fetched take at most as much again, prefetched ones a quarter of it")
     a.add_argument("--allow-other", action="store_true", help="let other users read the mount "
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")

@@ -93,6 +93,27 @@ class _Flight:
         self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
 
 
+class ByteBudget:
+    """Bytes of chunks held by flights at once (trio thread only). A chunk larger than the
+    whole budget still goes, alone, so no size of chunk can wait forever."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+        self.peak = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    async def acquire(self, n: int) -> None:
+        while self.used and self.used + n > self.total:
+            await self._lot.park()
+        self.used += n
+        self.peak = max(self.peak, self.used)
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        self._lot.unpark_all()
+
+
 class MemBuffer:
     """Recently used raw chunks, bounded by bytes."""
 
@@ -133,13 +154,17 @@ class Reader:
         self.cache = cache
         self.mem = MemBuffer(mem_limit)
         self.fetch_limiter = trio.CapacityLimiter(fetchers)
+        # Chunks being fetched, decoded and written to the cache are memory on top of the
+        # buffer: as much again at most, however large the chunks (8 x 64 MiB would be 512 MiB).
+        self.flight_bytes = ByteBudget(max(mem_limit, 1))
         self.readahead_max = readahead_max
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
         self._notify_limiter = trio.CapacityLimiter(2)
         # chunks in hand for prefetch, across every open file: half the fetch slots, so
-        # readers' page faults always find a free one
+        # readers' page faults always find a free one, and a quarter of the memory budget
         self._prefetch_slots = trio.Semaphore(max(1, fetchers // 2))
+        self._prefetch_bytes = ByteBudget(max(1, mem_limit // 4))
         self._pushing = 0
         self._flights: dict[str, _Flight] = {}
         self._nursery: trio.Nursery | None = None
@@ -183,18 +208,23 @@ class Reader:
 
     async def _fill(self, m: OpenModel, i: int, flight: _Flight) -> None:
         h = m.hexes[i]
+        size = m.manifest.lengths[i]
         try:
             async with self.fetch_limiter:
-                data, fetched = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
-                flight.data = data
-                flight.event.set()  # readers go on at once: the disk-cache write follows
-                if flight.keep:
-                    self._keep(m, i, data)
-                if fetched and self.cache is not None:
-                    # Write-behind, still holding the fetch slot: fills run ahead of the
-                    # disk by at most the slots, and the flight (with its data) stays
-                    # joinable until the entry exists, so nobody fetches the chunk twice.
-                    await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
+                await self.flight_bytes.acquire(size)
+                try:
+                    data, fetched = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                    flight.data = data
+                    flight.event.set()  # readers go on at once: the disk-cache write follows
+                    if flight.keep:
+                        self._keep(m, i, data)
+                    if fetched and self.cache is not None:
+                        # Write-behind, still holding the fetch slot: fills run ahead of the
+                        # disk by at most the slots, and the flight (with its data) stays
+                        # joinable until the entry exists, so nobody fetches the chunk twice.
+                        await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
+                finally:
+                    self.flight_bytes.release(size)
         except (ChunkUnavailable, CorruptChunk) as e:
             flight.error = e
             if h not in self._unavailable_logged:
@@ -354,7 +384,8 @@ class Reader:
         pushed, each chunk is also in the memory buffer: a loader right behind the push, whose
         faults reach the daemon before the pages land, must find it there, not on disk.
         Without page-cache pushes (notify off) it only fills the disk cache. All prefetches
-        together hold at most half the fetch slots' worth of chunks: a chunk is let go only
+        together hold at most half the fetch slots' worth of chunks, and at most a quarter of
+        the memory budget in bytes: a chunk is let go only
         after its push, so prefetch cannot outrun the kernel's copying, and a reopened file
         is not pushed again."""
         if not len(m.manifest):
@@ -378,6 +409,7 @@ class Reader:
                 pass  # the reader that needs it gets the error; prefetch just moves on
             finally:
                 slots.release()
+                self._prefetch_bytes.release(m.manifest.lengths[i])
 
         async with trio.open_nursery() as n:
             for i in order:
@@ -387,6 +419,11 @@ class Reader:
                 elif self.cache is not None and m.hexes[i] in self.cache:
                     continue  # already local, and there is nothing more to do with it
                 await slots.acquire()
+                try:
+                    await self._prefetch_bytes.acquire(m.manifest.lengths[i])
+                except BaseException:
+                    slots.release()
+                    raise
                 n.start_soon(one, i)
         log.debug("prefetched %s", m.name)
 

@@ -110,3 +110,41 @@ def test_pages_read_twice_do_not_complete_a_chunk():
     assert 1 not in m.in_kernel
     handed_over(m, 1, first_page_end, first_page_end + PAGE)
     assert 1 in m.in_kernel and 1 not in m.served
+
+
+def test_chunks_in_flight_stay_within_the_memory_budget(tmp_path):
+    """However large the chunks, fetches in flight hold at most --memory bytes; a chunk
+    larger than the whole budget still loads, alone."""
+    lengths = [64 * 1024] * 12 + [300 * 1024]
+    data, m, pool, cache = setup(tmp_path, lengths)
+    seen = []
+
+    async def main():
+        reader = Reader(pool, cache, mem_limit=200 * 1024, fetchers=8)
+        real_load = reader._load
+
+        def load(m_, h):
+            seen.append((m_.manifest.lengths[m_.hexes.index(h)], reader.flight_bytes.used))
+            return real_load(m_, h)
+        reader._load = load
+        async with trio.open_nursery() as n:
+            reader.attach(n)
+            got = {}
+
+            async def one(i):
+                got[i] = bytes(await reader.chunk(m, i, keep=False))
+            async with trio.open_nursery() as readers:
+                for i in range(len(lengths)):
+                    readers.start_soon(one, i)
+            n.cancel_scope.cancel()
+        for i, (off, n_) in enumerate(zip(m.manifest.offsets, lengths)):
+            assert got[i] == data[off:off + n_]
+        assert reader.flight_bytes.used == 0
+        return reader.flight_bytes.peak
+
+    peak = trio.run(main)
+    assert sorted(n_ for n_, _ in seen) == sorted(lengths)  # each chunk loaded once
+    assert [used for n_, used in seen if n_ == 300 * 1024] == [300 * 1024]  # the big one: alone
+    assert max(used for n_, used in seen if n_ < 300 * 1024) <= 200 * 1024
+    assert peak == 300 * 1024
+    assert max(used for n_, used in seen if n_ < 300 * 1024) >= 128 * 1024  # small ones in parallel
