@@ -115,23 +115,23 @@ class ChunkCache:
         with self._lock:
             known = hex_id in self._lru
         if not known:
-            self.misses += 1
+            self._count("misses")
             return None
         try:
             raw, direct = directio.read_whole(self.path(hex_id), self.direct)
         except OSError:
             self._forget(hex_id)
-            self.misses += 1
+            self._count("misses")
             return None
         if self.direct and not direct:
             self._refuses_direct()
         if envelope.chunk_id(raw, keyring) != bytes.fromhex(hex_id):
-            self.corrupt += 1
+            self._count("corrupt")
             log.warning("cache entry %s is damaged; dropped and fetched again", hex_id)
             self.discard(hex_id)
-            self.misses += 1
+            self._count("misses")
             return None
-        self.hits += 1
+        self._count("hits")
         now = time.monotonic()
         with self._lock:
             if hex_id in self._lru:
@@ -185,6 +185,10 @@ class ChunkCache:
         self._maybe_evict()
         return True
 
+    def _count(self, name: str) -> None:
+        with self._lock:  # from parallel threads: a bare += can lose counts
+            setattr(self, name, getattr(self, name) + 1)
+
     def _refuses_direct(self) -> None:
         with self._lock:  # parallel threads: say it once
             first, self.direct = self.direct, False
@@ -221,7 +225,7 @@ class ChunkCache:
                 if victim is None:
                     return
             if self.discard(victim):
-                self.evictions += 1
+                self._count("evictions")
 
     # -- admin -----------------------------------------------------------------------
 
@@ -233,7 +237,7 @@ class ChunkCache:
                 size = self._lru.get(h, 0)
             if self.discard(h):
                 freed += size
-                self.evictions += 1
+                self._count("evictions")
         return freed
 
     def evict_all(self) -> int:

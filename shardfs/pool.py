@@ -109,9 +109,11 @@ class NodePool:
                         self.report_corrupt(hex_id, nid, e)
                         errors.append(f"{nid}: corrupt copy ({e})")
                     if nxt < len(order):
-                        self.failovers += 1  # an error sends us on to the next replica
+                        with self._lock:  # an error sends us on to the next replica
+                            self.failovers += 1
                 if not done and pending:
-                    self.hedges += 1
+                    with self._lock:
+                        self.hedges += 1
         finally:
             for fut in pending:
                 fut.cancel()  # a hung request ends at its own timeout; nobody waits for it

@@ -214,6 +214,7 @@ class Reader:
                 await self.flight_bytes.acquire(size)
                 try:
                     data, fetched = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                    self.fetched += fetched
                     flight.data = data
                     flight.event.set()  # readers go on at once: the disk-cache write follows
                     if flight.keep:
@@ -291,7 +292,6 @@ class Reader:
                 raise
             m.locs[h] = fresh
             data = self.pool.read(h, fresh, m.keyring)
-        self.fetched += 1
         return data, True
 
     # -- reads -----------------------------------------------------------------------

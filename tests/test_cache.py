@@ -86,3 +86,20 @@ def test_lru_keeps_usage_under_the_limit(tmp_path):
         assert cache.used <= 4 * size * 1.01
     assert cache.get(chunks[0][0]) is None  # the oldest went first
     assert bytes(cache.get(chunks[-1][0])) == bytes(chunks[-1][1])
+
+
+def test_counters_are_exact_under_parallel_gets(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    cache = ChunkCache(str(tmp_path / "c"), 1 << 30, free_floor=0)
+    raw = b"chunk" * 100
+    h = envelope.chunk_id(raw).hex()
+    assert cache.put(h, raw)
+    absent = "0" * 64
+
+    def work(_):
+        for _ in range(200):
+            assert cache.get(h) == raw
+            assert cache.get(absent) is None
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(work, range(8)))
+    assert (cache.hits, cache.misses) == (1600, 1600)
