@@ -9,14 +9,16 @@ side. With O_DIRECT the disk moves the bytes to and from our buffer directly.
 Two rules keep this safe and never slower than buffered I/O:
 - A file whose every page is already in the page cache (mincore says so) is read the
   buffered way: that is a memcpy, O_DIRECT would go to the disk.
-- Any failure of O_DIRECT (a filesystem that refuses it, an odd alignment rule) falls
-  back to plain I/O for that call; callers keep a `direct` switch to stop trying.
+- Any failure of O_DIRECT falls back to plain I/O for that call, and a short O_DIRECT
+  read is finished the plain way; a filesystem that refuses O_DIRECT (EINVAL, EOPNOTSUPP)
+  clears the caller's `direct` switch, so it stops trying.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import fcntl
 import mmap
 import os
@@ -42,7 +44,10 @@ def aligned(size: int, align: int = ALIGN) -> np.ndarray:
 
 
 def resident(fd: int, size: int) -> bool:
-    """Whether every page of the first `size` bytes of fd is in the page cache."""
+    """Whether every page of the first `size` bytes of fd is in the page cache.
+
+    (Linux reports every page resident for a file the caller neither owns nor may write:
+    such files are read the buffered way, which is correct, only not the fastest.)"""
     if size <= 0:
         return True
     addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
@@ -59,25 +64,25 @@ def resident(fd: int, size: int) -> bool:
 
 def read_whole(path: str, direct: bool = True) -> tuple[memoryview, bool]:
     """The whole file as a read-only view of a page-aligned buffer, and whether O_DIRECT
-    can still be used on this filesystem (False after it failed here).
+    is still worth trying on this filesystem (False once it was refused here).
 
     Raises OSError like open/read would."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         buf = aligned(-(-size // ALIGN) * ALIGN)
-        got = None
+        got = 0
         if direct and size >= ALIGN and not resident(fd, size):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-                got = _read_into(fd, buf, size, whole=True)
-            except OSError:
-                direct = False
+                got = _read_direct(fd, buf, size)
+            except OSError as e:
+                got = 0  # read it all again the plain way (which raises real I/O errors)
+                direct = e.errno not in REFUSED
             finally:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-        if got is None:
-            got = _read_into(fd, buf, size, whole=False)
+        got = _read_plain(fd, buf, got, size)
     finally:
         os.close(fd)
     out = buf[:got]
@@ -85,26 +90,39 @@ def read_whole(path: str, direct: bool = True) -> tuple[memoryview, bool]:
     return memoryview(out), direct
 
 
-def _read_into(fd: int, buf: np.ndarray, size: int, whole: bool) -> int:
-    """Read fd from offset 0 into buf until `size` bytes or end of file. whole=True asks
-    for block-sized requests (O_DIRECT: the last one is cut short at end of file)."""
+# errnos with which a filesystem refuses O_DIRECT (or its alignment): stop trying there
+REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def _read_direct(fd: int, buf: np.ndarray, size: int) -> int:
+    """O_DIRECT reads of whole blocks from offset 0; stops at the first short read (the end
+    of the file, or a filesystem that splits reads: _read_plain goes on from there)."""
     mv = memoryview(buf)
     got = 0
     while got < size:
-        n = os.preadv(fd, [mv[got:] if whole else mv[got:size]], got)
+        n = os.preadv(fd, [mv[got:]], got)
+        got += n
+        if n == 0 or got % ALIGN:
+            break
+    return min(got, size)
+
+
+def _read_plain(fd: int, buf: np.ndarray, got: int, size: int) -> int:
+    """Buffered reads from `got` until `size` bytes or the end of the file."""
+    mv = memoryview(buf)
+    while got < size:
+        n = os.preadv(fd, [mv[got:size]], got)
         if n == 0:
             break
         got += n
-        if whole and got % ALIGN:  # a short O_DIRECT read: the end of the file
-            break
-    return min(got, size)
+    return got
 
 
 def write_all(fd: int, data, direct: bool) -> bool:
     """Write all of data to fd. With direct, the block-aligned head of a page-aligned
     buffer goes with O_DIRECT (no copy into the page cache) and the tail buffered. If the
     O_DIRECT part fails in any way, everything is written again the plain way (whose errors,
-    like ENOSPC, are the caller's) and False is returned."""
+    like ENOSPC, are the caller's); returns False if the filesystem refused O_DIRECT."""
     mv = memoryview(data).cast("B")
     done = 0
     head = len(mv) - len(mv) % ALIGN
@@ -114,11 +132,11 @@ def write_all(fd: int, data, direct: bool) -> bool:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             while done < head:
                 done += os.write(fd, mv[done:head])
-        except OSError:
-            os.lseek(fd, 0, os.SEEK_SET)  # O_DIRECT refused: write it all the plain way
+        except OSError as e:
+            os.lseek(fd, 0, os.SEEK_SET)  # write it all the plain way (whose errors are real)
             os.ftruncate(fd, 0)
             done = 0
-            direct = False
+            direct = e.errno not in REFUSED
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     while done < len(mv):

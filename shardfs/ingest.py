@@ -181,8 +181,9 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
     sha = hashlib.sha256()
     # Each worker spends much of a chunk's time waiting on fsync and Redis, so more workers
     # than cores keep the CPUs busy (2 cores, 4 MiB chunks: 4 workers 5.6-6.8 s for 2 GiB,
-    # 16 workers 5.0 s). Chunks in memory stay under about INFLIGHT_BYTES.
-    workers = max(2, min(16, INFLIGHT_BYTES // chunk_size - 2))
+    # 16 workers 5.0 s). The raw chunks read ahead (workers + 2) stay under INFLIGHT_BYTES
+    # down to 2 workers (24 MiB chunks); larger chunks take 4 x chunk, plus encode buffers.
+    workers = max(2, min(max(16, 2 * (os.cpu_count() or 2)), INFLIGHT_BYTES // chunk_size - 2))
     inflight = threading.Semaphore(workers + 2)
     bar = _progress(size, name, progress)
     futures = []

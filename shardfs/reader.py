@@ -28,7 +28,7 @@ from __future__ import annotations
 import io
 import logging
 import mmap
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import trio
@@ -94,24 +94,48 @@ class _Flight:
 
 
 class ByteBudget:
-    """Bytes of chunks held by flights at once (trio thread only). A chunk larger than the
-    whole budget still goes, alone, so no size of chunk can wait forever."""
+    """Bytes of chunks held at once (trio thread only), granted in arrival order, so a large
+    chunk is not overtaken forever by small ones. A chunk larger than the whole budget
+    still goes, alone, so no size of chunk can wait forever."""
 
     def __init__(self, total: int):
         self.total = total
         self.used = 0
         self.peak = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        self._waiting: deque[list] = deque()  # [bytes, trio.Event], first come first served
 
-    async def acquire(self, n: int) -> None:
-        while self.used and self.used + n > self.total:
-            await self._lot.park()
+    def _fits(self, n: int) -> bool:
+        return self.used == 0 or self.used + n <= self.total
+
+    def _take(self, n: int) -> None:
         self.used += n
         self.peak = max(self.peak, self.used)
 
+    async def acquire(self, n: int) -> None:
+        if not self._waiting and self._fits(n):
+            self._take(n)  # (no checkpoint after: a cancel there would leak the bytes)
+            return
+        entry = [n, trio.Event()]
+        self._waiting.append(entry)
+        try:
+            await entry[1].wait()
+        except BaseException:  # cancelled: leave the queue, or give back what was granted
+            if entry[1].is_set():
+                self.release(n)
+            else:
+                self._waiting.remove(entry)
+                self._grant()
+            raise
+
     def release(self, n: int) -> None:
         self.used -= n
-        self._lot.unpark_all()
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._fits(self._waiting[0][0]):
+            n, event = self._waiting.popleft()
+            self._take(n)
+            event.set()
 
 
 class MemBuffer:
@@ -156,7 +180,8 @@ class Reader:
         self.fetch_limiter = trio.CapacityLimiter(fetchers)
         # Chunks being fetched, decoded and written to the cache are memory on top of the
         # buffer: as much again at most, however large the chunks (8 x 64 MiB would be 512 MiB).
-        self.flight_bytes = ByteBudget(max(mem_limit, 1))
+        # Not below 4 default chunks, or a tiny --memory would fetch one chunk at a time.
+        self.flight_bytes = ByteBudget(max(mem_limit, 16 << 20))
         self.readahead_max = readahead_max
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache

@@ -14,12 +14,15 @@ from test_cache import decoded_chunk, resident_bytes, takes_o_direct
 
 
 def write_cold(path, data: bytes) -> None:
-    """Write a file and push its pages out of the page cache (as after a reboot)."""
+    """Write a file and push its pages out of the page cache (as after a reboot); skip the
+    test where that cannot be done (tmpfs keeps every page)."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        if len(data) >= 4096 and directio.resident(f.fileno(), len(data)):
+            pytest.skip(f"{path}: this filesystem keeps its pages in memory (tmpfs?)")
 
 
 def test_resident_follows_the_page_cache(tmp_path):
@@ -45,7 +48,8 @@ def test_cold_file_reads_whole_and_exact_without_filling_the_page_cache(tmp_path
     got, direct = directio.read_whole(str(path))
     assert bytes(got) == data
     assert got.readonly
-    assert direct == takes_o_direct(tmp_path)
+    if size >= 4096:  # (smaller files are always read the plain way)
+        assert direct == takes_o_direct(tmp_path)
     if direct and size >= 2 * 4096:
         res = resident_bytes(str(path))
         if res is not None:
@@ -69,15 +73,45 @@ def test_a_file_in_the_page_cache_is_read_from_it(tmp_path, monkeypatch):
     assert set_direct == []  # a memcpy from the page cache, not a disk read
 
 
-def refuse_direct_reads(monkeypatch):
-    """Make O_DIRECT reads fail with EINVAL, as on a filesystem that refuses them."""
+def refuse_direct_reads(monkeypatch, err=errno.EINVAL):
+    """Make O_DIRECT reads fail with `err` (EINVAL: as on a filesystem that refuses them)."""
     real_preadv = os.preadv
 
     def preadv(fd, bufs, off, *a):
         if directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
+            raise OSError(err, os.strerror(err))
         return real_preadv(fd, bufs, off, *a)
     monkeypatch.setattr(directio.os, "preadv", preadv)
+
+
+def test_an_o_direct_read_error_is_retried_plainly_without_giving_up_o_direct(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    data = os.urandom(9 * 4096 + 1)
+    write_cold(path, data)
+    refuse_direct_reads(monkeypatch, errno.EIO)
+    got, direct = directio.read_whole(str(path))
+    assert bytes(got) == data and direct
+
+
+def test_short_o_direct_reads_mid_file_are_finished_not_taken_for_the_end(tmp_path, monkeypatch):
+    """Network filesystems may return less than asked in the middle of a file."""
+    path = tmp_path / "f"
+    data = os.urandom(20 * 4096 + 3)
+    write_cold(path, data)
+    if not takes_o_direct(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    real_preadv = os.preadv
+    short = []
+
+    def preadv(fd, bufs, off, *a):
+        if directio.fcntl.fcntl(fd, directio.fcntl.F_GETFL) & os.O_DIRECT:
+            n = real_preadv(fd, [memoryview(bufs[0])[:3 * 4096]], off, *a)
+            short.append(n)
+            return min(n, 5000)  # as if the filesystem had stopped at an odd byte
+        return real_preadv(fd, bufs, off, *a)
+    monkeypatch.setattr(directio.os, "preadv", preadv)
+    got, direct = directio.read_whole(str(path))
+    assert short and bytes(got) == data and direct
 
 
 def test_refused_o_direct_falls_back_to_a_plain_read(tmp_path, monkeypatch):
@@ -139,7 +173,8 @@ def test_file_node_stores_aligned_envelopes_around_the_page_cache(tmp_path, rows
     node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
     node.put(cid.hex(), blob)
     path = os.path.join(node.root, chunk_relpath(cid.hex()))
-    assert node.direct == takes_o_direct(tmp_path)
+    if len(blob) >= 4096:  # (else there is no aligned head to write with O_DIRECT)
+        assert node.direct == takes_o_direct(tmp_path)
     res = resident_bytes(path)
     if res is not None and node.direct and len(blob) > 2 * 4096:
         assert res <= 4096, res  # only the buffered tail went through the page cache

@@ -6,13 +6,14 @@ the reader loads for them (the mount tests check the same end to end, through th
 
 import numpy as np
 import trio
+import trio.testing
 
 from shardfs import envelope
 from shardfs.cache import ChunkCache
 from shardfs.index import Node
 from shardfs.manifest import Manifest
 from shardfs.pool import NodePool
-from shardfs.reader import PAGE, OpenModel, Reader
+from shardfs.reader import PAGE, ByteBudget, OpenModel, Reader
 from shardfs.stores import open_store
 
 
@@ -120,7 +121,8 @@ def test_chunks_in_flight_stay_within_the_memory_budget(tmp_path):
     seen = []
 
     async def main():
-        reader = Reader(pool, cache, mem_limit=200 * 1024, fetchers=8)
+        reader = Reader(pool, cache, fetchers=8)
+        reader.flight_bytes = ByteBudget(200 * 1024)  # as --memory 200KiB would be, without the floor
         real_load = reader._load
 
         def load(m_, h):
@@ -148,3 +150,35 @@ def test_chunks_in_flight_stay_within_the_memory_budget(tmp_path):
     assert max(used for n_, used in seen if n_ < 300 * 1024) <= 200 * 1024
     assert peak == 300 * 1024
     assert max(used for n_, used in seen if n_ < 300 * 1024) >= 128 * 1024  # small ones in parallel
+
+
+def test_byte_budget_grants_in_arrival_order_and_survives_cancellation():
+    async def main():
+        b = ByteBudget(100)
+        order = []
+        holds = {k: trio.Event() for k in "ABC"}
+
+        async def want(name, n):
+            await b.acquire(n)
+            order.append(name)
+            await holds[name].wait()
+            b.release(n)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(want, "A", 60)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(want, "B", 60)  # does not fit beside A: waits
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(want, "C", 10)  # would fit, but B came first
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(0.05):  # a waiter cancelled in the queue takes nothing
+                await b.acquire(5)
+            assert order == ["A"] and b.used == 60
+            holds["A"].set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert sorted(order[1:]) == ["B", "C"] and b.used == 70  # both granted when A left
+            holds["B"].set()
+            holds["C"].set()
+        assert b.used == 0 and b.peak == 70
+
+    trio.run(main)
