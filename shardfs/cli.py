@@ -290,10 +290,15 @@ def cmd_verify(args):
 
 def cmd_gc(args):
     from .maintenance import gc
-    from .units import human
+    from .units import human, parse_duration
+    grace = parse_duration(args.grace)
     idx = _index(args)
+    pruned = idx.prune_versions(grace) if grace != float("inf") else []
+    for name, vid in pruned:
+        print(f"gc: dropped replaced version {vid} of {name}")
     n, freed = gc(idx)
-    print(f"gc: deleted {n} unreferenced chunk(s), {human(freed)} per replica")
+    print(f"gc: dropped {len(pruned)} replaced version(s); "
+          f"deleted {n} unreferenced chunk(s), {human(freed)} per replica")
 
 
 def cmd_config(args):
@@ -382,7 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--key-file", help="key of encrypted models (others are checked anyway; "
                    "encrypted ones without it are skipped)")
     a.set_defaults(func=cmd_verify)
-    a = sub.add_parser("gc", help="delete chunks that no version references")
+    a = sub.add_parser("gc", help="drop replaced versions no mount reads, then delete chunks "
+                                  "that no version references")
+    a.add_argument("--grace", default="1d", metavar="DURATION",
+                   help="keep a replaced version at least this long after `put --force` replaced "
+                        "it, e.g. 0, 15m, 2h, 1d (default), never; versions open in a running "
+                        "mount are kept regardless")
     a.set_defaults(func=cmd_gc)
     a = sub.add_parser("config", help="show effective settings and where each came from")
     a.add_argument("action", choices=["show"])

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import uuid
 from dataclasses import dataclass
 
 import pyfuse3
@@ -33,6 +34,9 @@ from .vfs import FileEntry, Tree
 log = logging.getLogger("shardfs.daemon")
 
 POLL = 2.0
+# A version open in this mount is leased in the index, so `gc` keeps it (and its chunks)
+# even after it was replaced; renewed every POLL while open, lapses this long after close.
+READ_LEASE_TTL = float(os.environ.get("SHARDFS_READ_LEASE_TTL", "120"))
 
 
 @dataclass
@@ -88,6 +92,7 @@ class Daemon:
         self.epoch = None
         self.redis_ok = True
         self._model_locks: dict[int, trio.Lock] = {}
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # for read leases
         self._prefetching: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -172,7 +177,8 @@ class Daemon:
         while True:
             await trio.sleep(POLL)
             try:
-                await trio.to_thread.run_sync(self.load_catalogue, abandon_on_cancel=True)
+                reading = [vid for vid, n in self.open_count.items() if n > 0]
+                await trio.to_thread.run_sync(self._poll_index, reading, abandon_on_cancel=True)
                 if not self.redis_ok:
                     log.warning("Redis at %s is back", self._index().url)
                 self.redis_ok = True
@@ -181,6 +187,12 @@ class Daemon:
                     log.warning("index unavailable (%s); serving the last known models", e)
                 self.redis_ok = False
                 self.idx = None if isinstance(e, IndexUnavailable) else self.idx
+
+    def _poll_index(self, reading: list[int]) -> None:
+        """Worker thread: renew the leases of the versions open here, reload the catalogue."""
+        if reading:
+            self._index().lease_versions(self.holder, reading, READ_LEASE_TTL)
+        self.load_catalogue()
 
     # -- models ----------------------------------------------------------------------
 
@@ -203,6 +215,9 @@ class Daemon:
         """Worker thread: manifest + locations from Redis, else from the local snapshot."""
         try:
             idx = self._index()
+            # leased before it is loaded: a gc that drops it first makes this load fail
+            # (NotFound), one that comes later keeps it
+            idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
             ver = idx.version(entry.vid)
             manifest = ver.manifest
             hexes = sorted({c.hex() for c in manifest.ids})

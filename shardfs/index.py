@@ -13,6 +13,7 @@ Keys (all under "shardfs:"):
     puts                zset  put id -> lease expiry (ms since epoch)
     put:<putid>         set   chunk ids a running put relies on
     epoch               int   bumped on every publish and removal; mounts poll it
+    reading             zset  "<vid>:<mount id>" -> lease expiry (ms): versions open in a mount
 
 Invariants that keep chunks alive (gc never deletes a chunk something relies on):
 - `refs` counts the versions whose manifest names the chunk; publish and rm change it in
@@ -22,6 +23,9 @@ Invariants that keep chunks alive (gc never deletes a chunk something relies on)
   it, and marks it "deleting" first. Both scripts run atomically in Redis, so either the
   put's lease comes first (gc skips the chunk) or the claim does (the put sees
   "deleting", waits for gc to finish, then uploads afresh).
+- A replaced version stays (its readers keep reading it) until prune_versions drops it:
+  replaced longer ago than a grace period and leased by no mount. Mounts lease the
+  versions they have open before loading them and renew while they stay open.
 - A chunk record is created ("pending") and each target node is added to its locations
   *before* the upload, so a put killed mid-way leaves only records that gc can find and
   reclaim, never an untracked file on a node.
@@ -47,6 +51,7 @@ K_NODE_URLS = P + "node-urls"  # url (no trailing /) -> node id: one registratio
 K_PUTS = P + "puts"
 K_EPOCH = P + "epoch"
 LEASE_PREFIX = P + "put:"
+K_READING = P + "reading"  # zset "<vid>:<mount id>" -> lease expiry (ms): versions a mount has open
 
 # KEYS: node-urls, nodes; ARGV: url, node id, node record. Claims the url and records the
 # node in one step; returns the id already holding the url, or nil when registered.
@@ -288,6 +293,59 @@ class Index:
                     return vids
                 except redis.WatchError:
                     continue
+
+    def lease_versions(self, holder: str, vids, ttl: float) -> None:
+        """A mount (`holder`) reads these versions: prune_versions keeps them for ttl seconds."""
+        exp = int((time.time() + ttl) * 1000)
+        if vids:
+            self.r.zadd(K_READING, {f"{vid}:{holder}": exp for vid in vids})
+
+    def prune_versions(self, grace: float, now: float | None = None) -> list[tuple[str, int]]:
+        """Drop replaced versions: those replaced more than `grace` seconds ago that no mount
+        has open (lease_versions). Their chunk references go with them, so gc can then
+        delete what nothing else uses. Returns the (name, version) pairs dropped.
+
+        The check and the drop are one MULTI/EXEC watching the model and the leases, so a
+        mount that leases a version meanwhile keeps it; a mount that opens a version after it
+        was dropped finds it gone (ENOENT), never a half-deleted model."""
+        now = time.time() if now is None else now
+        now_ms = int(now * 1000)
+        self.r.zremrangebyscore(K_READING, "-inf", now_ms)  # lapsed leases
+        pruned = []
+        for name in self.models():
+            with self.r.pipeline() as p:
+                while True:
+                    try:
+                        p.watch(K_MODELS, k_model_versions(name), K_READING)
+                        current = p.hget(K_MODELS, name)
+                        if current is None:
+                            break  # removed meanwhile
+                        vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
+                        leased = {int(m.split(b":", 1)[0]) for m in p.zrangebyscore(K_READING, now_ms, "+inf")}
+                        drop = []
+                        for i, vid in enumerate(vids[:-1]):  # (publish order; the last is current)
+                            if vid == int(current) or vid in leased:
+                                continue
+                            replaced_at = float(p.hget(k_version(vids[i + 1]), "created") or now)
+                            if now - replaced_at >= grace:
+                                drop.append(vid)
+                        if not drop:
+                            break
+                        chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
+                                      if p.exists(k_version(v)) else set() for v in drop]
+                        p.multi()
+                        for vid, ids in zip(drop, chunk_sets):
+                            p.delete(k_version(vid))
+                            p.lrem(k_model_versions(name), 0, vid)
+                            for cid in ids:
+                                p.hincrby(k_chunk(cid.hex()), "refs", -1)
+                        p.incr(K_EPOCH)
+                        p.execute()
+                        pruned += [(name, vid) for vid in drop]
+                        break
+                    except redis.WatchError:
+                        continue
+        return pruned
 
     # -- chunks ---------------------------------------------------------------------
 

@@ -16,6 +16,19 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
+_SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from '90', '90s', '15m', '2h', '1d'; 'never' is infinity."""
+    if str(text).strip().lower() == "never":
+        return float("inf")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _SECONDS:
+        raise UsageError(f"cannot read duration {text!r}; use e.g. 90s, 15m, 2h, 1d or never")
+    return float(m.group(1)) * _SECONDS[m.group(2).lower()]
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

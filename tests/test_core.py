@@ -567,6 +567,46 @@ def test_gc_keeps_chunks_a_version_references(cli, nodes, model_small, tmp_path)
     assert all(p.chunk_files() == [] for p in procs)
 
 
+def test_gc_drops_replaced_versions_after_the_grace_unless_a_mount_reads_them(cli, nodes, redis_proc,
+                                                                              model_small, tmp_path):
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "M", *SMALL)
+    v1_files = {p.root: set(all_files(p.root)) for p in procs}
+    edited = tmp_path / "edited.safetensors"
+    data = bytearray(model_small.read_bytes())
+    data[-(3 << 20):] = os.urandom(3 << 20)  # the last 3 MiB change: 3-4 chunks differ
+    edited.write_bytes(data)
+    cli("put", edited, "--name", "M", "--force", *SMALL)
+    idx = open_idx(redis_proc)
+    v1, v2 = idx.model_vids("M")
+
+    # just replaced: the default grace (1 day) keeps v1, and so does --grace never
+    for args in ((), ("--grace", "never")):
+        r = cli("gc", *args)
+        assert "dropped 0 replaced" in r.stdout and "deleted 0 unreferenced" in r.stdout
+    assert idx.model_vids("M") == [v1, v2]
+
+    # a mount reading v1 keeps it past the grace
+    idx.lease_versions("test-mount", [v1], ttl=60)
+    r = cli("gc", "--grace", "0")
+    assert "dropped 0 replaced" in r.stdout and idx.model_vids("M") == [v1, v2]
+
+    # lease gone: v1 and the chunks only it used go; the chunks v2 shares stay
+    redis_proc.client().delete("shardfs:reading")
+    r = cli("gc", "--grace", "0")
+    assert f"dropped replaced version {v1} of M" in r.stdout
+    gone = int(re.search(r"deleted (\d+) unreferenced", r.stdout).group(1))
+    assert 3 <= gone <= 5, r.stdout
+    assert idx.model_vids("M") == [v2]
+    assert "kept versions: " + str(v2) in cli("info", "M").stdout
+    for p in procs:  # (R=2 on 2 nodes: every chunk was on both)
+        assert len(v1_files[p.root] - set(all_files(p.root))) == gone
+    get_and_compare(cli, "M", edited, tmp_path)
+    cli("verify", "M")
+    bad = cli("gc", "--grace", "soon", check=False)
+    assert bad.returncode != 0 and "cannot read duration" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 2)
     # leave the model's chunks behind unreferenced, so gc and the next put race for them

@@ -156,6 +156,7 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
 
 
 def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
+    cli.env["SHARDFS_READ_LEASE_TTL"] = "3"  # (the mount's lease on versions it has open)
     m = mounts()
     new = tmp_path / "new.bin"
     new.write_bytes(b"version one\n" * 50000)
@@ -169,9 +170,19 @@ def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
              what="replaced model")
     with open(m.file("fresh/model.bin"), "rb") as f:
         assert f.read() == b"version two\n" * 70000
-    # a reader that opened the old version reads the old bytes to the end
+    # gc keeps the replaced version while the mount has it open (past the grace, and past
+    # the lease's TTL: the mount renews it) ...
+    time.sleep(4)
+    r = cli("gc", "--grace", "0")
+    assert "dropped 0 replaced" in r.stdout, r.stdout
+    # ... and that reader reads the old bytes to the end
     assert first + old.read() == b"version one\n" * 50000
     old.close()
+    time.sleep(4)  # closed: the lease lapses
+    r = cli("gc", "--grace", "0")
+    assert "dropped 1 replaced" in r.stdout and "deleted 1 unreferenced" in r.stdout, r.stdout
+    with open(m.file("fresh/model.bin"), "rb") as f:
+        assert f.read() == b"version two\n" * 70000
     cli("rm", "fresh/model.bin")
     wait_for(lambda: not os.path.exists(m.file("fresh/model.bin")), timeout=10, what="removed model")
 
