@@ -93,6 +93,7 @@ class Daemon:
         self.redis_ok = True
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # for read leases
+        self._stale_snapshots: list[int] = []
         self._prefetching: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -178,7 +179,8 @@ class Daemon:
             await trio.sleep(POLL)
             try:
                 reading = [vid for vid, n in self.open_count.items() if n > 0]
-                await trio.to_thread.run_sync(self._poll_index, reading, abandon_on_cancel=True)
+                stale, self._stale_snapshots = self._stale_snapshots, []
+                await trio.to_thread.run_sync(self._poll_index, reading, stale, abandon_on_cancel=True)
                 if not self.redis_ok:
                     log.warning("Redis at %s is back", self._index().url)
                 self.redis_ok = True
@@ -187,9 +189,32 @@ class Daemon:
                     log.warning("index unavailable (%s); serving the last known models", e)
                 self.redis_ok = False
                 self.idx = None if isinstance(e, IndexUnavailable) else self.idx
+            self._stale_snapshots += self.forget_unused()
 
-    def _poll_index(self, reading: list[int]) -> None:
-        """Worker thread: renew the leases of the versions open here, reload the catalogue."""
+    def forget_unused(self) -> list[int]:
+        """Trio thread: drop the in-memory state of versions neither current nor open (a
+        long-running mount would otherwise keep the manifest of every version it ever
+        opened: megabytes per large model). Returns their ids; the next poll deletes their
+        snapshots. Opening one again (an old inode the kernel still knows) reloads it."""
+        current = {e.vid for e in self.tree.current.values()}
+        gone = [vid for vid in self.models
+                if vid not in current and not self.open_count.get(vid) and vid not in self._prefetching]
+        for vid in gone:
+            del self.models[vid]
+            self.open_count.pop(vid, None)
+            self._model_locks.pop(vid, None)
+        return gone
+
+    def _poll_index(self, reading: list[int], stale: list[int]) -> None:
+        """Worker thread: delete the snapshots of forgotten versions, renew the leases of the
+        versions open here, reload the catalogue."""
+        for vid in stale:
+            if vid in self.models:
+                continue  # opened again meanwhile
+            try:
+                os.unlink(self._snap_path(vid))
+            except OSError:
+                pass
         if reading:
             self._index().lease_versions(self.holder, reading, READ_LEASE_TTL)
         self.load_catalogue()
