@@ -27,7 +27,6 @@ import threading
 import time
 from collections import OrderedDict
 
-
 from . import directio, envelope
 from .stores import chunk_relpath
 

@@ -27,6 +27,8 @@ import numpy as np
 
 ALIGN = 4096  # covers every logical block size and DMA alignment in use
 PAGE = mmap.PAGESIZE
+# errnos with which a filesystem refuses O_DIRECT (or its alignment): stop trying there
+REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -88,10 +90,6 @@ def read_whole(path: str, direct: bool = True) -> tuple[memoryview, bool]:
     out = buf[:got]
     out.flags.writeable = False
     return memoryview(out), direct
-
-
-# errnos with which a filesystem refuses O_DIRECT (or its alignment): stop trying there
-REFUSED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 
 
 def _read_direct(fd: int, buf: np.ndarray, size: int) -> int:
