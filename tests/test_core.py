@@ -511,9 +511,13 @@ def test_node_refusing_writes_is_skipped(cli, nodes, redis_proc, model_small, tm
 
 # -- 7. interrupted puts ----------------------------------------------------------------
 
+# The interrupted puts cut the model into 4096 chunks of 64 KiB: at 4 MiB, 16 workers can
+# finish all 65 chunks between the test seeing the first files and its signal landing.
+MANY = ("--chunk-size", "64KiB")
+
 def test_put_killed_midway_is_invisible_and_gc_reclaims(cli, nodes, redis_proc, model_256):
     procs = add_nodes(cli, nodes, 2)
-    p = spawn(cli, "put", model_256, "--name", "big", env={"SHARDFS_LEASE_TTL": "2"})
+    p = spawn(cli, "put", model_256, "--name", "big", *MANY, env={"SHARDFS_LEASE_TTL": "2"})
     wait_chunk_files(procs, 6, proc=p)
     p.send_signal(signal.SIGKILL)
     p.wait(10)
@@ -534,7 +538,7 @@ def test_put_killed_midway_is_invisible_and_gc_reclaims(cli, nodes, redis_proc, 
 
 def test_put_interrupted_with_ctrl_c(cli, nodes, model_256):
     procs = add_nodes(cli, nodes, 2)
-    p = spawn(cli, "put", model_256, "--name", "big")
+    p = spawn(cli, "put", model_256, "--name", "big", *MANY)
     wait_chunk_files(procs, 4, proc=p)
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
