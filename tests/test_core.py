@@ -116,9 +116,17 @@ def assert_one_line_error(r, *needles):
     return lines[0]
 
 
+def _ctrl_c_default():
+    # A shell that starts a job in the background without job control (as CI runners may)
+    # sets SIGINT to ignored, children inherit that and Python then installs no Ctrl-C
+    # handler: the child gets SIGINT back as a terminal would deliver it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(cli, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "shardfs", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**cli.env, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**cli.env, **(env or {})},
+                            preexec_fn=_ctrl_c_default)
 
 
 def get_and_compare(cli, name, model, tmp_path):
