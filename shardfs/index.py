@@ -33,8 +33,13 @@ Invariants that keep chunks alive (gc never deletes a chunk something relies on)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
@@ -299,6 +304,37 @@ class Index:
         exp = int((time.time() + ttl) * 1000)
         if vids:
             self.r.zadd(K_READING, {f"{vid}:{holder}": exp for vid in vids})
+
+    @contextlib.contextmanager
+    def reading(self, vids, ttl: float = 60.0):
+        """Lease these versions for as long as the block runs (get, verify), renewed from a
+        thread every ttl/3, released at the end: prune_versions keeps them meanwhile. A
+        version dropped before the lease landed is not brought back: callers re-read the
+        versions inside the block (versions() skips those gone)."""
+        vids = list(vids)
+        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_versions(holder, vids, ttl)
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(ttl / 3):
+                try:
+                    self.lease_versions(holder, vids, ttl)
+                except redis.RedisError:
+                    pass  # (the lease lapses only after ttl: the next renewal may get through)
+
+        t = threading.Thread(target=renew, name="shardfs-lease", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            if vids:
+                try:
+                    self.r.zrem(K_READING, *(f"{vid}:{holder}" for vid in vids))
+                except redis.RedisError:
+                    pass  # it lapses by itself
 
     def prune_versions(self, grace: float, now: float | None = None) -> list[tuple[str, int]]:
         """Drop replaced versions: those replaced more than `grace` seconds ago that no mount

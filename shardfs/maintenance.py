@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import envelope
-from .errors import CorruptChunk, NodeError, ShardfsError, UsageError
+from .errors import CorruptChunk, NodeError, NotFound, ShardfsError, UsageError
 from .index import Index, Version
 from .placement import rank
 from .pool import NodePool
@@ -49,8 +49,22 @@ def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS *
 
 
 def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None) -> tuple[Version, str]:
-    """Reassemble a model into dest (a file path or an existing directory), verified end to end."""
-    ver = idx.model(name)
+    """Reassemble a model into dest (a file path or an existing directory), verified end to end.
+
+    The version is leased while it is read, so `gc` cannot drop it (and its chunks) under a
+    long get after a `put --force` replaced it."""
+    for _attempt in range(5):
+        vid = idx.model(name).vid
+        with idx.reading([vid]):
+            try:
+                ver = idx.version(vid)  # (re-read under the lease: gc may have just dropped it)
+            except NotFound:
+                continue  # replaced and dropped in between: take the new current version
+            return _get_version(idx, name, ver, dest, progress_bar, keyring)
+    raise ShardfsError(f"{name}: replaced faster than it can be read; try again")
+
+
+def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring) -> tuple[Version, str]:
     check_key(ver, keyring)
     keyring = keyring if ver.stats.get("key") else None  # a key given for plain models is not used
     if os.path.isdir(dest):
@@ -115,6 +129,11 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
         vids = [vid for n in names for vid in idx.model_vids(n)]
     else:
         vids = idx.all_vids()
+    with idx.reading(vids):  # gc must not drop a version (and its chunks) mid-check: false "lost"
+        return _verify(idx, vids, names, repair, out, keyring)
+
+
+def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> VerifyReport:
     want: dict[str, int] = {}
     keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
     for ver in idx.versions(vids):

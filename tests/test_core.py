@@ -26,6 +26,7 @@ from conftest import Cli, add_nodes, free_port, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.index import Index
 from shardfs.maintenance import gc as run_gc
+from shardfs.maintenance import get_model
 from shardfs.placement import rank
 
 SMALL = ("--chunk-size", "1MiB")  # the 24 MiB model (plus its header) -> 25 chunks
@@ -617,6 +618,35 @@ def test_gc_drops_replaced_versions_after_the_grace_unless_a_mount_reads_them(cl
     cli("verify", "M")
     bad = cli("gc", "--grace", "soon", check=False)
     assert bad.returncode != 0 and "cannot read duration" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_proc, model_small, tmp_path):
+    add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "M", *SMALL)
+    edited = tmp_path / "edited.safetensors"
+    data = bytearray(model_small.read_bytes())
+    data[-(3 << 20):] = os.urandom(3 << 20)  # v1's last chunks exist only in v1
+    edited.write_bytes(data)
+    idx = open_idx(redis_proc)
+    (v1,) = idx.model_vids("M")
+    gc_runs = []
+
+    class ReplaceAndCollectMidway:  # get_model's progress bar: called after each chunk
+        def update(self, n):
+            if not gc_runs:  # the first chunk is out; the old version's last ones are not read yet
+                cli("put", edited, "--name", "M", "--force", *SMALL)
+                gc_runs.append(cli("gc", "--grace", "0").stdout)
+
+    ver, dest = get_model(idx, "M", str(tmp_path / "v1-copy"), ReplaceAndCollectMidway())
+    assert ver.vid == v1 and "dropped 0 replaced" in gc_runs[0], gc_runs
+    assert sha256_file(dest) == model_sha(model_small)
+    # the lease ends with the get: the old version goes now, and `verify` leases while it runs
+    assert idx.r.zcard("shardfs:reading") == 0
+    assert f"dropped replaced version {v1} of M" in cli("gc", "--grace", "0").stdout
+    with idx.reading(idx.model_vids("M")):
+        assert idx.r.zcard("shardfs:reading") == 1
+    assert idx.r.zcard("shardfs:reading") == 0
+    get_and_compare(cli, "M", edited, tmp_path)
 
 
 def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
