@@ -84,12 +84,17 @@ class NodeProc:
         self.proc = None
 
     def start(self):
+        return self.launch().wait_up()
+
+    def launch(self):
         cmd = [sys.executable, "-m", "shardfs", "node", "serve", "--root", self.root,
                "--listen", f"127.0.0.1:{self.port}"]
         if self.token_file:
             cmd += ["--token-file", self.token_file]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return self
 
+    def wait_up(self):
         def up():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node server exited: {self.proc.stderr.read().decode()}")
@@ -136,11 +141,15 @@ def nodes(tmp_path):
 
     def make(n=1, token_file=None):
         out = []
-        for _ in range(n):
-            node = NodeProc(str(tmp_path / f"node{len(started)}"), token_file).start()
+        for _ in range(n):  # all launched first: their start-ups overlap
+            node = NodeProc(str(tmp_path / f"node{len(started)}"), token_file)
+            while node.port in {o.port for o in out}:  # (none has bound its port yet)
+                node.port = free_port()
+                node.url = f"http://127.0.0.1:{node.port}"
+            node.launch()
             started.append(node)
             out.append(node)
-        return out
+        return [node.wait_up() for node in out]
     yield make
     for node in started:
         node.stop()
