@@ -46,8 +46,7 @@ def _print_json(obj):
 # -- nodes ------------------------------------------------------------------------------
 
 def cmd_node_add(args):
-    from .nodeserver import read_token
-    from .stores import open_store
+    from .stores import open_store, read_token
     from .errors import NodeError
     idx = _index(args)
     if args.weight <= 0:

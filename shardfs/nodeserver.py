@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, write_atomic
+from .stores import HEX_ID, chunk_relpath, read_token, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -134,19 +134,6 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise UsageError(f"--listen wants HOST:PORT, not {listen!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def read_token(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        with open(path) as f:
-            token = f.read().strip()
-    except OSError as e:
-        raise UsageError(f"cannot read token file {path}: {e.strerror}") from None
-    if not token:
-        raise UsageError(f"token file {path} is empty")
-    return token
 
 
 def serve(root: str, listen: str, token_file: str | None, metrics: str | None = None) -> None:

@@ -28,6 +28,19 @@ from .errors import NodeError, UsageError
 HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
+def read_token(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read token file {path}: {e.strerror}") from None
+    if not token:
+        raise UsageError(f"token file {path} is empty")
+    return token
+
+
 def chunk_relpath(hex_id: str) -> str:
     if not HEX_ID.fullmatch(hex_id):
         raise ValueError(f"malformed chunk id {hex_id!r}")
