@@ -29,6 +29,7 @@ from collections import OrderedDict
 
 from . import directio, envelope
 from .stores import chunk_relpath
+from .units import human
 
 log = logging.getLogger("shardfs.cache")
 
@@ -38,10 +39,13 @@ TOUCH_EVERY = 60.0
 
 
 class ChunkCache:
-    def __init__(self, root: str, limit: int, free_floor: int = 1 << 30, direct: bool = True):
+    def __init__(self, root: str, limit: int, free_floor: int | None = None, direct: bool = True):
         self.root = os.path.abspath(root)
         self.limit = limit
-        self.free_floor = free_floor
+        os.makedirs(os.path.join(self.root, "chunks"), exist_ok=True)
+        # Disk space left to others: 1 GiB, or 5% of a small filesystem (a 1 GiB floor on a
+        # 2 GiB cache disk would leave the cache no room at all)
+        self.free_floor = free_floor if free_floor is not None else default_free_floor(self.root)
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
         self._touched: dict[str, float] = {}
@@ -50,11 +54,11 @@ class ChunkCache:
         self.used = 0
         self.hits = self.misses = self.evictions = self.corrupt = 0
         self.write_failed = False
+        self.full = False  # the last fill found no room, even with every unpinned entry gone
         # Fill and load entries with O_DIRECT where the filesystem allows it (directio.py):
         # the chunk is in the mounted file's page cache already, so a second cached copy
         # only costs a memcpy per byte (~1/5 of a cold read's CPU, measured) and memory.
         self.direct = direct and hasattr(os, "O_DIRECT")
-        os.makedirs(os.path.join(self.root, "chunks"), exist_ok=True)
         self._scan()
         self._load_pins()
 
@@ -152,6 +156,8 @@ class ChunkCache:
         with self._lock:
             if hex_id in self._lru:
                 return True
+        if not self._make_room(len(raw)):
+            return False
         path = self.path(hex_id)
         tmp = None
         try:
@@ -212,6 +218,34 @@ class ChunkCache:
         except OSError:
             return 1 << 62
 
+    def _make_room(self, size: int) -> bool:
+        """Before a fill: evict least recently used entries until `size` more bytes stay
+        within the limit and above the disk's free floor. False (said once) if even that
+        cannot make room: the chunk is then served without being cached, rather than
+        written only to be evicted again."""
+        while True:
+            free = self._free_disk()
+            with self._lock:
+                if self.used + size <= self.limit and free - size >= self.free_floor:
+                    room, was_full, self.full = True, self.full, False
+                    break
+                victim = next((h for h in self._lru if h not in self._pinned), None)
+                if victim is None:
+                    room, first, self.full = False, not self.full, True
+                    used, pinned = self.used, len(self._pinned)
+                    break
+            if self.discard(victim):
+                self._count("evictions")
+        if not room:
+            if first:
+                log.warning("cache %s is full: %s free on its disk (floor %s), %s cached in %d pinned "
+                            "chunk(s), limit %s; reads are served without caching until there is room",
+                            self.root, human(free), human(self.free_floor), human(used), pinned, human(self.limit))
+            return False
+        if was_full:
+            log.warning("cache %s has room again", self.root)
+        return True
+
     def _maybe_evict(self) -> None:
         if self.used <= self.limit * HIGH_WATER and self._free_disk() >= self.free_floor:
             return
@@ -269,7 +303,16 @@ class ChunkCache:
         with self._lock:
             return {"dir": self.root, "used": self.used, "limit": self.limit, "entries": len(self._lru),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "corrupt": self.corrupt, "writable": not self.write_failed, "pins": sorted(self._pins)}
+                    "corrupt": self.corrupt, "writable": not self.write_failed, "full": self.full,
+                    "free_floor": self.free_floor, "pins": sorted(self._pins)}
+
+
+def default_free_floor(path: str) -> int:
+    try:
+        total = shutil.disk_usage(path).total
+    except OSError:
+        return 1 << 30
+    return min(1 << 30, total // 20)
 
 
 def envelope_id_ok(name: str) -> bool:

@@ -24,6 +24,7 @@ import tempfile
 import trio
 
 from .errors import ChunkUnavailable, NotFound, ShardfsError, UsageError
+from .units import human
 
 log = logging.getLogger("shardfs.control")
 
@@ -147,7 +148,8 @@ async def _dispatch(daemon, req, send):
         return {"freed": freed}
     if op == "warm":
         total = 0
-        for m in await _models(daemon, req):
+        warmed = await _models(daemon, req)
+        for m in warmed:
             state = {}
 
             def progress(done, size, state=state):
@@ -174,7 +176,16 @@ async def _dispatch(daemon, req, send):
             if failure:
                 raise ShardfsError(failure)
             await send({"progress": m.size, "total": m.size, "name": m.name})
-        return {"bytes": total}
+        # every chunk went in, but a later one may have pushed an earlier one out again (LRU)
+        for m in warmed:
+            got = cache.cached_bytes(m.hexes)
+            if got < sum(dict(zip(m.hexes, m.manifest.lengths)).values()):  # (its distinct chunks)
+                break
+        else:
+            return {"bytes": total}
+        raise ShardfsError(f"{m.name}: only {human(got)} of its {human(m.size)} stayed in the cache "
+                           f"(limit {human(cache.limit)}, {human(cache.used)} used): "
+                           f"the models asked for do not fit; raise --cache-size or warm fewer")
     if op == "pin":
         ms = await _models(daemon, req)
         for m in ms:

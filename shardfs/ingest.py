@@ -115,9 +115,10 @@ class Uploader:
                 have.add(nid)
             except NodeError as e:
                 self.idx.drop_locations(hex_id, [nid])
-                with self._lock:
-                    self.failed[nid] = str(e)
-                print(f"shardfs: warning: skipping node {nid} for the rest of this put: {e}", file=sys.stderr)
+                with self._lock:  # workers run in parallel: say it once per node, one whole line
+                    if nid not in self.failed:
+                        self.failed[nid] = str(e)
+                        sys.stderr.write(f"shardfs: warning: skipping node {nid} for the rest of this put: {e}\n")
                 errors.append(str(e))
                 failed_here.add(nid)
         if len(have) < self.replicas:

@@ -27,7 +27,8 @@ def add_mount_commands(sub) -> None:
     a.add_argument("mountpoint")
     a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_HOME/cache)")
     a.add_argument("--cache-size", type=_size,
-                   help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB)")
+                   help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB "
+                   "but at most half the disk); the cache also leaves 1 GiB (5%% of a small disk) free")
     a.add_argument("--read-ahead", type=_size, help="largest readahead window (default 64MiB)")
     a.add_argument("--memory", type=_size,
                    help="in-memory buffer of recently read chunks (default 128MiB); chunks being "
@@ -154,7 +155,8 @@ def _preflight(mp: str) -> None:
 
 def _default_cache_size(cache_dir: str) -> int:
     os.makedirs(cache_dir, exist_ok=True)
-    return max(1 << 30, shutil.disk_usage(cache_dir).total // 10)
+    total = shutil.disk_usage(cache_dir).total
+    return min(max(1 << 30, total // 10), total // 2)  # (1 GiB, but never most of a small disk)
 
 
 def cmd_mount(args) -> None:
@@ -309,7 +311,8 @@ def cmd_cache(args) -> None:
             return
         c = res["cache"]
         print(f"cache {c['dir']}: {human(c['used'])} of {human(c['limit'])} in {c['entries']} chunks"
-              f"{'' if c['writable'] else ' (NOT WRITABLE: reads bypass it)'}")
+              f"{'' if c['writable'] else ' (NOT WRITABLE: reads bypass it)'}"
+              f"{' (FULL: its disk is down to the free floor, reads bypass it)' if c.get('full') else ''}")
         print(f"hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}, damaged entries "
               f"{c['corrupt']}; replica failovers {res['failovers']}, corrupt copies {res['corrupt_copies']}"
               f"; index {'reachable' if res['redis_ok'] else 'UNREACHABLE (serving last known models)'}")

@@ -213,6 +213,9 @@ class Reader:
         else:
             flight = self._flights.get(h) if stored else None
             if flight is None:
+                if stored and self.cache is not None and h not in self.cache:
+                    # in memory, not on disk: its fill found the cache full or unwritable then
+                    await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
                 return data
         await (flight.stored if stored else flight.event).wait()
         if flight.data is None:
