@@ -18,6 +18,7 @@ Thread-safe: the daemon calls it from worker threads; one lock guards the index.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,7 @@ log = logging.getLogger("shardfs.cache")
 HIGH_WATER = 0.95
 LOW_WATER = 0.85
 TOUCH_EVERY = 60.0
+FULL_LOG_EVERY = 60.0  # a cache that keeps filling up and making room says so at most this often
 
 
 class ChunkCache:
@@ -54,7 +56,11 @@ class ChunkCache:
         self.used = 0
         self.hits = self.misses = self.evictions = self.corrupt = 0
         self.write_failed = False
-        self.full = False  # the last fill found no room, even with every unpinned entry gone
+        self._reserved = 0  # bytes of fills being written (admitted by _make_room)
+        # why the last fill found no room, even counting every unpinned entry: "limit" (pinned
+        # entries fill it) or "disk" (its disk is at the free floor); "" while fills fit
+        self.full = ""
+        self._said_full, self._full_said_at = False, -FULL_LOG_EVERY
         # Fill and load entries with O_DIRECT where the filesystem allows it (directio.py):
         # the chunk is in the mounted file's page cache already, so a second cached copy
         # only costs a memcpy per byte (~1/5 of a cold read's CPU, measured) and memory.
@@ -158,6 +164,13 @@ class ChunkCache:
                 return True
         if not self._make_room(len(raw)):
             return False
+        try:
+            return self._write(hex_id, raw)
+        finally:
+            with self._lock:
+                self._reserved -= len(raw)
+
+    def _write(self, hex_id: str, raw) -> bool:
         path = self.path(hex_id)
         tmp = None
         try:
@@ -171,6 +184,9 @@ class ChunkCache:
             os.rename(tmp, path)
             tmp = None
         except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):  # filled by someone else since _make_room
+                self._now_full("disk", f"writing an entry failed: {e.strerror}")
+                return False
             with self._lock:  # fills run in parallel threads: say it once
                 first, self.write_failed = not self.write_failed, True
             if first:
@@ -220,31 +236,63 @@ class ChunkCache:
 
     def _make_room(self, size: int) -> bool:
         """Before a fill: evict least recently used entries until `size` more bytes stay
-        within the limit and above the disk's free floor. False (said once) if even that
-        cannot make room: the chunk is then served without being cached, rather than
-        written only to be evicted again."""
+        within the limit and above the disk's free floor, counting the fills other threads
+        are writing, and reserve them (put gives them back). If evicting every unpinned entry
+        would not be enough, evict nothing and return False: the chunk is served without
+        being cached, rather than written only to be evicted again."""
+        evictable = None
+        full = detail = None
         while True:
             free = self._free_disk()
             with self._lock:
-                if self.used + size <= self.limit and free - size >= self.free_floor:
-                    room, was_full, self.full = True, self.full, False
+                over_limit = self.used + self._reserved + size - self.limit
+                short_disk = self.free_floor + self._reserved + size - free
+                if over_limit <= 0 and short_disk <= 0:
+                    self._reserved += size
                     break
+                if evictable is None:  # what evicting could free at most (computed once)
+                    evictable = self.used - sum(self._lru.get(h, 0) for h in self._pinned)
                 victim = next((h for h in self._lru if h not in self._pinned), None)
-                if victim is None:
-                    room, first, self.full = False, not self.full, True
-                    used, pinned = self.used, len(self._pinned)
+                need = max(over_limit, short_disk)
+                if victim is None or need > evictable:
+                    if need - self._reserved <= evictable:
+                        full = "busy"  # fills still being written hold the room: skip this one quietly
+                    elif size > self.limit:
+                        full, detail = "limit", f"a {human(size)} chunk is larger than its {human(self.limit)} limit"
+                    elif over_limit > evictable:
+                        full = "limit"
+                        detail = f"{human(self.used - evictable)} of its {human(self.limit)} limit is pinned"
+                    else:
+                        full = "disk"
+                        detail = f"{human(free)} free on its disk, which it keeps above {human(self.free_floor)}"
                     break
+                evictable -= self._lru[victim]
             if self.discard(victim):
                 self._count("evictions")
-        if not room:
-            if first:
-                log.warning("cache %s is full: %s free on its disk (floor %s), %s cached in %d pinned "
-                            "chunk(s), limit %s; reads are served without caching until there is room",
-                            self.root, human(free), human(self.free_floor), human(used), pinned, human(self.limit))
-            return False
-        if was_full:
+        if full is None:
+            self._room_again()
+            return True
+        if full != "busy":
+            self._now_full(full, detail)
+        return False
+
+    def _now_full(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.full = reason
+            say = not self._said_full and now - self._full_said_at > FULL_LOG_EVERY
+            if say:
+                self._said_full, self._full_said_at = True, now
+        if say:
+            log.warning("cache %s is full (%s); reads are served without caching until there is room",
+                        self.root, detail)
+
+    def _room_again(self) -> None:
+        with self._lock:
+            self.full = ""
+            say, self._said_full = self._said_full, False
+        if say:
             log.warning("cache %s has room again", self.root)
-        return True
 
     def _maybe_evict(self) -> None:
         if self.used <= self.limit * HIGH_WATER and self._free_disk() >= self.free_floor:
@@ -271,6 +319,8 @@ class ChunkCache:
             if self.discard(h):
                 freed += size
                 self._count("evictions")
+        if freed:
+            self._room_again()  # (the next fill checks again)
         return freed
 
     def evict_all(self) -> int:
@@ -289,6 +339,8 @@ class ChunkCache:
             found = self._pins.pop(name, None) is not None
             self._pinned = {h for hs in self._pins.values() for h in hs}
             self._save_pins()
+        if found:
+            self._room_again()  # (the next fill checks again)
         return found
 
     def pins(self) -> list[str]:
@@ -303,8 +355,8 @@ class ChunkCache:
         with self._lock:
             return {"dir": self.root, "used": self.used, "limit": self.limit, "entries": len(self._lru),
                     "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                    "corrupt": self.corrupt, "writable": not self.write_failed, "full": self.full,
-                    "free_floor": self.free_floor, "pins": sorted(self._pins)}
+                    "corrupt": self.corrupt, "writable": not self.write_failed, "full": bool(self.full),
+                    "full_reason": self.full, "free_floor": self.free_floor, "pins": sorted(self._pins)}
 
 
 def default_free_floor(path: str) -> int:

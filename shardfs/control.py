@@ -179,11 +179,12 @@ async def _dispatch(daemon, req, send):
         # every chunk went in, but a later one may have pushed an earlier one out again (LRU)
         for m in warmed:
             got = cache.cached_bytes(m.hexes)
-            if got < sum(dict(zip(m.hexes, m.manifest.lengths)).values()):  # (its distinct chunks)
+            distinct = sum(dict(zip(m.hexes, m.manifest.lengths)).values())
+            if got < distinct:
                 break
         else:
             return {"bytes": total}
-        raise ShardfsError(f"{m.name}: only {human(got)} of its {human(m.size)} stayed in the cache "
+        raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the cache "
                            f"(limit {human(cache.limit)}, {human(cache.used)} used): "
                            f"the models asked for do not fit; raise --cache-size or warm fewer")
     if op == "pin":

@@ -54,7 +54,9 @@ def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None)
     The version is leased while it is read, so `gc` cannot drop it (and its chunks) under a
     long get after a `put --force` replaced it."""
     for _attempt in range(5):
-        vid = idx.model(name).vid
+        vid = idx.current_vid(name)
+        if vid is None:
+            raise NotFound(f"no model named {name!r}; see `shardfs ls`")
         with idx.reading([vid]):
             try:
                 ver = idx.version(vid)  # (re-read under the lease: gc may have just dropped it)

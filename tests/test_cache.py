@@ -103,3 +103,47 @@ def test_counters_are_exact_under_parallel_gets(tmp_path):
     with ThreadPoolExecutor(8) as ex:
         list(ex.map(work, range(8)))
     assert (cache.hits, cache.misses) == (1600, 1600)
+
+
+def test_parallel_fills_stay_within_the_limit_and_do_not_call_it_full(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+    chunks = [(envelope.chunk_id(raw).hex(), raw) for raw in (os.urandom(64 << 10) for _ in range(32))]
+    cache = ChunkCache(str(tmp_path / "c"), 4 * (64 << 10), free_floor=0)
+    peak, evict = [], cache._maybe_evict
+
+    def watched_evict():  # called after each fill lands: usage before the LRU trims it
+        peak.append(cache.used)
+        evict()
+    cache._maybe_evict = watched_evict
+    with ThreadPoolExecutor(8) as ex:
+        stored = list(ex.map(lambda c: cache.put(*c), chunks))
+    assert max(peak) <= cache.limit, "parallel fills were admitted past the limit"
+    on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache.root) for f in fs
+                  if len(f) == 64)
+    assert cache.used == on_disk <= cache.limit  # fills being written count before they land
+    assert sum(stored) >= 4 and cache.full == ""  # a fill skipped while others land is not "full"
+    for h, raw in chunks:
+        got = cache.get(h)
+        assert got is None or bytes(got) == raw
+
+
+def test_a_fill_that_cannot_fit_evicts_nothing_and_says_why(tmp_path, caplog):
+    k = 64 << 10
+    raws = [os.urandom(k) for _ in range(4)]
+    ids = [envelope.chunk_id(r).hex() for r in raws]
+    cache = ChunkCache(str(tmp_path / "c"), 4 * k, free_floor=0)
+    for h, r in zip(ids[:3], raws):
+        assert cache.put(h, r)
+    cache.pin("model", ids[:2])
+    big = os.urandom(3 * k)  # would fit only if a pinned entry went
+    assert not cache.put(envelope.chunk_id(big).hex(), big)
+    assert ids[2] in cache, "a fill that could not fit anyway evicted an entry"
+    assert cache.full == "limit" and cache.stats()["full"] is True
+    assert not cache.put(envelope.chunk_id(big).hex(), big)
+    assert sum("is full (" in r.getMessage() for r in caplog.records) == 1  # said once
+    assert "128.0 KiB of its 256.0 KiB limit is pinned" in caplog.text
+    assert cache.put(ids[3], raws[3])  # a chunk that fits goes in; the LRU then drops the unpinned one
+    assert cache.full == "" and "has room again" in caplog.text and ids[2] not in cache
+    huge = os.urandom(5 * k)
+    assert not cache.put(envelope.chunk_id(huge).hex(), huge)
+    assert cache.full == "limit" and all(h in cache for h in ids[:2] + ids[3:])
