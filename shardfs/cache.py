@@ -5,8 +5,11 @@
 
 Content-addressed, so models that share chunks share cache entries. Bounded by bytes:
 when usage passes the high watermark (or free disk falls below the floor), the least
-recently used unpinned entries go until usage is under the low watermark. LRU order
-survives restarts through file mtimes, which hits refresh (at most once a minute).
+recently used unpinned entries go until usage is under the low watermark. A fill first
+makes room for itself within the limit and the floor (counting fills still being
+written); when only pinned entries would be left and there is still no room, the chunk
+is not cached (the cache is "full", and says why). LRU order survives restarts through
+file mtimes, which hits refresh (at most once a minute).
 
 Fills are atomic (tmp file + rename) but not fsynced: every entry is hashed against its
 id when it is loaded, so an entry torn by a crash or damaged on disk is dropped and

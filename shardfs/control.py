@@ -186,7 +186,8 @@ async def _dispatch(daemon, req, send):
             return {"bytes": total}
         raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the cache "
                            f"(limit {human(cache.limit)}, {human(cache.used)} used): "
-                           f"the models asked for do not fit; raise --cache-size or warm fewer")
+                           f"the models asked for (with what else is being read) do not fit; "
+                           f"raise --cache-size, warm fewer, or pin them")
     if op == "pin":
         ms = await _models(daemon, req)
         for m in ms:
