@@ -53,9 +53,13 @@ def checks(redis_flag: str | None, cache_dir: str):
         os.makedirs(cache_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_dir):
             pass
-        free = shutil.disk_usage(cache_dir).free
-        yield (free >= LOW_FREE or None), "cache dir", f"{cache_dir} writable, {free / 2**30:.1f} GiB free", \
-            "" if free >= LOW_FREE else "give --cache-dir a disk with more room"
+        from .cache import default_free_floor
+        from .units import human
+        free, floor = shutil.disk_usage(cache_dir).free, default_free_floor(cache_dir)
+        room = free - floor  # what the cache may fill: it leaves `floor` of its disk to others
+        yield (room >= LOW_FREE or None), "cache dir", \
+            f"{cache_dir} writable, {human(free)} free, of which the cache leaves {human(floor)} to others", \
+            "" if room >= LOW_FREE else "give --cache-dir a disk with more room"
     except OSError as e:
         yield None, "cache dir", f"{cache_dir}: {e.strerror}", \
             "reads still work but bypass the cache; choose a writable --cache-dir"

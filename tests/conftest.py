@@ -304,3 +304,21 @@ def add_nodes(cli, nodes, n, token_file=None):
         r = cli("node", "add", p.url)
         assert "added node" in r.stdout
     return procs
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """Factory: small_fs(size) mounts a tmpfs of that size (a disk that fills up quickly)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = []
+
+    def make(size: str):
+        d = tmp_path / f"small-fs{len(made)}"
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(d)], check=True)
+        made.append(d)
+        return d
+    yield make
+    for d in made:
+        subprocess.run(["umount", "-l", str(d)], capture_output=True)

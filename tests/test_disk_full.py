@@ -1,39 +1,19 @@
 """Disk full, for real: small tmpfs filesystems that run out of space under a node's root,
 under a get's destination and under a mount's cache.
 
-Mounting them needs root (CI runs as root); elsewhere these tests skip and say so.
+Mounting them needs root (CI runs as root); elsewhere these tests skip and say so
+(conftest.small_fs).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-
-import pytest
 
 from conftest import NodeProc, add_nodes, needs_fuse, sha256_file, wait_for
 from test_core import SMALL, assert_one_line_error, copies, get_and_compare, id_of, ls_rows, open_idx
 
 HEX = set("0123456789abcdef")
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """Factory: small_fs(size) mounts a tmpfs of that size (a disk that fills up quickly)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    made = []
-
-    def make(size: str):
-        d = tmp_path / f"small-fs{len(made)}"
-        d.mkdir()
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(d)], check=True)
-        made.append(d)
-        return d
-    yield make
-    for d in made:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
 
 
 def leftovers(root) -> list[str]:

@@ -7,7 +7,14 @@ def test_doctor_reports_each_check_and_fails_on_a_dead_node(cli, nodes):
         cli("node", "add", n.url)
     r = cli("doctor")
     assert "ok    redis" in r.stdout and r.stdout.count("ok    node n") == 2, r.stdout
+    assert "cache dir: " in r.stdout and "of which the cache leaves" in r.stdout, r.stdout
     ns[1].kill()
     r = cli("doctor", check=False)
     assert r.returncode == 1
     assert "FAIL  node n2" in r.stdout and "->" in r.stdout
+
+
+def test_doctor_warns_about_a_cache_disk_with_little_room(cli, small_fs):
+    r = cli("doctor", "--cache-dir", small_fs("64M") / "cache", check=False)
+    line = next(x for x in r.stdout.splitlines() if "cache dir:" in x)
+    assert line.startswith("warn") and "leaves 3.2 MiB to others" in line and "more room" in line, line
