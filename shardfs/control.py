@@ -118,12 +118,9 @@ async def _dispatch(daemon, req, send):
     cache, reader = daemon.cache, daemon.reader
     if op == "stats":
         models = []
+        cached_of = await daemon.cached_bytes_of(list(daemon.tree.current.values()))
         for name, entry in sorted(daemon.tree.current.items()):
-            try:
-                m = await daemon.open_model(entry)
-                cached = cache.cached_bytes(m.hexes)
-            except ShardfsError:
-                cached = None
+            cached = cached_of.get(entry.vid)
             models.append({"name": name, "version": entry.vid, "size": entry.size, "cached": cached,
                            "cached_pct": round(100 * cached / entry.size, 1) if cached is not None and entry.size
                            else (100.0 if cached is not None else None),
