@@ -237,6 +237,10 @@ class ChunkCache:
         except OSError:
             return 1 << 62
 
+    def _oldest_unpinned(self) -> str | None:
+        """The least recently used entry eviction may take (caller holds the lock)."""
+        return next((h for h in self._lru if h not in self._pinned), None)
+
     def _make_room(self, size: int) -> bool:
         """Before a fill: evict least recently used entries until `size` more bytes stay
         within the limit and above the disk's free floor, counting the fills other threads
@@ -255,7 +259,7 @@ class ChunkCache:
                     break
                 if evictable is None:  # what evicting could free at most (computed once)
                     evictable = self.used - sum(self._lru.get(h, 0) for h in self._pinned)
-                victim = next((h for h in self._lru if h not in self._pinned), None)
+                victim = self._oldest_unpinned()
                 need = max(over_limit, short_disk)
                 if victim is None or need > evictable:
                     if need - self._reserved <= evictable:
@@ -305,7 +309,7 @@ class ChunkCache:
             with self._lock:
                 if self.used <= target and self._free_disk() >= self.free_floor:
                     return
-                victim = next((h for h in self._lru if h not in self._pinned), None)
+                victim = self._oldest_unpinned()
                 if victim is None:
                     return
             if self.discard(victim):

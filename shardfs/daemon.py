@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import uuid
 from dataclasses import dataclass
 
 import pyfuse3
@@ -25,7 +24,7 @@ import trio
 
 from .cache import ChunkCache
 from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, KeyMismatch, NotFound, ShardfsError
-from .index import Index
+from .index import Index, lease_holder
 from .manifest import Manifest
 from .pool import NodePool
 from .reader import OpenModel, Reader
@@ -92,7 +91,7 @@ class Daemon:
         self.epoch = None
         self.redis_ok = True
         self._model_locks: dict[int, trio.Lock] = {}
-        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"  # for read leases
+        self.holder = lease_holder()  # for read leases
         self._stale_snapshots: list[int] = []
         self._prefetching: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None

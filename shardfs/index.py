@@ -135,6 +135,11 @@ class Version:
         return Manifest.decode(self.manifest_blob)
 
 
+def lease_holder() -> str:
+    """A unique name for one reader of versions (a mount, a get): host, pid, random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
 def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
@@ -312,7 +317,7 @@ class Index:
         version dropped before the lease landed is not brought back: callers re-read the
         versions inside the block (versions() skips those gone)."""
         vids = list(vids)
-        holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        holder = lease_holder()
         self.lease_versions(holder, vids, ttl)
         stop = threading.Event()
 
