@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 
 from . import directio, envelope
-from .stores import chunk_relpath
+from .stores import chunk_relpath, disk_id
 from .units import human
 
 log = logging.getLogger("shardfs.cache")
@@ -68,6 +68,7 @@ class ChunkCache:
         # the chunk is in the mounted file's page cache already, so a second cached copy
         # only costs a memcpy per byte (~1/5 of a cold read's CPU, measured) and memory.
         self.direct = direct and hasattr(os, "O_DIRECT")
+        self.disk = disk_id(self.root)  # which filesystem it is on (Reader: nodes on the same one)
         self._scan()
         self._load_pins()
 
@@ -349,6 +350,9 @@ class ChunkCache:
         if found:
             self._room_again()  # (the next fill checks again)
         return found
+
+    def pinned(self, hex_id: str) -> bool:
+        return hex_id in self._pinned  # (a set replaced whole under the lock: safe to read)
 
     def pins(self) -> list[str]:
         with self._lock:

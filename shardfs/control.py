@@ -128,7 +128,8 @@ async def _dispatch(daemon, req, send):
                            "prefetching": entry.vid in daemon._prefetching})
         return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
-                "chunks_fetched": reader.fetched, "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
+                "chunks_fetched": reader.fetched, "local_uncached": reader.local_uncached,
+                "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
                 "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models)}
     if op == "evict":
         if req.get("all"):

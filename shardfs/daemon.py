@@ -49,6 +49,7 @@ class MountConfig:
     control_path: str = ""
     notify_store: bool = True
     prefetch: bool = True
+    cache_local_nodes: bool = False  # reads also cache chunks of nodes on the cache's filesystem
     keyring: object = None  # crypto.Keyring for encrypted models, or None
 
 
@@ -85,7 +86,8 @@ class Daemon:
         self.pool = NodePool({})
         self.reader = Reader(self.pool, self.cache, mem_limit=cfg.mem_limit, readahead_max=cfg.read_ahead,
                              refresh_locs=self._refresh_locs,
-                             notify=self._notify_store if cfg.notify_store else None)
+                             notify=self._notify_store if cfg.notify_store else None,
+                             cache_local_nodes=cfg.cache_local_nodes)
         self.models: dict[int, OpenModel] = {}
         self.open_count: dict[int, int] = {}
         self.epoch = None

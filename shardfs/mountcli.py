@@ -41,6 +41,10 @@ def add_mount_commands(sub) -> None:
                    "without it they fail to open with EACCES")
     a.add_argument("--no-prefetch", action="store_true", help="do not fetch a safetensors/GGUF file's "
                    "tensors ahead when it is opened (header-driven prefetch is on by default)")
+    a.add_argument("--cache-local-nodes", action="store_true",
+                   help="also cache chunks read from nodes whose data is on the cache's own filesystem "
+                        "(default: read those straight from the node; `cache warm` and pins still "
+                        "cache them)")
     a.add_argument("--no-notify-store", action="store_true", help=__import__("argparse").SUPPRESS)
     a.add_argument("--ready-fd", type=int, help=__import__("argparse").SUPPRESS)
     a.set_defaults(func=cmd_mount)
@@ -193,6 +197,8 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         cmd.append("--no-notify-store")
     if args.no_prefetch:
         cmd.append("--no-prefetch")
+    if args.cache_local_nodes:
+        cmd.append("--cache-local-nodes")
     if args.metrics:
         cmd += ["--metrics", args.metrics]
     if args.key_file:
@@ -234,7 +240,8 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
                           cache_size=args.cache_size or _default_cache_size(cache_dir),
                           read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
                           control_path=socket_path(mp), notify_store=not args.no_notify_store,
-                          prefetch=not args.no_prefetch, keyring=_keyring(args))
+                          prefetch=not args.no_prefetch, cache_local_nodes=args.cache_local_nodes,
+                          keyring=_keyring(args))
         daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
         daemon.idx = idx
         if args.metrics:
@@ -320,6 +327,9 @@ def cmd_cache(args) -> None:
         print(f"hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}, damaged entries "
               f"{c['corrupt']}; replica failovers {res['failovers']}, corrupt copies {res['corrupt_copies']}"
               f"; index {'reachable' if res['redis_ok'] else 'UNREACHABLE (serving last known models)'}")
+        if res.get("local_uncached"):
+            print(f"{res['local_uncached']} chunk reads came from nodes on the cache's own disk and were not "
+                  f"cached (`cache warm` or `cache pin` caches a model; mount --cache-local-nodes caches them all)")
         print(f"{'CACHED':>8} {'SIZE':>10} {'PIN':>4}  NAME")
         for m in res["models"]:
             pct = f"{m['cached_pct']:.1f}%" if m["cached_pct"] is not None else "?"

@@ -3,7 +3,7 @@
     GET/HEAD /chunks/<id>   the envelope (sendfile), 404 when absent
     PUT /chunks/<id>        token required; the body must decode and hash to <id>
     DELETE /chunks/<id>     token required
-    GET /health             {"used": bytes, "free": bytes, "chunks": n}
+    GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>"}
 
 Ids must be 64 lowercase hex digits, so no request names a path outside the root.
 Bodies are bounded by the largest possible envelope. Decoding a PUT body runs in a
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, read_token, write_atomic
+from .stores import HEX_ID, chunk_relpath, disk_id, read_token, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -64,7 +64,8 @@ class NodeServer:
 
     async def health(self, request):
         free = shutil.disk_usage(self.root).free
-        return web.json_response({"used": self.used, "free": free, "chunks": self.chunks})
+        return web.json_response({"used": self.used, "free": free, "chunks": self.chunks,
+                                  "disk": disk_id(self.root)})
 
     async def get(self, request):
         path = self._path(request)

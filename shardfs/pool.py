@@ -33,6 +33,7 @@ class NodePool:
         self._lock = threading.Lock()
         self._failed_at: dict[str, float] = {}
         self._reported: set[tuple[str, str]] = set()
+        self._disks: dict[str, str | None] = {}  # node id -> disk_id of its chunks, once known
         self.corrupt_copies = 0
         self.failovers = 0
         self.hedges = 0
@@ -53,6 +54,7 @@ class NodePool:
             for nid in list(self._stores):
                 if nid not in nodes or nodes[nid].url != self.nodes[nid].url:
                     self._stores.pop(nid).close()
+                    self._disks.pop(nid, None)
             self.nodes = dict(nodes)
 
     def probe(self, used: bool = False) -> dict[str, dict | NodeError]:
@@ -78,8 +80,27 @@ class NodePool:
         now = time.monotonic()
         return sorted(ranked, key=lambda n: now - self._failed_at.get(n, -1e9) < COOLDOWN)
 
+    def disk_of(self, nid: str) -> str | None:
+        """The disk_id of the filesystem holding a node's chunks (asked once per node), or
+        None when the node does not say or cannot be asked now."""
+        with self._lock:
+            if nid in self._disks:
+                return self._disks[nid]
+        try:
+            disk = self.store(nid).health(used=False).get("disk")
+        except (NodeError, AttributeError):  # unreachable now, or an answer that is not a dict
+            return None
+        disk = disk if isinstance(disk, str) else None
+        with self._lock:
+            self._disks[nid] = disk
+        return disk
+
     def read(self, hex_id: str, locs, keyring=None) -> bytes:
-        """Raw bytes of a chunk, verified, from the first replica that serves a good copy.
+        return self.read_from(hex_id, locs, keyring)[0]
+
+    def read_from(self, hex_id: str, locs, keyring=None) -> tuple[bytes, str]:
+        """Raw bytes of a chunk, verified, from the first replica that serves a good copy,
+        and the id of the node that served it.
 
         Replicas are tried in preference order; a replica that has not answered within
         HEDGE_AFTER seconds is raced by a request to the next one (a hung or slow node
@@ -100,7 +121,7 @@ class NodePool:
                 for fut in done:
                     nid = pending.pop(fut)
                     try:
-                        return fut.result()
+                        return fut.result(), nid
                     except NodeError as e:
                         if not e.missing:
                             self.mark_failed(nid)

@@ -10,6 +10,8 @@ be followed from top to bottom here:
                                                cache.get (hash-checked) or
                                                pool.read (failover, decode, hash-check);
                                                waiting readers get it, then cache.put
+                                               (unless it came from a node on the
+                                               cache's own filesystem: see _fill)
       sequential reads also start flights for the next `window` bytes (readahead)
 
 Concurrency invariants (trio, single thread; only `await` points switch tasks):
@@ -83,7 +85,7 @@ class ReadState:
 
 
 class _Flight:
-    __slots__ = ("event", "stored", "data", "error", "keep")
+    __slots__ = ("event", "stored", "data", "error", "keep", "store")
 
     def __init__(self, keep: bool):
         self.event = trio.Event()  # data (or error) is there
@@ -91,6 +93,7 @@ class _Flight:
         self.data = None
         self.error = None
         self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
+        self.store = False  # warm wants it in the disk cache, wherever it comes from
 
 
 class ByteBudget:
@@ -173,9 +176,16 @@ class MemBuffer:
 
 class Reader:
     def __init__(self, pool: NodePool, cache: ChunkCache | None, *, mem_limit: int = 128 << 20,
-                 fetchers: int = 8, readahead_max: int = 64 << 20, refresh_locs=None, notify=None):
+                 fetchers: int = 8, readahead_max: int = 64 << 20, refresh_locs=None, notify=None,
+                 cache_local_nodes: bool = True):
         self.pool = pool
         self.cache = cache
+        # Whether reads also fill the cache with chunks from nodes on the cache's own
+        # filesystem (warm always does). Those chunks are on the reader's disk already: a
+        # decoded second copy there costs that disk 1.5x the chunk's stored bytes in writes
+        # during the read, which made a cold read from such nodes 1.7x slower (measured).
+        self.cache_local_nodes = cache_local_nodes
+        self.local_uncached = 0  # chunks read from such nodes and, so, not cached
         self.mem = MemBuffer(mem_limit)
         self.fetch_limiter = trio.CapacityLimiter(fetchers)
         # Chunks being fetched, decoded and written to the cache are memory on top of the
@@ -205,11 +215,13 @@ class Reader:
     async def chunk(self, m: OpenModel, i: int, keep: bool = True, stored: bool = False) -> bytes:
         """The raw bytes of chunk i. keep=False (prefetch, warm) fills the disk cache only,
         so background work never crowds what readers use out of the memory buffer.
-        stored=True also waits until the chunk is in the disk cache (warm)."""
+        stored=True also puts it in the disk cache, wherever it comes from, and waits until
+        it is there (warm)."""
         h = m.hexes[i]
         data = self.mem.get(h)
         if data is None:
             flight = self._start(m, i, keep)
+            flight.store = flight.store or stored
         else:
             flight = self._flights.get(h) if stored else None
             if flight is None:
@@ -241,17 +253,22 @@ class Reader:
             async with self.fetch_limiter:
                 await self.flight_bytes.acquire(size)
                 try:
-                    data, fetched = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
-                    self.fetched += fetched
+                    data, source = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                    self.fetched += source != "cache"
                     flight.data = data
                     flight.event.set()  # readers go on at once: the disk-cache write follows
                     if flight.keep:
                         self._keep(m, i, data)
-                    if fetched and self.cache is not None:
-                        # Write-behind, still holding the fetch slot: fills run ahead of the
-                        # disk by at most the slots, and the flight (with its data) stays
-                        # joinable until the entry exists, so nobody fetches the chunk twice.
-                        await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
+                    if source != "cache" and self.cache is not None:
+                        if source == "node" or flight.store or self.cache_local_nodes or self.cache.pinned(h):
+                            # Write-behind, still holding the fetch slot: fills run ahead of
+                            # the disk by at most the slots, and the flight (with its data)
+                            # stays joinable until the entry exists, so nobody fetches the
+                            # chunk twice. (No await since the load: a warm that joined by
+                            # now set flight.store; a later one finds the flight over.)
+                            await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
+                        else:
+                            self.local_uncached += 1
                 finally:
                     self.flight_bytes.release(size)
         except (ChunkUnavailable, CorruptChunk) as e:
@@ -303,15 +320,15 @@ class Reader:
         while self._notify_limiter.borrowed_tokens:  # (one task may hold only one token)
             await trio.sleep(0.01)
 
-    def _load(self, m: OpenModel, h: str) -> tuple[bytes, bool]:
-        """Worker thread: the verified raw chunk from the disk cache or the nodes, and
-        whether it came from the nodes (so the cache still has to take it)."""
+    def _load(self, m: OpenModel, h: str) -> tuple[bytes, str]:
+        """Worker thread: the verified raw chunk from the disk cache or the nodes, and where
+        it came from: "cache", "local" (a node on the cache's filesystem) or "node"."""
         if self.cache is not None:
             data = self.cache.get(h, m.keyring)
             if data is not None:
-                return data, False
+                return data, "cache"
         try:
-            data = self.pool.read(h, m.locs.get(h, []), m.keyring)
+            data, nid = self.pool.read_from(h, m.locs.get(h, []), m.keyring)
         except ChunkUnavailable:
             if self.refresh_locs is None:
                 raise
@@ -319,8 +336,10 @@ class Reader:
             if not fresh or set(fresh) == set(m.locs.get(h, [])):
                 raise
             m.locs[h] = fresh
-            data = self.pool.read(h, fresh, m.keyring)
-        return data, True
+            data, nid = self.pool.read_from(h, fresh, m.keyring)
+        local = (self.cache is not None and not self.cache_local_nodes and self.cache.disk is not None
+                 and self.pool.disk_of(nid) == self.cache.disk)
+        return data, "local" if local else "node"
 
     # -- reads -----------------------------------------------------------------------
 
@@ -427,7 +446,8 @@ class Reader:
 
         async def one(i):
             try:
-                data = await self.chunk(m, i, keep=False)  # joins a fetch already under way
+                # joins a fetch already under way; without pushes, filling the cache is the point
+                data = await self.chunk(m, i, keep=False, stored=not push)
                 if push:
                     # A loader is often right behind: until the push lands, its faults on this
                     # chunk reach the daemon, and must find it in memory, not reload it from disk.

@@ -41,6 +41,20 @@ def read_token(path: str | None) -> str | None:
     return token
 
 
+def disk_id(path: str) -> str | None:
+    """Which filesystem on which running machine holds `path`: "<boot id>:<st_dev>", or None.
+
+    The mount compares a node's with its cache's: chunks of a node on the cache's own
+    filesystem are already on the reader's disk, so a decoded second copy there would only
+    compete with them for that disk (see Reader)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}:{os.stat(path).st_dev}"
+    except OSError:
+        return None
+
+
 def chunk_relpath(hex_id: str) -> str:
     if not HEX_ID.fullmatch(hex_id):
         raise ValueError(f"malformed chunk id {hex_id!r}")
@@ -67,8 +81,9 @@ class NodeStore(ABC):
 
     @abstractmethod
     def health(self, used: bool = True) -> dict:
-        """{"used": bytes held, "free": bytes free}; NodeError when unreachable.
-        used=False: a liveness probe; "used" may be None where it is costly to count."""
+        """{"used": bytes held, "free": bytes free, "disk": disk_id of its root (optional)};
+        NodeError when unreachable. used=False: a liveness probe; "used" may be None where
+        it is costly to count."""
 
     def close(self) -> None:
         pass
@@ -110,7 +125,8 @@ class FileStore(NodeStore):
         if not os.path.isdir(self.root):
             raise NodeError(self.url, f"directory {self.root} does not exist")
         # counting what a directory holds walks every chunk file: only when asked (node ls, doctor)
-        return {"used": dir_usage(self.root) if used else None, "free": shutil.disk_usage(self.root).free}
+        return {"used": dir_usage(self.root) if used else None, "free": shutil.disk_usage(self.root).free,
+                "disk": disk_id(self.root)}
 
 
 def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:

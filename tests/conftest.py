@@ -212,6 +212,11 @@ def fuse_usable() -> str | None:
     return None
 
 
+# Every test node keeps its chunks under tmp_path, on the cache's filesystem, and a mount
+# reads such nodes' chunks without caching them. Tests of how the cache fills, evicts and
+# counts ask it to cache them as it caches remote nodes' chunks.
+CACHE_LOCAL = "--cache-local-nodes"
+
 needs_fuse = pytest.mark.skipif(fuse_usable() is not None, reason=f"no usable FUSE: {fuse_usable()}")
 
 

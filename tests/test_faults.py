@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import Cli, RedisProc, add_nodes, needs_fuse, sha256_file, wait_for
+from conftest import CACHE_LOCAL, Cli, RedisProc, add_nodes, needs_fuse, sha256_file, wait_for
 
 
 
@@ -21,7 +21,7 @@ def test_daemon_killed_mid_read_leaves_no_partial_cache_entry(cli, nodes, model_
     for x in n:
         cli("node", "add", x.url)
     cli("put", model_256, "--name", "big.safetensors")
-    m = mounts("--no-prefetch")
+    m = mounts("--no-prefetch", CACHE_LOCAL)
     with pytest.raises(OSError):
         with open(m.file("big.safetensors"), "rb") as f:
             f.read(64 << 20)
@@ -118,7 +118,7 @@ def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_pa
         write_safetensors(str(p), 12 << 20, seed=20 + i)
         cli("put", p, "--name", f"soak/m{i}.safetensors", "--chunk-size", "1MiB")
         srcs[f"soak/m{i}.safetensors"] = str(p)
-    m = mounts("--cache-size", "16MiB", "--memory", "8MiB")  # working set 36 MiB: eviction under pressure
+    m = mounts("--cache-size", "16MiB", "--memory", "8MiB", CACHE_LOCAL)  # working set 36 MiB: eviction under pressure
     rep = soak.run({m.file(k): v for k, v in srcs.items()}, seconds=8, readers=16, daemon_pid=m.pid)
     print(rep.summary())
     assert rep.errors == []

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import add_nodes, needs_fuse, sha256_file, wait_for
+from conftest import CACHE_LOCAL, add_nodes, needs_fuse, sha256_file, wait_for
 
 pytestmark = needs_fuse
 
@@ -89,7 +89,7 @@ def _random_reads(path, ref, n, errors, seed):
 
 
 def test_concurrent_readers_same_and_different_models(store, mounts):
-    m = mounts()
+    m = mounts(CACHE_LOCAL)
     refs = {"org/small.safetensors": store["small"].read_bytes(), "org/deep/other.bin": store["other"].read_bytes()}
     errors = []
     threads = [threading.Thread(target=_random_reads, args=(m.file(name), refs[name], 40, errors, i))
@@ -142,7 +142,7 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
     b.write_bytes(os.urandom(6 << 20))
     cli("put", a, "--name", "a", "--chunk-size", "1MiB")
     cli("put", b, "--name", "b", "--chunk-size", "1MiB")
-    m = mounts("--cache-size", "8MiB")
+    m = mounts("--cache-size", "8MiB", CACHE_LOCAL)
     m.cli("cache", "pin", "a", "--mount", m.path)
     m.cli("cache", "warm", "a", "--mount", m.path)
     assert sha256_file(m.file("b")) == sha256_file(b)  # b does not fit next to a: LRU must evict b's chunks, not a's
@@ -345,9 +345,30 @@ def test_model_folder_put_mount_and_rm(cli, nodes, tmp_path, mounts):
     assert "no models" in cli("ls").stdout
 
 
+def test_chunks_of_nodes_on_the_cache_disk_are_read_without_a_second_copy(store, mounts):
+    """The test's HTTP nodes keep their chunks on the cache's filesystem (their /health says
+    which): by default a read serves those chunks without writing them to the cache; pin and
+    warm still cache them."""
+    m = mounts("--no-prefetch")
+
+    def stats():
+        return json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
+    st = stats()
+    assert st["cache"]["entries"] == 0 and st["local_uncached"] == st["chunks_fetched"] > 0, st
+    assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.cached_bytes")) == 0
+    assert "not cached" in m.cli("cache", "stats", "--mount", m.path).stdout
+    m.cli("cache", "pin", "org/deep/other.bin", "--mount", m.path)
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])
+    m.cli("cache", "warm", "org/small.safetensors", "--mount", m.path)
+    by = {x["name"]: x for x in stats()["models"]}
+    assert by["org/deep/other.bin"]["cached_pct"] == 100.0 and by["org/small.safetensors"]["cached_pct"] == 100.0
+
+
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_header_driven_prefetch(store, mounts, prefetch):
-    m = mounts(*([] if prefetch else ["--no-prefetch"]))
+    m = mounts(CACHE_LOCAL, *([] if prefetch else ["--no-prefetch"]))
     path = m.file("org/small.safetensors")
 
     def cached():
@@ -401,7 +422,7 @@ def test_hung_node_is_raced_by_a_hedged_request(cli, nodes, tmp_path, mounts):
 
 
 def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp_path):
-    m = mounts()
+    m = mounts(CACHE_LOCAL)
     chunks = os.path.join(m.cache_dir, "data", "chunks")
     shutil.rmtree(chunks)
     open(chunks, "w").close()  # a file where the cache's directory should be: every fill fails
@@ -433,7 +454,7 @@ def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
         src = tmp_path / "m.bin"
         src.write_bytes(os.urandom(3 << 20))
         cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
-        m = mounts("--metrics", f"127.0.0.1:{mount_port}")
+        m = mounts(CACHE_LOCAL, "--metrics", f"127.0.0.1:{mount_port}")
         assert sha256_file(m.file("m.bin")) == sha256_file(src)
 
         def scrape(port):

@@ -182,3 +182,57 @@ def test_byte_budget_grants_in_arrival_order_and_survives_cancellation():
         assert b.used == 0 and b.peak == 70
 
     trio.run(main)
+
+
+def test_chunks_of_a_node_on_the_cache_filesystem_are_cached_only_when_asked(tmp_path):
+    """A file node under tmp_path shares the cache's filesystem: reads serve its chunks
+    without a second copy on that disk; warm and pins still cache them; a cache on another
+    filesystem (or cache_local_nodes) fills on read as before."""
+    lengths = [PAGE * 3, PAGE * 5, PAGE * 2, PAGE * 4]
+    data, m, pool, cache = setup(tmp_path, lengths)
+    assert cache.disk is not None and pool.disk_of("n1") == cache.disk
+
+    async def settled(r):  # every flight over, its cache write included (they run in threads)
+        while r._flights:
+            await trio.sleep(0.005)
+
+    def reader_for(cache, **kw):
+        return Reader(pool, cache, cache_local_nodes=kw.get("cache_local_nodes", False))
+
+    async def main():
+        async with trio.open_nursery() as n:
+            r = reader_for(cache)
+            r.attach(n)
+            assert bytes(await r.read(m, 0, len(data))) == data
+            await settled(r)
+            assert cache.stats()["entries"] == 0 and r.local_uncached == len(lengths)
+            # a warm that comes while a read fetches the chunk (joining its flight, or after
+            # it, taking the chunk from memory) stores the chunk too
+            r.mem.clear()
+            n.start_soon(r.chunk, m, 0)
+            await trio.testing.wait_all_tasks_blocked()
+            await r.chunk(m, 0, keep=False, stored=True)
+            assert m.hexes[0] in cache
+            cache.pin("m.bin", [m.hexes[1]])
+            assert bytes(await r.read(m, m.manifest.offsets[1], lengths[1])) == data[m.manifest.offsets[1]:][:lengths[1]]
+            await settled(r)
+            assert m.hexes[1] in cache  # pinned: cached on read
+            assert await r.warm(m) == len(data)
+            assert all(h in cache for h in m.hexes)
+
+            other = ChunkCache(str(tmp_path / "cache2"), 1 << 30, free_floor=0)
+            other.disk = "another-machine:1"
+            r2 = reader_for(other)
+            r2.attach(n)
+            assert bytes(await r2.read(m, 0, len(data))) == data
+            await settled(r2)
+            assert other.stats()["entries"] == len(lengths) and r2.local_uncached == 0
+
+            third = ChunkCache(str(tmp_path / "cache3"), 1 << 30, free_floor=0)
+            r3 = reader_for(third, cache_local_nodes=True)
+            r3.attach(n)
+            assert bytes(await r3.read(m, 0, len(data))) == data
+            await settled(r3)
+            assert third.stats()["entries"] == len(lengths) and r3.local_uncached == 0
+            n.cancel_scope.cancel()
+    trio.run(main)
