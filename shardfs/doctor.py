@@ -33,6 +33,11 @@ def checks(redis_flag: str | None, cache_dir: str):
         idx = None
     if idx is not None:
         from .pool import NodePool
+        from .stores import disk_id
+        here = os.path.abspath(cache_dir)
+        while not os.path.exists(here):  # (the cache dir itself is made further down)
+            here = os.path.dirname(here)
+        cache_disk = disk_id(here)
         pool = NodePool(idx.nodes())
         if not pool.nodes:
             yield None, "nodes", "no nodes registered", "`shardfs put` registers a local node; or `shardfs node add URL`"
@@ -47,7 +52,9 @@ def checks(redis_flag: str | None, cache_dir: str):
                 yield None, f"node {nid}", f"{url}: only {h['free'] >> 20} MiB free", \
                     "free space or add nodes; puts skip full nodes"
             else:
-                yield True, f"node {nid}", f"{url}: up, {h['free'] / 2**30:.1f} GiB free", ""
+                local = "; on the cache's disk: mounts read its chunks without caching them" \
+                    if cache_disk is not None and h.get("disk") == cache_disk else ""
+                yield True, f"node {nid}", f"{url}: up, {h['free'] / 2**30:.1f} GiB free{local}", ""
         pool.close()
     try:
         os.makedirs(cache_dir, exist_ok=True)

@@ -8,6 +8,8 @@ def test_doctor_reports_each_check_and_fails_on_a_dead_node(cli, nodes):
     r = cli("doctor")
     assert "ok    redis" in r.stdout and r.stdout.count("ok    node n") == 2, r.stdout
     assert "cache dir: " in r.stdout and "of which the cache leaves" in r.stdout, r.stdout
+    # the test's nodes keep their chunks under tmp_path, on the cache's filesystem
+    assert r.stdout.count("on the cache's disk: mounts read its chunks without caching them") == 2, r.stdout
     ns[1].kill()
     r = cli("doctor", check=False)
     assert r.returncode == 1
