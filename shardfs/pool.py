@@ -23,6 +23,7 @@ from .stores import NodeStore, open_store
 log = logging.getLogger("shardfs.pool")
 
 COOLDOWN = 5.0  # seconds a node that failed is tried last
+DISK_RETRY = 60.0  # seconds before a node that did not say where its chunks live is asked again
 HEDGE_AFTER = float(os.environ.get("SHARDFS_HEDGE_AFTER", "1.0"))  # seconds before racing a 2nd replica
 
 
@@ -33,7 +34,7 @@ class NodePool:
         self._lock = threading.Lock()
         self._failed_at: dict[str, float] = {}
         self._reported: set[tuple[str, str]] = set()
-        self._disks: dict[str, str | None] = {}  # node id -> disk_id of its chunks, once known
+        self._disks: dict[str, tuple[str | None, float]] = {}  # node id -> (disk_id, when asked)
         self.corrupt_copies = 0
         self.failovers = 0
         self.hedges = 0
@@ -81,19 +82,25 @@ class NodePool:
         return sorted(ranked, key=lambda n: now - self._failed_at.get(n, -1e9) < COOLDOWN)
 
     def disk_of(self, nid: str) -> str | None:
-        """The disk_id of the filesystem holding a node's chunks (asked once per node), or
-        None when the node does not say or cannot be asked now."""
+        """The disk_id of the filesystem holding a node's chunks, or None when the node does
+        not say. Asked once per node (a failed ask is retried after DISK_RETRY seconds), and
+        never an error: the answer only decides whether the mount caches the node's chunks."""
+        now = time.monotonic()
         with self._lock:
-            if nid in self._disks:
-                return self._disks[nid]
+            known = self._disks.get(nid)
+            if known is not None and (known[0] is not None or now - known[1] < DISK_RETRY):
+                return known[0]
+        disk, st = None, None
         try:
-            disk = self.store(nid).health(used=False).get("disk")
-        except (NodeError, AttributeError):  # unreachable now, or an answer that is not a dict
-            return None
-        disk = disk if isinstance(disk, str) else None
+            st = self.store(nid)
+            answer = st.health(used=False)
+            disk = answer.get("disk") if isinstance(answer, dict) else None
+        except Exception as e:  # noqa: BLE001 - unreachable now, a URL gone bad, a broken answer
+            log.debug("node %s does not say which filesystem holds its chunks: %s", nid, e)
         with self._lock:
-            self._disks[nid] = disk
-        return disk
+            if st is not None and self._stores.get(nid) is st:  # not replaced meanwhile (update)
+                self._disks[nid] = (disk if isinstance(disk, str) else None, now)
+        return disk if isinstance(disk, str) else None
 
     def read(self, hex_id: str, locs, keyring=None) -> bytes:
         return self.read_from(hex_id, locs, keyring)[0]

@@ -177,7 +177,7 @@ class MemBuffer:
 class Reader:
     def __init__(self, pool: NodePool, cache: ChunkCache | None, *, mem_limit: int = 128 << 20,
                  fetchers: int = 8, readahead_max: int = 64 << 20, refresh_locs=None, notify=None,
-                 cache_local_nodes: bool = True):
+                 cache_local_nodes: bool = False):
         self.pool = pool
         self.cache = cache
         # Whether reads also fill the cache with chunks from nodes on the cache's own
@@ -213,8 +213,8 @@ class Reader:
     # -- chunks ----------------------------------------------------------------------
 
     async def chunk(self, m: OpenModel, i: int, keep: bool = True, stored: bool = False) -> bytes:
-        """The raw bytes of chunk i. keep=False (prefetch, warm) fills the disk cache only,
-        so background work never crowds what readers use out of the memory buffer.
+        """The raw bytes of chunk i. keep=False (prefetch, warm) leaves it out of the memory
+        buffer, so background work never crowds out what readers use.
         stored=True also puts it in the disk cache, wherever it comes from, and waits until
         it is there (warm)."""
         h = m.hexes[i]
@@ -224,7 +224,9 @@ class Reader:
             flight.store = flight.store or stored
         else:
             flight = self._flights.get(h) if stored else None
-            if flight is None:
+            if flight is not None:
+                flight.store = True
+            else:
                 if stored and self.cache is not None and h not in self.cache:
                     # in memory, not on disk: its fill found the cache full or unwritable then
                     await trio.to_thread.run_sync(self.cache.put, h, data, abandon_on_cancel=False)
@@ -446,7 +448,9 @@ class Reader:
 
         async def one(i):
             try:
-                # joins a fetch already under way; without pushes, filling the cache is the point
+                # Joins a fetch already under way. Without pushes (a diagnostic mode), filling
+                # the disk cache is all prefetch does, so it stores chunks from nodes on the
+                # cache's own filesystem too, as warm does.
                 data = await self.chunk(m, i, keep=False, stored=not push)
                 if push:
                     # A loader is often right behind: until the push lands, its faults on this

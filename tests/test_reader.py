@@ -4,6 +4,9 @@
 into the kernel's page cache, so the tests can check which bytes go there and which chunks
 the reader loads for them (the mount tests check the same end to end, through the kernel)."""
 
+import threading
+from functools import partial
+
 import numpy as np
 import trio
 import trio.testing
@@ -206,12 +209,23 @@ def test_chunks_of_a_node_on_the_cache_filesystem_are_cached_only_when_asked(tmp
             assert bytes(await r.read(m, 0, len(data))) == data
             await settled(r)
             assert cache.stats()["entries"] == 0 and r.local_uncached == len(lengths)
-            # a warm that comes while a read fetches the chunk (joining its flight, or after
-            # it, taking the chunk from memory) stores the chunk too
+            # a warm that joins the flight of a read still fetching the chunk stores it too
             r.mem.clear()
+            go = threading.Event()
+            plain = pool.read_from
+
+            def held(*a):
+                go.wait(10)
+                return plain(*a)
+            pool.read_from = held
             n.start_soon(r.chunk, m, 0)
-            await trio.testing.wait_all_tasks_blocked()
-            await r.chunk(m, 0, keep=False, stored=True)
+            await trio.testing.wait_all_tasks_blocked()  # the read's flight waits in held()
+            assert m.hexes[0] in r._flights
+            async with trio.open_nursery() as w:
+                w.start_soon(partial(r.chunk, m, 0, keep=False, stored=True))
+                await trio.testing.wait_all_tasks_blocked()
+                go.set()
+            pool.read_from = plain
             assert m.hexes[0] in cache
             cache.pin("m.bin", [m.hexes[1]])
             assert bytes(await r.read(m, m.manifest.offsets[1], lengths[1])) == data[m.manifest.offsets[1]:][:lengths[1]]
@@ -236,3 +250,18 @@ def test_chunks_of_a_node_on_the_cache_filesystem_are_cached_only_when_asked(tmp
             assert third.stats()["entries"] == len(lengths) and r3.local_uncached == 0
             n.cancel_scope.cancel()
     trio.run(main)
+
+
+def test_disk_of_never_fails_a_read_and_follows_url_changes(tmp_path):
+    _data, _m, pool, cache = setup(tmp_path, [PAGE])
+    calls = []
+
+    def health(used=True):
+        calls.append(1)
+        raise OSError(116, "Stale file handle")  # not a NodeError: must not escape either
+    pool.store("n1").health = health
+    assert pool.disk_of("n1") is None and pool.disk_of("n1") is None
+    assert len(calls) == 1  # a failed ask is not repeated for every chunk
+    (tmp_path / "node2").mkdir()
+    pool.update({"n1": Node("n1", f"file://{tmp_path}/node2")})  # a new URL: asked again
+    assert pool.disk_of("n1") == cache.disk
