@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -43,6 +44,8 @@ import uuid
 from dataclasses import dataclass
 
 import redis
+
+log = logging.getLogger("shardfs.index")
 
 from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
 from .manifest import Manifest
@@ -322,11 +325,18 @@ class Index:
         stop = threading.Event()
 
         def renew():
+            renewed = time.monotonic()
             while not stop.wait(ttl / 3):
                 try:
                     self.lease_versions(holder, vids, ttl)
-                except redis.RedisError:
-                    pass  # (the lease lapses only after ttl: the next renewal may get through)
+                    renewed = time.monotonic()
+                except redis.RedisError as e:  # the lease lapses only after ttl: retry until then
+                    if time.monotonic() - renewed > ttl:
+                        renewed = float("inf")  # say it once
+                        log.warning("the read lease on version(s) %s lapsed (Redis: %s): a `gc` now may "
+                                    "drop them, and this command then fails; it never returns wrong bytes",
+                                    ", ".join(map(str, vids[:5])) + (f" and {len(vids) - 5} more" if len(vids) > 5 else ""),
+                                    e)
 
         t = threading.Thread(target=renew, name="shardfs-lease", daemon=True)
         t.start()

@@ -649,6 +649,24 @@ def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_
     get_and_compare(cli, "M", edited, tmp_path)
 
 
+def test_a_lapsed_read_lease_is_reported_once(redis_proc, caplog, monkeypatch):
+    idx = open_idx(redis_proc)
+    calls = []
+
+    def failing(holder, vids, ttl):
+        calls.append(ttl)
+        if len(calls) > 1:  # the first lease lands; every renewal meets an unreachable Redis
+            raise redis.ConnectionError("Connection refused")
+        Index.lease_versions(idx, holder, vids, ttl)
+    monkeypatch.setattr(idx, "lease_versions", failing)
+    with caplog.at_level("WARNING", logger="shardfs.index"):
+        with idx.reading([7, 8], ttl=0.15):
+            time.sleep(0.9)  # ~18 renewals, every one failing, for 6 x ttl
+    lapsed = [r.getMessage() for r in caplog.records if "lapsed" in r.getMessage()]
+    assert len(calls) > 5 and len(lapsed) == 1, (calls, lapsed)
+    assert "version(s) 7, 8 lapsed" in lapsed[0] and "Connection refused" in lapsed[0]
+
+
 def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 2)
     # leave the model's chunks behind unreferenced, so gc and the next put race for them
