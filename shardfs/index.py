@@ -45,10 +45,10 @@ from dataclasses import dataclass
 
 import redis
 
-log = logging.getLogger("shardfs.index")
-
 from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
 from .manifest import Manifest
+
+log = logging.getLogger("shardfs.index")
 
 P = "shardfs:"
 K_MODELS = P + "models"

@@ -95,12 +95,13 @@ class NodePool:
             st = self.store(nid)
             answer = st.health(used=False)
             disk = answer.get("disk") if isinstance(answer, dict) else None
+            disk = disk if isinstance(disk, str) else None
         except Exception as e:  # noqa: BLE001 - unreachable now, a URL gone bad, a broken answer
             log.debug("node %s does not say which filesystem holds its chunks: %s", nid, e)
         with self._lock:
             if st is not None and self._stores.get(nid) is st:  # not replaced meanwhile (update)
-                self._disks[nid] = (disk if isinstance(disk, str) else None, now)
-        return disk if isinstance(disk, str) else None
+                self._disks[nid] = (disk, now)
+        return disk
 
     def read(self, hex_id: str, locs, keyring=None) -> bytes:
         return self.read_from(hex_id, locs, keyring)[0]
