@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,17 +74,32 @@ def add_mount_commands(sub) -> None:
 
 # -- helpers ----------------------------------------------------------------------------
 
-def shardfs_mounts() -> list[str]:
-    out = []
+def _mount_types() -> dict[str, str]:
+    """Mountpoint -> filesystem type, from /proc/self/mounts (the last mount on a path wins)."""
+    out = {}
     try:
         with open("/proc/self/mounts") as f:
             for line in f:
                 parts = line.split()
-                if parts[0] == "shardfs" or parts[2] == "fuse.shardfs":
-                    out.append(parts[1].replace("\\040", " "))
+                if len(parts) < 3:
+                    continue
+                # the kernel escapes space, tab, newline and backslash in paths as \ooo
+                path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
+                out[path] = "fuse.shardfs" if parts[0] == "shardfs" and parts[2] == "fuse" else parts[2]
     except OSError:
         pass
     return out
+
+
+def shardfs_mounts() -> list[str]:
+    return [p for p, t in _mount_types().items() if t == "fuse.shardfs"]
+
+
+def _not_ours(mp: str) -> str | None:
+    """What else is mounted at mp ('a tmpfs mount'), or None if it is a shardfs mount."""
+    types = _mount_types()
+    kind = types.get(os.path.realpath(mp)) or types.get(mp)
+    return None if kind == "fuse.shardfs" else f"a {kind or 'non-shardfs'} mount"
 
 
 def _is_stale(mp: str) -> bool:
@@ -129,6 +145,10 @@ def _users_of(mp: str) -> list[str]:
 def recover_stale(mp: str) -> bool:
     if not _is_stale(mp):
         return False
+    other = _not_ours(mp)
+    if other:
+        raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) of {other}, not "
+                           f"shardfs; unmount it with the tool that made it (e.g. fusermount3 -u {mp})")
     r = _fusermount(mp, lazy=True)
     if _is_stale(mp):
         raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) and could not be "
@@ -283,6 +303,9 @@ def cmd_umount(args) -> None:
         return
     if not os.path.ismount(mp):
         raise UsageError(f"{mp} is not mounted")
+    other = _not_ours(mp)
+    if other:
+        raise UsageError(f"{mp} is {other}, not a shardfs mount; shardfs umount only unmounts shardfs")
     r = _fusermount(mp)
     if r.returncode != 0:
         err = r.stderr.strip()

@@ -274,6 +274,16 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     assert not os.path.ismount(m.path)
 
 
+def test_umount_refuses_what_shardfs_did_not_mount(cli, small_fs, tmp_path):
+    other = small_fs("1M")  # a tmpfs: as root, fusermount3 -u would unmount it too
+    r = cli("umount", other, check=False)
+    assert r.returncode != 0 and "is a tmpfs mount, not a shardfs mount" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and os.path.ismount(other)
+    (tmp_path / "plain").mkdir()
+    r = cli("umount", tmp_path / "plain", check=False)
+    assert r.returncode != 0 and "is not mounted" in r.stderr
+
+
 def test_mount_refuses_clearly(cli, redis_proc, tmp_path, base_env):
     from conftest import Cli
     r = cli("mount", tmp_path / "nope", check=False)
