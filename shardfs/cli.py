@@ -252,7 +252,7 @@ def cmd_get(args):
         bar = tqdm(total=idx.model(args.name).size, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"get {args.name}", file=sys.stderr)
     try:
-        ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_keyring(args))
+        ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_keyring(args), force=args.force)
     finally:
         if bar:
             bar.close()
@@ -374,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("get", help="reassemble a model into a file without FUSE, verified")
     a.add_argument("name")
     a.add_argument("dest", help="file path or existing directory")
+    a.add_argument("--force", action="store_true", help="replace an existing file at DEST "
+                   "(never a device, link, pipe or directory)")
     a.add_argument("--key-file", help="the key of an encrypted model (default: key_file setting)")
     a.set_defaults(func=cmd_get)
     a = sub.add_parser("rm", help="remove a model and its versions, or NAME/ for a whole folder "

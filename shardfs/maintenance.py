@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import tempfile
 from collections import deque
@@ -48,8 +49,10 @@ def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS *
                 pending.append(ex.submit(pool.read, h, locs[h], keyring))
 
 
-def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None) -> tuple[Version, str]:
+def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None,
+              force: bool = False) -> tuple[Version, str]:
     """Reassemble a model into dest (a file path or an existing directory), verified end to end.
+    An existing file at dest is replaced only with force; anything but a regular file never.
 
     The version is leased while it is read, so `gc` cannot drop it (and its chunks) under a
     long get after a `put --force` replaced it."""
@@ -62,11 +65,30 @@ def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None)
                 ver = idx.version(vid)  # (re-read under the lease: gc may have just dropped it)
             except NotFound:
                 continue  # replaced and dropped in between: take the new current version
-            return _get_version(idx, name, ver, dest, progress_bar, keyring)
+            return _get_version(idx, name, ver, dest, progress_bar, keyring, force)
     raise ShardfsError(f"{name}: replaced faster than it can be read; try again")
 
 
-def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring) -> tuple[Version, str]:
+def check_dest(dest: str, force: bool) -> None:
+    """get writes a new file and renames it over dest: refuse to replace what is there
+    unless asked, and never replace a device, a link, a pipe or a directory."""
+    try:
+        st = os.lstat(dest)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"{dest}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = {stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                stat.S_IFIFO: "a named pipe", stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}.get(
+                    stat.S_IFMT(st.st_mode), "not a regular file")
+        raise UsageError(f"{dest} is {kind}: get writes regular files only; give another DEST")
+    if not force:
+        raise UsageError(f"{dest} exists; pass --force to replace it")
+
+
+def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring,
+                 force: bool) -> tuple[Version, str]:
     check_key(ver, keyring)
     keyring = keyring if ver.stats.get("key") else None  # a key given for plain models is not used
     if os.path.isdir(dest):
@@ -74,6 +96,7 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
     d = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(d):
         raise UsageError(f"{d}: no such directory")
+    check_dest(dest, force)
     pool = NodePool(idx.nodes())
     sha = hashlib.sha256()
     try:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -618,6 +619,33 @@ def test_gc_drops_replaced_versions_after_the_grace_unless_a_mount_reads_them(cl
     cli("verify", "M")
     bad = cli("gc", "--grace", "soon", check=False)
     assert bad.returncode != 0 and "cannot read duration" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_get_replaces_an_existing_file_only_with_force_and_never_a_special_file(cli, nodes, model_small, tmp_path):
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "M", *SMALL)
+    existing = tmp_path / "existing"
+    existing.write_bytes(b"keep me")
+    r = cli("get", "M", existing, check=False)
+    assert r.returncode == 2 and "exists; pass --force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert existing.read_bytes() == b"keep me"
+    link = tmp_path / "link"
+    link.symlink_to(existing)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    specials = {link: "a symbolic link", fifo: "a named pipe"}
+    if os.geteuid() == 0:  # a device node of our own (replacing /dev/null would harm the machine)
+        dev = tmp_path / "null"
+        os.mknod(dev, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        specials[dev] = "a character device"
+    for path, kind in specials.items():
+        r = cli("get", "M", path, "--force", check=False)
+        assert r.returncode == 2 and f"is {kind}: get writes regular files only" in r.stderr, r.stderr
+    assert link.is_symlink() and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert existing.read_bytes() == b"keep me"
+    assert not [f for f in os.listdir(tmp_path) if ".shardfs-" in f]  # refused before writing anything
+    cli("get", "M", existing, "--force")
+    assert sha256_file(existing) == model_sha(model_small)
 
 
 def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_proc, model_small, tmp_path):
