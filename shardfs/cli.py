@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from .errors import ShardfsError, UsageError
+from .errors import NotFound, ShardfsError, UsageError
 
 EPILOG = """\
 Where the index lives: --redis URL, else $SHARDFS_REDIS, else an embedded redis-server
@@ -106,7 +106,15 @@ def cmd_node_ls(args):
 
 
 def cmd_node_rm(args):
+    from .units import human
     idx = _index(args)
+    if args.id not in idx.nodes():
+        raise NotFound(f"no node {args.id!r}; see `shardfs node ls`")
+    sole, size = idx.sole_copies(args.id)
+    if sole and not args.force:
+        raise ShardfsError(f"node {args.id} holds the only copy of {sole} chunk(s) ({human(size)}) that models "
+                           f"use: removing it would lose them. Copy them elsewhere first (`shardfs node drain "
+                           f"{args.id}`, then `shardfs verify --repair`), or pass --force")
     idx.remove_node(args.id)
     print(f"removed node {args.id}; run `shardfs verify --repair` to restore replicas it held")
 
@@ -336,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     a = node.add_parser("ls", help="list nodes with health and free space")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=cmd_node_ls)
-    a = node.add_parser("rm", help="unregister a node (then `verify --repair`)")
+    a = node.add_parser("rm", help="unregister a node (then `verify --repair`); refused while it holds "
+                        "the only copy of chunks that models use")
     a.add_argument("id")
+    a.add_argument("--force", action="store_true", help="remove it even if that loses chunks")
     a.set_defaults(func=cmd_node_rm)
     a = node.add_parser("drain", help="stop placing new chunks on a node (then `verify --repair`)")
     a.add_argument("id")

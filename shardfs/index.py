@@ -191,6 +191,26 @@ class Index:
         d["state"] = state
         self.r.hset(K_NODES, nid, json.dumps(d))
 
+    def sole_copies(self, nid: str) -> tuple[int, int]:
+        """(chunks, stored bytes) that some version references and only node nid holds:
+        what unregistering it would lose. Scans every chunk's locations."""
+        chunks = stored = 0
+        keys = list(self.r.scan_iter(match=P + "l:*", count=1000))
+        for at in range(0, len(keys), 512):
+            batch = keys[at:at + 512]
+            p = self.r.pipeline(transaction=False)
+            for key in batch:
+                p.smembers(key)
+            sole = [k for k, locs in zip(batch, p.execute()) if {_s(x) for x in locs} == {nid}]
+            p = self.r.pipeline(transaction=False)
+            for key in sole:
+                p.hmget(k_chunk(_s(key)[len(P) + 2:]), "refs", "stored")
+            for refs, size in p.execute():
+                if int(refs or 0) > 0:
+                    chunks += 1
+                    stored += int(size or 0)
+        return chunks, stored
+
     def remove_node(self, nid: str) -> None:
         raw = self.r.hget(K_NODES, nid)
         if raw is None or not self.r.hdel(K_NODES, nid):

@@ -648,6 +648,23 @@ def test_get_replaces_an_existing_file_only_with_force_and_never_a_special_file(
     assert sha256_file(existing) == model_sha(model_small)
 
 
+def test_node_rm_refuses_to_lose_the_only_copy_of_chunks(cli, nodes, model_small, tmp_path):
+    add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "M", "--replicas", "1", *SMALL)  # each chunk on one node
+    r = cli("node", "rm", "n1", check=False)
+    assert r.returncode != 0 and "holds the only copy of" in r.stderr and "--force" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "n1" in cli("node", "ls").stdout
+    cli("node", "drain", "n1")
+    cli("verify", "--repair", check=False)  # copies what only n1 holds to n2
+    cli("node", "rm", "n1")
+    get_and_compare(cli, "M", model_small, tmp_path)
+    r = cli("node", "rm", "n2", check=False)
+    assert r.returncode != 0 and "holds the only copy" in r.stderr
+    cli("node", "rm", "n2", "--force")  # asked for: gone, with what it held
+    assert cli("get", "M", tmp_path / "lost", check=False).returncode != 0
+
+
 def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_proc, model_small, tmp_path):
     add_nodes(cli, nodes, 2)
     cli("put", model_small, "--name", "M", *SMALL)
