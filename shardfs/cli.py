@@ -28,8 +28,13 @@ def _index(args):
 
 
 def _size(text):
+    """argparse type for sizes: its errors become argparse's one-line usage errors."""
     from .units import parse_size
-    return parse_size(text)
+    try:
+        return parse_size(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 
 def _keyring(args):

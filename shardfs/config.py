@@ -96,7 +96,8 @@ def apply(args) -> Config:
 
 
 def show(cfg: Config, args) -> None:
-    print(f"config file: {cfg.path or '(none)'}")
+    lines = [f"config file: {cfg.path or '(none)'}"]  # every value read before any is printed
     for key, (_env, _p, _d, what) in SETTINGS.items():
         value, source = cfg.resolve(key, getattr(args, key, None) if key == "redis" else None)
-        print(f"{key:<11} = {value!s:<40} ({source})  # {what}")
+        lines.append(f"{key:<11} = {value!s:<40} ({source})  # {what}")
+    print("\n".join(lines))

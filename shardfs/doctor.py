@@ -68,8 +68,12 @@ def checks(redis_flag: str | None, cache_dir: str):
             f"{cache_dir} writable, {human(free)} free, of which the cache leaves {human(floor)} to others", \
             "" if room >= LOW_FREE else "give --cache-dir a disk with more room"
     except OSError as e:
-        yield None, "cache dir", f"{cache_dir}: {e.strerror}", \
-            "reads still work but bypass the cache; choose a writable --cache-dir"
+        if not os.path.isdir(cache_dir):  # could not be made: mount refuses it too
+            yield False, "cache dir", f"{cache_dir}: {'not a directory' if os.path.exists(cache_dir) else e.strerror}", \
+                "mount refuses it; choose another --cache-dir"
+        else:
+            yield None, "cache dir", f"{cache_dir}: {e.strerror}", \
+                "reads still work but bypass the cache; choose a writable --cache-dir"
     bdi = "/sys/class/bdi"
     if os.geteuid() == 0 and os.path.isdir(bdi):
         yield True, "read-ahead", "running as root: the mount raises read_ahead_kb to 1024", ""

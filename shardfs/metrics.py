@@ -57,9 +57,9 @@ def node_metrics(server):
 def serve_metrics(listen: str, collect) -> None:
     """Expose the default registry plus `collect()` on HOST:PORT/metrics, from a thread."""
     from .nodeserver import parse_listen
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen, "--metrics")
     REGISTRY.register(_Collector(collect))
     try:
         start_http_server(port, addr=host)
-    except OSError as e:
-        raise UsageError(f"cannot serve metrics on {listen}: {e.strerror}") from None
+    except (OSError, OverflowError) as e:
+        raise UsageError(f"cannot serve metrics on {listen}: {getattr(e, 'strerror', None) or e}") from None

@@ -56,7 +56,7 @@ def add_mount_commands(sub) -> None:
 
     cache = sub.add_parser("cache", help="inspect and manage a running mount's cache").add_subparsers(
         dest="cache_cmd", required=True, metavar="ACTION")
-    for name, helptext in (("stats", "bytes used / limit, hits, misses, per-model cached %, pins"),
+    for name, helptext in (("stats", "bytes used / limit, hits, misses, per-model cached %%, pins"),
                            ("evict", "drop models' chunks (or --all) from the cache and the kernel's pages"),
                            ("warm", "fetch whole models into the cache"),
                            ("pin", "never evict these models by LRU"),
@@ -187,11 +187,38 @@ def _default_cache_size(cache_dir: str) -> int:
     return min(max(1 << 30, total // 10), total // 2)  # (1 GiB, but never most of a small disk)
 
 
+def _check_sizes(args) -> None:
+    """Flag, environment or config file: sizes the mount cannot work with are refused here."""
+    from .units import human
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if not 16 << 20 <= args.memory <= ram:
+        raise UsageError(f"memory {human(args.memory)}: give 16MiB .. this machine's {human(ram)}")
+    if args.cache_size is not None and args.cache_size < 64 << 20:
+        raise UsageError(f"cache size {human(args.cache_size)} is too small: give at least 64MiB")
+    if args.read_ahead > 1 << 30:
+        raise UsageError(f"read-ahead {human(args.read_ahead)}: give at most 1GiB")
+
+
+def _check_cache_dir(cache_dir: str) -> None:
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cache dir {cache_dir}: {'not a directory' if os.path.exists(cache_dir) else e.strerror}") \
+            from None
+    if not os.path.isdir(cache_dir):
+        raise UsageError(f"cache dir {cache_dir}: not a directory")
+
+
 def cmd_mount(args) -> None:
     from .connect import open_index
     mp = os.path.abspath(args.mountpoint)
+    _check_sizes(args)
     _preflight(mp)
     cache_dir = os.path.abspath(args.cache_dir)
+    _check_cache_dir(cache_dir)
+    if args.metrics:
+        from .nodeserver import parse_listen
+        parse_listen(args.metrics, "--metrics")
     idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable
     if not args.foreground:
         _spawn(args, mp, cache_dir)

@@ -34,7 +34,10 @@ class NodeServer:
         self.token = token
         self.used = 0
         self.chunks = 0
-        os.makedirs(self.root, exist_ok=True)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--root {root}: {'not a directory' if os.path.exists(root) else e.strerror}") from None
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if HEX_ID.fullmatch(name):
@@ -130,10 +133,10 @@ async def _count_requests(request, handler):
     return resp
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"--listen wants HOST:PORT, not {listen!r}")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"{option} wants HOST:PORT with a port of 1..65535, not {listen!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
@@ -154,7 +157,7 @@ def serve(root: str, listen: str, token_file: str | None, metrics: str | None = 
         try:
             await site.start()
         except OSError as e:
-            raise UsageError(f"cannot listen on {listen}: {e.strerror}") from None
+            raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
         print(f"shardfs node serving {server.root} on http://{host}:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

@@ -235,5 +235,9 @@ def open_store(url: str, token: str | None = None) -> NodeStore:
     if parts.scheme in ("http", "https"):
         if not parts.hostname:
             raise UsageError(f"node URL {url!r} has no host")
+        try:
+            parts.port  # (raises for a port out of 0..65535 or not a number)
+        except ValueError:
+            raise UsageError(f"node URL {url!r} has a bad port; use http://host:1..65535") from None
         return HttpStore(url, token)
     raise UsageError(f"unsupported node URL {url!r}; use file:///path or http://host:port")

@@ -1,0 +1,37 @@
+"""Bad command-line values: one clear line on stderr and a non-zero exit, never a traceback.
+(Each case was a traceback, a daemon that died with its reason only in its log, or a value
+silently accepted, before the fixes that came with this file.)"""
+
+import pytest
+
+CASES = [
+    (("put", "{f}", "--chunk-size", "abc"), "cannot read size 'abc'"),
+    (("put", "{f}", "--chunk-size", "-5"), "cannot read size '-5'"),
+    (("mount", "{mp}", "--cache-size", "-5"), "cannot read size '-5'"),
+    (("mount", "{mp}", "--read-ahead", "abc"), "cannot read size 'abc'"),
+    (("mount", "{mp}", "--memory", "0"), "give 16MiB"),
+    (("mount", "{mp}", "--memory", "100TB"), "this machine's"),
+    (("mount", "{mp}", "--cache-size", "1"), "at least 64MiB"),
+    (("mount", "{mp}", "--cache-dir", "{f}"), "not a directory"),
+    (("mount", "{mp}", "--metrics", "127.0.0.1:99999"), "--metrics wants HOST:PORT"),
+    (("mount", "{mp}", "--metrics", "bad"), "--metrics wants HOST:PORT"),
+    (("node", "add", "http://127.0.0.1:99999"), "bad port"),
+    (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
+    (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
+]
+
+
+@pytest.mark.parametrize("args,says", CASES, ids=[" ".join(a[:1] + a[2:]) for a, _ in CASES])
+def test_bad_values_are_one_line(cli, tmp_path, args, says):
+    f = tmp_path / "file"
+    f.write_bytes(b"x" * 100)
+    (tmp_path / "mp").mkdir()
+    args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path) for a in args]
+    r = cli(*args, check=False, timeout=60)
+    errors = [line for line in r.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and says in errors[0], r.stderr
+
+
+def test_cache_help_prints(cli):
+    assert "per-model cached %" in cli("cache", "--help").stdout
