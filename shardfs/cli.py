@@ -148,24 +148,43 @@ def cmd_put(args):
     keyring = _keyring(args) if args.encrypt else None
     idx = _index(args)
     name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.file))
+    folder = os.path.isdir(args.file)
+    if name.endswith("/") and not folder:  # like cp FILE DIR/: the file's own name inside that folder
+        name += os.path.basename(os.path.abspath(args.file))
     name = name.rstrip("/") or name
     default_node = "file://" + os.path.join(home(), "nodes", "local")
-    if os.path.isdir(args.file):
-        files = _folder_files(args.file)
-        # check every name and clash before uploading anything
-        from .names import check_name
-        clashes = [f"{name}/{rel}" for rel in files if idx.current_vid(check_name(f"{name}/{rel}")) is not None]
+    from .names import check_name
+    files = _folder_files(args.file) if folder else {None: args.file}
+    names = {rel: check_name(name if rel is None else f"{name}/{rel}") for rel in files}
+    # every name, clash and file checked before anything is uploaded
+    for full in names.values():
+        conflict = idx.path_conflict(full)
+        if conflict:
+            raise UsageError(conflict)
+    if folder:
+        for path in files.values():
+            open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
+        clashes = [full for full in names.values() if idx.current_vid(full) is not None]
         if clashes and not args.force:
             raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "
                              f"use --force to replace them")
-    else:
-        files = {None: args.file}
-    for rel, path in files.items():
-        res = put_file(idx, path, name if rel is None else f"{name}/{rel}", replicas=args.replicas,
-                       chunk_size=args.chunk_size, force=args.force,
-                       progress=None if not args.no_progress else False, default_node_url=default_node,
-                       keyring=keyring)
-        print(summary(res))
+    done = 0
+    try:
+        for rel, path in files.items():
+            res = put_file(idx, path, names[rel], replicas=args.replicas,
+                           chunk_size=args.chunk_size, force=args.force,
+                           progress=None if not args.no_progress else False, default_node_url=default_node,
+                           keyring=keyring)
+            print(summary(res))
+            done += 1
+    except (KeyboardInterrupt, ShardfsError) as e:
+        if not done:
+            raise
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        err = ShardfsError(f"{what}; {done} of {len(files)} files under {name}/ were published before it, the "
+                           f"rest were not: put the folder again with --force to finish")
+        err.exit_code = 130 if isinstance(e, KeyboardInterrupt) else e.exit_code
+        raise err from None
 
 
 def _folder_files(root: str) -> dict[str, str]:
@@ -451,7 +470,7 @@ def main(argv=None) -> int:
         print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("shardfs: interrupted; nothing was published (run `shardfs gc` to reclaim partial uploads)"
+        print("shardfs: interrupted; the model being put was not published (`shardfs gc` reclaims its uploads)"
               if args.cmd == "put" else "shardfs: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:

@@ -268,6 +268,21 @@ class Index:
     def epoch(self) -> int:
         return int(self.r.get(K_EPOCH) or 0)
 
+    def path_conflict(self, name: str, r=None) -> str | None:
+        """Why `name` cannot be a model next to the existing ones, or None: in the mount a
+        name is a file and each of its prefixes a folder, so no model may be a prefix folder
+        of another (`org/m` and `org/m/x` cannot both exist)."""
+        r = r if r is not None else self.r
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if r.hexists(K_MODELS, folder):
+                return f"model {folder!r} exists, so {name!r} cannot make it a folder; choose another name"
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in name) + "/*"
+        for inside, _vid in r.hscan_iter(K_MODELS, match=pattern, count=1000):
+            return f"folder {name + '/'!r} holds model {_s(inside)!r}, so {name!r} cannot be a file; choose another name"
+        return None
+
     def publish(self, name: str, manifest: Manifest, size: int, sha256: str, chunk_size: int,
                 replicas: int, stats: dict, force: bool, put_id: str | None = None,
                 lease_margin: float = 0.0) -> int:
@@ -288,6 +303,9 @@ class Index:
                                                "too long); nothing was published, run put again")
                     if p.hexists(K_MODELS, name) and not force:
                         raise NameClash(f"model {name!r} already exists; use --force to replace it")
+                    conflict = self.path_conflict(name, p)
+                    if conflict:
+                        raise NameClash(conflict)
                     p.multi()
                     p.hset(k_version(vid), mapping={
                         "name": name, "manifest": manifest.encode(), "size": size, "sha256": sha256,

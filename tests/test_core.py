@@ -424,6 +424,31 @@ def test_put_empty_name_rejected(cli, nodes, model_small):
     assert_one_line_error(r, "name is empty")
 
 
+def test_a_name_cannot_be_both_a_file_and_a_folder(cli, nodes, tmp_path):
+    add_nodes(cli, nodes, 1)
+    f = tmp_path / "m.bin"
+    f.write_bytes(os.urandom(100_000))
+    cli("put", f, "--name", "a/m.bin")
+    assert_one_line_error(cli("put", f, "--name", "a/m.bin/x", check=False), "cannot make it a folder")
+    assert_one_line_error(cli("put", f, "--name", "a", "--force", check=False), "cannot be a file")
+    cli("put", f, "--name", "b/")  # a trailing slash: the file's own name inside that folder
+    assert "b/m.bin" in cli("ls").stdout
+
+
+def test_folder_put_checks_every_file_before_publishing_any(cli, nodes, tmp_path):
+    add_nodes(cli, nodes, 1)
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "a.bin").write_bytes(os.urandom(10_000))
+    os.mkfifo(d / "b.pipe")
+    r = cli("put", d, "--name", "f", check=False, timeout=60)
+    assert_one_line_error(r, "is not a regular file")
+    (d / "b.pipe").unlink()
+    (d / "c.bin").symlink_to(d / "gone")
+    assert_one_line_error(cli("put", d, "--name", "f", check=False, timeout=60), "no such file")
+    assert "f/" not in cli("ls").stdout  # nothing of the folder was published
+
+
 def test_no_usable_nodes(cli, nodes, model_small):
     procs = add_nodes(cli, nodes, 2)
     for p in procs:
