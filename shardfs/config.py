@@ -78,7 +78,8 @@ class Config:
                 return parse(os.environ[env]), f"env {env}"
             if key in self.file:
                 v = self.file[key]
-                if isinstance(v, bool) or not isinstance(v, (str, int)) or (parse is str and not isinstance(v, str)):
+                if isinstance(v, bool) or not isinstance(v, (str, int)) or (parse is str and not isinstance(v, str)) \
+                        or (isinstance(v, int) and v < 0):
                     raise UsageError(f"{v!r} is not a valid value")
                 return parse(v) if isinstance(v, str) else v, f"file {self.path}"
         except (ValueError, UsageError) as e:

@@ -227,6 +227,8 @@ class HttpStore(NodeStore):
 
 
 def open_store(url: str, token: str | None = None) -> NodeStore:
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        raise UsageError(f"node URL {url!r} contains control characters")
     parts = urlsplit(url)
     if parts.scheme == "file":
         if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):

@@ -16,6 +16,7 @@ CASES = [
     (("mount", "{mp}", "--metrics", "127.0.0.1:99999"), "--metrics wants HOST:PORT"),
     (("mount", "{mp}", "--metrics", "bad"), "--metrics wants HOST:PORT"),
     (("node", "add", "http://127.0.0.1:99999"), "bad port"),
+    (("node", "add", "file:///tmp/a\x01b"), "control characters"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
 ]
@@ -35,3 +36,11 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
 
 def test_cache_help_prints(cli):
     assert "per-model cached %" in cli("cache", "--help").stdout
+
+
+def test_negative_sizes_in_the_config_file_are_refused(cli, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("read_ahead = -5\n")
+    r = cli("--config", cfg, "config", "show", check=False)
+    assert r.returncode == 2 and r.stderr.strip() == "shardfs: error: setting read_ahead: -5 is not a valid value"
+    assert r.stdout == ""  # nothing of the table printed before the error
