@@ -36,7 +36,6 @@ def _size(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-
 def _keyring(args):
     if not getattr(args, "key_file", None):
         return None

@@ -191,10 +191,10 @@ def _check_sizes(args) -> None:
     """Flag, environment or config file: sizes the mount cannot work with are refused here."""
     from .units import human
     ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if not 16 << 20 <= args.memory <= ram:
-        raise UsageError(f"memory {human(args.memory)}: give 16MiB .. this machine's {human(ram)}")
-    if args.cache_size is not None and args.cache_size < 64 << 20:
-        raise UsageError(f"cache size {human(args.cache_size)} is too small: give at least 64MiB")
+    if not 1 << 20 <= args.memory <= ram:
+        raise UsageError(f"memory {human(args.memory)}: give 1MiB .. this machine's {human(ram)}")
+    if args.cache_size is not None and args.cache_size < 1 << 20:
+        raise UsageError(f"cache size {human(args.cache_size)} is too small: give at least 1MiB")
     if args.read_ahead > 1 << 30:
         raise UsageError(f"read-ahead {human(args.read_ahead)}: give at most 1GiB")
 
