@@ -468,8 +468,8 @@ def main(argv=None) -> int:
             url = "the index"
         print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("shardfs: interrupted; the model being put was not published (`shardfs gc` reclaims its uploads)"
+    except KeyboardInterrupt:  # (a folder put that had published some files says so itself)
+        print("shardfs: interrupted; nothing was published (run `shardfs gc` to reclaim partial uploads)"
               if args.cmd == "put" else "shardfs: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
