@@ -56,8 +56,22 @@ def checks(redis_flag: str | None, cache_dir: str):
                     if cache_disk is not None and h.get("disk") == cache_disk else ""
                 yield True, f"node {nid}", f"{url}: up, {h['free'] / 2**30:.1f} GiB free{local}", ""
         pool.close()
+    from .stores import make_dir
+    why = make_dir(cache_dir)
+    if why:
+        yield False, "cache dir", f"{cache_dir}: {why}", "mount refuses it; choose another --cache-dir"
+    else:
+        yield from _cache_room(cache_dir)
+    bdi = "/sys/class/bdi"
+    if os.geteuid() == 0 and os.path.isdir(bdi):
+        yield True, "read-ahead", "running as root: the mount raises read_ahead_kb to 1024", ""
+    else:
+        yield None, "read-ahead", "not root: FUSE reads stay at 128 KiB (about half the speed)", \
+            "mount as root (systemd unit) to get 1 MiB requests"
+
+
+def _cache_room(cache_dir: str):
     try:
-        os.makedirs(cache_dir, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=cache_dir):
             pass
         from .cache import default_free_floor
@@ -68,18 +82,8 @@ def checks(redis_flag: str | None, cache_dir: str):
             f"{cache_dir} writable, {human(free)} free, of which the cache leaves {human(floor)} to others", \
             "" if room >= LOW_FREE else "give --cache-dir a disk with more room"
     except OSError as e:
-        if not os.path.isdir(cache_dir):  # could not be made: mount refuses it too
-            yield False, "cache dir", f"{cache_dir}: {'not a directory' if os.path.exists(cache_dir) else e.strerror}", \
-                "mount refuses it; choose another --cache-dir"
-        else:
-            yield None, "cache dir", f"{cache_dir}: {e.strerror}", \
-                "reads still work but bypass the cache; choose a writable --cache-dir"
-    bdi = "/sys/class/bdi"
-    if os.geteuid() == 0 and os.path.isdir(bdi):
-        yield True, "read-ahead", "running as root: the mount raises read_ahead_kb to 1024", ""
-    else:
-        yield None, "read-ahead", "not root: FUSE reads stay at 128 KiB (about half the speed)", \
-            "mount as root (systemd unit) to get 1 MiB requests"
+        yield None, "cache dir", f"{cache_dir}: {e.strerror}", \
+            "reads still work but bypass the cache; choose a writable --cache-dir"
 
 
 def run(redis_flag: str | None, cache_dir: str) -> bool:

@@ -200,13 +200,10 @@ def _check_sizes(args) -> None:
 
 
 def _check_cache_dir(cache_dir: str) -> None:
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cache dir {cache_dir}: {'not a directory' if os.path.exists(cache_dir) else e.strerror}") \
-            from None
-    if not os.path.isdir(cache_dir):
-        raise UsageError(f"cache dir {cache_dir}: not a directory")
+    from .stores import make_dir
+    why = make_dir(cache_dir)
+    if why:
+        raise UsageError(f"cache dir {cache_dir}: {why}")
 
 
 def cmd_mount(args) -> None:

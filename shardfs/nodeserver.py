@@ -23,7 +23,7 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, disk_id, read_token, write_atomic
+from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -34,10 +34,9 @@ class NodeServer:
         self.token = token
         self.used = 0
         self.chunks = 0
-        try:
-            os.makedirs(self.root, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--root {root}: {'not a directory' if os.path.exists(root) else e.strerror}") from None
+        why = make_dir(self.root)
+        if why:
+            raise UsageError(f"--root {root}: {why}")
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if HEX_ID.fullmatch(name):

@@ -55,6 +55,15 @@ def disk_id(path: str) -> str | None:
         return None
 
 
+def make_dir(path: str) -> str | None:
+    """Create a directory (and its parents) if it is missing: None once it exists, else why not."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        return None
+    except OSError as e:
+        return "not a directory" if os.path.exists(path) else e.strerror
+
+
 def chunk_relpath(hex_id: str) -> str:
     if not HEX_ID.fullmatch(hex_id):
         raise ValueError(f"malformed chunk id {hex_id!r}")
