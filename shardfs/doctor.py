@@ -25,6 +25,8 @@ def checks(redis_flag: str | None, cache_dir: str):
     yield (exe is not None, "fusermount3", exe or "not on PATH",
            "apt-get install fuse3" if exe is None else "")
     from .connect import open_index
+    from .stores import make_dir
+    why = make_dir(cache_dir)  # (reported with the cache dir, below; the node lines compare disks with it)
     try:
         idx = open_index(redis_flag, timeout=3.0)
         yield True, "redis", f"{idx.url} answers", ""
@@ -34,10 +36,7 @@ def checks(redis_flag: str | None, cache_dir: str):
     if idx is not None:
         from .pool import NodePool
         from .stores import disk_id
-        here = os.path.abspath(cache_dir)
-        while not os.path.exists(here):  # (the cache dir itself is made further down)
-            here = os.path.dirname(here)
-        cache_disk = disk_id(here)
+        cache_disk = disk_id(cache_dir) if why is None else None
         pool = NodePool(idx.nodes())
         if not pool.nodes:
             yield None, "nodes", "no nodes registered", "`shardfs put` registers a local node; or `shardfs node add URL`"
@@ -56,8 +55,6 @@ def checks(redis_flag: str | None, cache_dir: str):
                     if cache_disk is not None and h.get("disk") == cache_disk else ""
                 yield True, f"node {nid}", f"{url}: up, {h['free'] / 2**30:.1f} GiB free{local}", ""
         pool.close()
-    from .stores import make_dir
-    why = make_dir(cache_dir)
     if why:
         yield False, "cache dir", f"{cache_dir}: {why}", "mount refuses it; choose another --cache-dir"
     else:

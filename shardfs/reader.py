@@ -262,7 +262,7 @@ class Reader:
                     if flight.keep:
                         self._keep(m, i, data)
                     if source != "cache" and self.cache is not None:
-                        if source == "node" or flight.store or self.cache_local_nodes or self.cache.pinned(h):
+                        if source == "node" or flight.store or self.cache.pinned(h):
                             # Write-behind, still holding the fetch slot: fills run ahead of
                             # the disk by at most the slots, and the flight (with its data)
                             # stays joinable until the entry exists, so nobody fetches the
