@@ -131,7 +131,7 @@ class ChunkCache:
             self._count("misses")
             return None
         try:
-            raw, direct = directio.read_whole(self.path(hex_id), self.direct)
+            raw, direct = directio.read_whole(self.path(hex_id), self.direct, pin=True)  # verified below
         except OSError:
             self._forget(hex_id)
             self._count("misses")

@@ -12,6 +12,15 @@ Two rules keep this safe and never slower than buffered I/O:
 - Any failure of O_DIRECT falls back to plain I/O for that call, and a short O_DIRECT
   read is finished the plain way; a filesystem that refuses O_DIRECT (EINVAL, EOPNOTSUPP)
   clears the caller's `direct` switch, so it stops trying.
+
+A caller that verifies what it reads may ask for such a file without even the memcpy
+(`pin`, the disk cache): a shared read-only mapping whose pages are locked in memory
+(mlock) for as long as any view of it lives. The lock is what makes a hash of a mapping
+mean something: an unlocked page could be dropped after the hash and read again from the
+disk later, unchecked. Where locking is not allowed (RLIMIT_MEMLOCK) the file is copied
+as above. Only for files never truncated or rewritten in place (a mapped page past a new
+end of file faults with SIGBUS): the cache renames complete entries into place and only
+ever unlinks them.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_libc.mlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -64,17 +74,39 @@ def resident(fd: int, size: int) -> bool:
         _libc.munmap(addr, size)
 
 
-def read_whole(path: str, direct: bool = True) -> tuple[memoryview, bool]:
+def pinned_map(fd: int, size: int) -> memoryview | None:
+    """The first `size` bytes of fd as a read-only view of a shared mapping whose pages are
+    locked in memory until the last view of it is gone, or None where that is not allowed."""
+    try:
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    except (OSError, ValueError):
+        return None
+    pages = np.frombuffer(mm, np.uint8)
+    addr = pages.ctypes.data
+    del pages  # (a live export would keep close() below from unmapping)
+    if _libc.mlock(addr, size) != 0:  # also brings in any page dropped since the caller looked
+        mm.close()
+        return None
+    return memoryview(mm)
+
+
+def read_whole(path: str, direct: bool = True, pin: bool = False) -> tuple[memoryview, bool]:
     """The whole file as a read-only view of a page-aligned buffer, and whether O_DIRECT
-    is still worth trying on this filesystem (False once it was refused here).
+    is still worth trying on this filesystem (False once it was refused here). With `pin`,
+    a file that is all in the page cache comes as a locked mapping instead (pinned_map).
 
     Raises OSError like open/read would."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
+        in_memory = size < ALIGN or resident(fd, size)
+        if pin and size >= ALIGN and in_memory:
+            view = pinned_map(fd, size)
+            if view is not None:
+                return view, direct
         buf = aligned(-(-size // ALIGN) * ALIGN)
         got = 0
-        if direct and size >= ALIGN and not resident(fd, size):
+        if direct and not in_memory:
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             try:
                 fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)

@@ -2,6 +2,7 @@
 check that decides when not to bypass it."""
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -181,3 +182,41 @@ def test_file_node_stores_aligned_envelopes_around_the_page_cache(tmp_path, rows
     with open(path, "rb") as f:
         assert f.read() == bytes(blob)
     assert bytes(envelope.decode(node.get(cid.hex()), cid)) == raw
+
+
+def locked_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmLck:"))
+
+
+def test_pin_maps_a_file_in_the_page_cache_and_locks_it_while_a_view_lives(tmp_path):
+    path = tmp_path / "f"
+    data = os.urandom(1 << 20)
+    path.write_bytes(data)  # buffered write: every page is cached
+    before = locked_kib()
+    got, _ = directio.read_whole(str(path), pin=True)
+    assert isinstance(got.obj, mmap.mmap)  # the page cache's pages, not a copy
+    assert got.readonly and bytes(got) == data
+    assert locked_kib() - before == 1024  # dropped pages would be read again unverified
+    part = got[4096:8192]
+    del got
+    assert locked_kib() - before == 1024  # a slice still holds the mapping
+    assert bytes(part) == data[4096:8192]
+    del part
+    assert locked_kib() == before
+
+
+def test_pin_copies_where_locking_is_refused_and_reads_cold_files_around_the_cache(tmp_path, monkeypatch):
+    path = tmp_path / "f"
+    data = os.urandom(9 * 4096 + 5)
+    path.write_bytes(data)
+    refused = []
+    monkeypatch.setattr(directio._libc, "mlock", lambda addr, n: refused.append(n) or -1)  # RLIMIT_MEMLOCK
+    got, _ = directio.read_whole(str(path), pin=True)
+    assert refused == [len(data)]
+    assert not isinstance(got.obj, mmap.mmap) and bytes(got) == data
+    monkeypatch.undo()
+    write_cold(path, data)
+    got, direct = directio.read_whole(str(path), pin=True)
+    assert not isinstance(got.obj, mmap.mmap) and bytes(got) == data  # mapping it would fault page by page
+    assert direct == takes_o_direct(tmp_path)
