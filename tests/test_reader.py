@@ -97,6 +97,27 @@ def test_a_shared_page_is_answered_from_the_pieces_not_by_reloading_the_chunk(tm
     trio.run(with_reader, pool, cache, main)
 
 
+def test_reads_push_chunks_from_nodes_but_leave_those_from_the_disk_cache_to_the_replies(tmp_path):
+    lengths = [4 * PAGE, 4 * PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+    assert cache.put(m.hexes[1], data[4 * PAGE:])
+
+    async def settled(reader):
+        while reader._pushing:
+            await trio.sleep(0.01)
+
+    async def main(reader, pushes):
+        assert bytes(await reader.read(m, 0, PAGE)) == data[:PAGE]
+        await settled(reader)
+        assert [off for off, _ in pushes] == [0]  # decoded from the node: pushed whole
+        assert bytes(await reader.read(m, 4 * PAGE, PAGE)) == data[4 * PAGE:5 * PAGE]
+        await settled(reader)
+        assert cache.hits == 1 and [off for off, _ in pushes] == [0]  # the cache's: replies only
+        assert bytes(await reader.read(m, 5 * PAGE, 3 * PAGE)) == data[5 * PAGE:]  # from memory
+
+    trio.run(with_reader, pool, cache, main)
+
+
 def test_pages_read_twice_do_not_complete_a_chunk():
     """Coverage is kept per page: reading one page of a chunk twice, or every byte count's
     worth of it in overlapping reads, does not mark it held; covering every page does."""
