@@ -11,7 +11,9 @@ be followed from top to bottom here:
                                                pool.read (failover, decode, hash-check);
                                                waiting readers get it, then cache.put
                                                (unless it came from a node on the
-                                               cache's own filesystem: see _fill)
+                                               cache's own filesystem: see _fill); a
+                                               chunk from nodes is also pushed whole
+                                               into the page cache
       sequential reads also start flights for the next `window` bytes (readahead)
 
 Concurrency invariants (trio, single thread; only `await` points switch tasks):
