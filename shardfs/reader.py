@@ -48,6 +48,10 @@ log = logging.getLogger("shardfs.reader")
 MAX_PUSHING = 4  # notify_store pushes waiting or running at once (each holds a chunk)
 PAGE = mmap.PAGESIZE
 MAX_PIECES = 4096  # per open model: bytes of chunks that share a page, waiting for the rest
+# A handle that has read this many bytes in sequence streams the file (dd, cp, a hash, a
+# loader copying a large tensor): prefetch stands down until it has been quiet this long.
+STREAM_RUN = 64 << 20
+STREAM_QUIET = 0.25
 
 
 @dataclass
@@ -68,6 +72,7 @@ class OpenModel:
     # pushed page only if the push covers all of it. So the pages two chunks share are
     # assembled here from each chunk's piece and pushed once complete: page -> {chunk: bytes}
     pieces: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    streamed_at: float = float("-inf")  # trio clock of the last read by a streaming handle
 
     def __post_init__(self):
         self.hexes = [c.hex() for c in self.manifest.ids]
@@ -84,6 +89,7 @@ class ReadState:
     """Per open file: where the last read ended and the current readahead window."""
     next_off: int = 0
     window: int = 0
+    run: int = 0  # bytes read in sequence up to next_off
 
 
 class _Flight:
@@ -196,6 +202,7 @@ class Reader:
         # Not below 4 default chunks, or a tiny --memory would fetch one chunk at a time.
         self.flight_bytes = ByteBudget(max(mem_limit, 16 << 20))
         self.readahead_max = readahead_max
+        self.stream_run = STREAM_RUN
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
         self._notify_limiter = trio.CapacityLimiter(2)
@@ -384,8 +391,11 @@ class Reader:
         chunk = m.manifest.lengths[span.start] or 1
         if off == st.next_off or (st.window and abs(off - st.next_off) <= chunk):
             st.window = min(max(st.window * 2, 2 * chunk), self.readahead_max)
+            st.run += end - off
         else:
-            st.window = 0
+            st.window = st.run = 0
+        if st.run >= self.stream_run:
+            m.streamed_at = trio.current_time()
         st.next_off = end
         if not st.window or end >= m.size:
             return
@@ -473,6 +483,7 @@ class Reader:
 
         async with trio.open_nursery() as n:
             for i in order:
+                await _until_not_streamed(m)
                 if push:
                     if i in m.in_kernel:
                         continue  # already in the page cache (unless the kernel dropped it)
@@ -490,6 +501,17 @@ class Reader:
     def forget(self, hexes) -> None:
         for h in hexes:
             self.mem.drop(h)
+
+
+async def _until_not_streamed(m: OpenModel) -> None:
+    """Wait while a handle streams the model (see STREAM_RUN). Readahead serves such a
+    reader in its own order; prefetch going on in name order would take fetch slots, memory
+    and copies into the kernel from it (measured, dd of the 2 GiB bench model through a
+    fresh mount, medians of 4: warm 0.52 GB/s with prefetch running, 0.92 without; cold
+    cached 0.78 and 0.90). Prefetch goes on where it was once the stream ends or jumps, and
+    passes by every chunk the stream handed to the kernel."""
+    while (wait := m.streamed_at + STREAM_QUIET - trio.current_time()) > 0:
+        await trio.sleep(wait)
 
 
 def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:

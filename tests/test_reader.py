@@ -20,9 +20,10 @@ from shardfs.reader import PAGE, ByteBudget, OpenModel, Reader
 from shardfs.stores import open_store
 
 
-def setup(tmp_path, lengths):
-    """A 'model' of random bytes cut at the given chunk lengths, stored on one file node."""
-    data = np.random.default_rng(5).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
+def setup(tmp_path, lengths, data=None):
+    """A 'model' of random bytes (or `data`) cut at the given chunk lengths, stored on one file node."""
+    if data is None:
+        data = np.random.default_rng(5).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
     url = f"file://{tmp_path}/node"
     store = open_store(url)
     entries, pos = [], 0
@@ -38,14 +39,14 @@ def setup(tmp_path, lengths):
     return data, m, pool, cache
 
 
-async def with_reader(pool, cache, fn, push=True):
+async def with_reader(pool, cache, fn, push=True, **kw):
     pushes = []
 
     def notify(inode, off, buf):
         pushes.append((off, bytes(buf)))
         return True
 
-    reader = Reader(pool, cache, notify=notify if push else None)
+    reader = Reader(pool, cache, notify=notify if push else None, **kw)
     async with trio.open_nursery() as n:
         reader.attach(n)
         await fn(reader, pushes)
@@ -286,3 +287,45 @@ def test_disk_of_never_fails_a_read_and_follows_url_changes(tmp_path):
     (tmp_path / "node2").mkdir()
     pool.update({"n1": Node("n1", f"file://{tmp_path}/node2")})  # a new URL: asked again
     assert pool.disk_of("n1") == cache.disk
+
+
+def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
+    """A reader going through the file front to back (dd, cp) is served by readahead; the
+    header-driven prefetch waits until it has been quiet for STREAM_QUIET, then pushes
+    only what the stream did not hand to the kernel."""
+    import io
+    import time
+
+    from shardfs.chunker import plan_spans
+    from shardfs.reader import STREAM_QUIET, ReadState
+    from shardfs.synth import tensor_bytes
+    from test_model_aware import write_st
+
+    rng = np.random.default_rng(9)
+    write_st(tmp_path / "m.safetensors", [(f"layers.{i}.w", "BF16", [16, 4096], tensor_bytes(rng, (16, 4096), "BF16"))
+                                          for i in range(12)])
+    data = (tmp_path / "m.safetensors").read_bytes()
+    spans = plan_spans(io.BytesIO(data), len(data), 1 << 20)  # the header, then one chunk per tensor
+    data, m, pool, cache = setup(tmp_path, [s.length for s in spans], data)
+    for i, h in enumerate(m.hexes):  # reads of cached chunks push nothing: only prefetch does
+        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
+    times = []
+
+    async def main(reader, pushes):
+        real = reader.notify
+        reader.notify = lambda *a: times.append(time.monotonic()) or real(*a)
+        reader.stream_run = 4 * m.manifest.lengths[1]
+        st, streamed = ReadState(), m.manifest.offsets[7]  # the header and tensors 0-5
+        for off in range(0, streamed, 16 * PAGE):
+            n = min(16 * PAGE, streamed - off)
+            assert bytes(await reader.read(m, off, n, st)) == data[off:off + n]
+        assert m.in_kernel >= set(range(1, 7))
+        quiet_from = time.monotonic()
+        await reader.prefetch(m)
+        assert times and min(times) >= quiet_from + STREAM_QUIET * 0.9
+        pushed = {off for off, buf in pushes if len(buf) > PAGE}
+        assert pushed == {m.manifest.offsets[i] for i in range(7, len(m.manifest))}
+        for off, buf in pushes:
+            assert buf == data[off:off + len(buf)]
+
+    trio.run(partial(with_reader, readahead_max=0), pool, cache, main)
