@@ -454,6 +454,10 @@ def main(argv=None) -> int:
             from .config import Config, config_path
             args.cfg = Config(config_path(args.config))
         else:
+            if args.cmd == "put" and args.key_file and not args.encrypt:
+                # (checked before the key_file setting fills in: a configured key alone is fine)
+                raise UsageError("--key-file is used only with --encrypt: add --encrypt to seal "
+                                 "this model, or drop --key-file")
             from .config import apply
             apply(args)
         args.func(args)

@@ -55,6 +55,8 @@ def open_source(path: str):
     try:
         st = os.stat(path)
     except FileNotFoundError:
+        if os.path.islink(path):
+            raise UsageError(f"{path}: broken symbolic link (to {os.readlink(path)}, which does not exist)") from None
         raise UsageError(f"{path}: no such file") from None
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror}") from None

@@ -142,7 +142,20 @@ def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
 def serve(root: str, listen: str, token_file: str | None, metrics: str | None = None) -> None:
     host, port = parse_listen(listen)
     token = read_token(token_file)
+    created = not os.path.isdir(root)
     server = NodeServer(root, token)
+    try:
+        _run(server, host, port, listen, token, metrics)
+    except UsageError:
+        if created:  # a node that never served leaves no new empty --root behind
+            try:
+                os.rmdir(server.root)
+            except OSError:
+                pass
+        raise
+
+
+def _run(server: NodeServer, host: str, port: int, listen: str, token, metrics) -> None:
     if metrics:
         from .metrics import node_metrics, serve_metrics
         serve_metrics(metrics, lambda: node_metrics(server))

@@ -17,6 +17,10 @@ CASES = [
     (("mount", "{mp}", "--metrics", "bad"), "--metrics wants HOST:PORT"),
     (("node", "add", "http://127.0.0.1:99999"), "bad port"),
     (("node", "add", "file:///tmp/a\x01b"), "control characters"),
+    (("node", "add", "file:///tmp/a/../b"), "contains '..'"),
+    (("node", "add", "http://127.0.0.1:8000/x/../chunks"), "contains '..'"),
+    (("put", "{f}", "--key-file", "{f}"), "--key-file is used only with --encrypt"),
+    (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
 ]
@@ -27,7 +31,9 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     f = tmp_path / "file"
     f.write_bytes(b"x" * 100)
     (tmp_path / "mp").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path) for a in args]
+    says = says.format(tmp=tmp_path)
     r = cli(*args, check=False, timeout=60)
     errors = [line for line in r.stderr.splitlines() if not line.startswith(("usage:", " "))]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
@@ -44,3 +50,17 @@ def test_negative_sizes_in_the_config_file_are_refused(cli, tmp_path):
     r = cli("--config", cfg, "config", "show", check=False)
     assert r.returncode == 2 and r.stderr.strip() == "shardfs: error: setting read_ahead: -5 is not a valid value"
     assert r.stdout == ""  # nothing of the table printed before the error
+
+
+def test_a_node_that_cannot_listen_leaves_no_new_root_behind(cli, tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = "127.0.0.1:%d" % taken.getsockname()[1]
+        r = cli("node", "serve", "--root", tmp_path / "new" / "root", "--listen", listen, check=False, timeout=60)
+        assert r.returncode != 0 and "cannot listen on" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not (tmp_path / "new" / "root").exists()
+        (tmp_path / "old").mkdir()
+        r = cli("node", "serve", "--root", tmp_path / "old", "--listen", listen, check=False, timeout=60)
+        assert r.returncode != 0 and (tmp_path / "old").is_dir()  # a root that was there stays
