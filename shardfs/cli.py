@@ -56,6 +56,8 @@ def cmd_node_add(args):
     if args.weight <= 0:
         raise UsageError("--weight must be positive")
     token = read_token(args.token_file)
+    if ".." in args.url.split("?")[0].split("/"):  # (one directory under two URLs would be two nodes)
+        raise UsageError(f"node URL {args.url!r} contains '..'; give the path without it")
     store = open_store(args.url, token)
     if args.url.startswith("file://"):
         try:

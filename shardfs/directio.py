@@ -31,6 +31,7 @@ import errno
 import fcntl
 import mmap
 import os
+import weakref
 
 import numpy as np
 
@@ -82,11 +83,10 @@ def resident(fd: int, size: int) -> bool:
         span, stat = _CachestatRange(0, size), _Cachestat()
         if _libc.syscall(_CACHESTAT, ctypes.c_uint(fd), ctypes.byref(span), ctypes.byref(stat), ctypes.c_uint(0)) == 0:
             return stat.nr_cache >= (size + PAGE - 1) // PAGE
-        err = ctypes.get_errno()
-        if err == errno.EPERM:  # (the same rule as mincore's, see above)
-            return True
-        if err in (errno.ENOSYS, errno.EINVAL):
-            _CACHESTAT = None  # an older kernel: ask mincore from now on
+        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM, errno.EINVAL):
+            # an older kernel, or a seccomp filter that does not know the call: mincore from
+            # now on (a file the caller may not write is "resident" there too, see above)
+            _CACHESTAT = None
     return _mincore_resident(fd, size)
 
 
@@ -103,20 +103,31 @@ def _mincore_resident(fd: int, size: int) -> bool:
         _libc.munmap(addr, size)
 
 
+_mlock_refused = False  # EPERM: this process may not lock memory at all; stop asking
+
+
 def pinned_map(fd: int, size: int) -> memoryview | None:
     """The first `size` bytes of fd as a read-only view of a shared mapping whose pages are
-    locked in memory until the last view of it is gone, or None where that is not allowed."""
-    try:
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
-    except (OSError, ValueError):
+    locked in memory until the last view of it is gone, or None where that is not allowed.
+
+    (libc's mmap, not Python's: an mmap.mmap keeps a duplicate of the fd open for as long as
+    it lives, one per chunk held in memory.)"""
+    global _mlock_refused
+    if _mlock_refused:
         return None
-    pages = np.frombuffer(mm, np.uint8)
-    addr = pages.ctypes.data
-    del pages  # (a live export would keep close() below from unmapping)
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        return None
     if _libc.mlock(addr, size) != 0:  # also brings in any page dropped since the caller looked
-        mm.close()
+        _mlock_refused = ctypes.get_errno() == errno.EPERM
+        _libc.munmap(addr, size)
         return None
-    return memoryview(mm)
+    pages = np.frombuffer((ctypes.c_char * size).from_address(addr), np.uint8)
+    pages.flags.writeable = False
+    # Unmapped (and so unlocked) when the array goes: every view and slice of the returned
+    # memoryview holds it. Not at interpreter exit, while something may still read it.
+    weakref.finalize(pages, _libc.munmap, addr, size).atexit = False
+    return memoryview(pages)
 
 
 def read_whole(path: str, direct: bool = True, pin: bool = False) -> tuple[memoryview, bool]:
@@ -128,7 +139,7 @@ def read_whole(path: str, direct: bool = True, pin: bool = False) -> tuple[memor
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
-        in_memory = size < ALIGN or resident(fd, size)
+        in_memory = size < ALIGN or not (direct or pin) or resident(fd, size)
         if pin and size >= ALIGN and in_memory:
             view = pinned_map(fd, size)
             if view is not None:

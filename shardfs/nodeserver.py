@@ -142,16 +142,24 @@ def parse_listen(listen: str, option: str = "--listen") -> tuple[str, int]:
 def serve(root: str, listen: str, token_file: str | None, metrics: str | None = None) -> None:
     host, port = parse_listen(listen)
     token = read_token(token_file)
-    created = not os.path.isdir(root)
+    top = os.path.abspath(root)  # the outermost directory of --root this call creates, if any
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    created = not os.path.exists(top)
     server = NodeServer(root, token)
     try:
         _run(server, host, port, listen, token, metrics)
     except UsageError:
-        if created:  # a node that never served leaves no new empty --root behind
-            try:
-                os.rmdir(server.root)
-            except OSError:
-                pass
+        if created:  # a node that never served leaves no new empty directories behind
+            d = server.root
+            while True:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    break
+                if d == top:
+                    break
+                d = os.path.dirname(d)
         raise
 
 

@@ -93,7 +93,7 @@ class ReadState:
 
 
 class _Flight:
-    __slots__ = ("event", "stored", "data", "error", "keep", "store", "push")
+    __slots__ = ("event", "stored", "data", "error", "keep", "store", "jumpy", "push")
 
     def __init__(self, keep: bool):
         self.event = trio.Event()  # data (or error) is there
@@ -102,6 +102,7 @@ class _Flight:
         self.error = None
         self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
         self.store = False  # warm wants it in the disk cache, wherever it comes from
+        self.jumpy = False  # a reader not reading in sequence wants it (see _fill)
         self.push = True  # readers' _keep also pushes it into the page cache (see _fill)
 
 
@@ -222,15 +223,16 @@ class Reader:
 
     # -- chunks ----------------------------------------------------------------------
 
-    async def chunk(self, m: OpenModel, i: int, keep: bool = True, stored: bool = False) -> bytes:
+    async def chunk(self, m: OpenModel, i: int, keep: bool = True, stored: bool = False,
+                    sequential: bool = False) -> bytes:
         """The raw bytes of chunk i. keep=False (prefetch, warm) leaves it out of the memory
         buffer, so background work never crowds out what readers use.
         stored=True also puts it in the disk cache, wherever it comes from, and waits until
-        it is there (warm)."""
+        it is there (warm). sequential: asked for by a handle reading in sequence (see _fill)."""
         h = m.hexes[i]
         data = self.mem.get(h)
         if data is None:
-            flight = self._start(m, i, keep)
+            flight = self._start(m, i, keep, sequential)
             flight.store = flight.store or stored
         else:
             flight = self._flights.get(h) if stored else None
@@ -246,7 +248,7 @@ class Reader:
             raise flight.error
         return flight.data
 
-    def _start(self, m: OpenModel, i: int, keep: bool = True) -> _Flight:
+    def _start(self, m: OpenModel, i: int, keep: bool = True, sequential: bool = False) -> _Flight:
         h = m.hexes[i]
         flight = self._flights.get(h)
         if flight is None:
@@ -256,6 +258,8 @@ class Reader:
             flight.keep = True
             if flight.data is not None:  # already fetched, its cache write under way
                 self._keep(m, i, flight.data, flight.push)
+        if keep and not sequential:
+            flight.jumpy = True
         return flight
 
     async def _fill(self, m: OpenModel, i: int, flight: _Flight) -> None:
@@ -269,11 +273,13 @@ class Reader:
                     self.fetched += source != "cache"
                     flight.data = data
                     flight.event.set()  # readers go on at once: the disk-cache write follows
-                    # A read's own chunk from the disk cache goes to the kernel in the
-                    # replies only: pushing it as well cost more than it saved (warm dd,
-                    # medians of 6: 0.58 GB/s pushed, 0.81 not; cold-cached even). From
-                    # nodes the push pays (0.49 -> 0.63). Prefetch pushes either way.
-                    flight.push = source != "cache"
+                    # A chunk from the disk cache that only readers reading in sequence
+                    # asked for goes to the kernel in their replies: pushing it as well cost
+                    # more than it saved (warm dd, medians of 6: 0.58 GB/s pushed, 0.81 not;
+                    # cold-cached even). From nodes the push pays (0.49 -> 0.63), and so it
+                    # does for a reader jumping about (one push instead of a round trip per
+                    # readahead window). Prefetch pushes either way.
+                    flight.push = source != "cache" or flight.jumpy
                     if flight.keep:
                         self._keep(m, i, data, flight.push)
                     if source != "cache" and self.cache is not None:
@@ -378,7 +384,7 @@ class Reader:
         parts = []
         for i, start, lo, hi, piece in ranges:
             if piece is None:
-                data = await self.chunk(m, i)
+                data = await self.chunk(m, i, sequential=state is not None and state.window > 0)
                 piece = data[lo - start:hi - start]
             parts.append(piece)
         for i, _start, lo, hi, _piece in ranges:  # only once the whole reply is in hand
@@ -405,7 +411,7 @@ class Reader:
                 break
             h = m.hexes[j]
             if j not in m.in_kernel and h not in self._flights and self.mem.get(h) is None:
-                self._start(m, j)  # (a pushed chunk is in the page cache: the kernel has it)
+                self._start(m, j, sequential=True)  # (a pushed chunk is in the page cache: the kernel has it)
 
     async def warm(self, m: OpenModel, progress=None) -> int:
         """Fetch every chunk of a model into the cache. `progress(done, total)` is called

@@ -98,23 +98,35 @@ def test_a_shared_page_is_answered_from_the_pieces_not_by_reloading_the_chunk(tm
     trio.run(with_reader, pool, cache, main)
 
 
-def test_reads_push_chunks_from_nodes_but_leave_those_from_the_disk_cache_to_the_replies(tmp_path):
-    lengths = [4 * PAGE, 4 * PAGE]
+def test_sequential_reads_leave_chunks_from_the_disk_cache_to_their_replies(tmp_path):
+    """A chunk decoded from a node is pushed whole; a chunk from the disk cache is pushed only
+    for a reader jumping about (one push instead of a round trip per kernel readahead),
+    not for one reading in sequence, whose replies carry it at less cost."""
+    from shardfs.reader import ReadState
+
+    lengths = [4 * PAGE, 4 * PAGE, 4 * PAGE]
     data, m, pool, cache = setup(tmp_path, lengths)
-    assert cache.put(m.hexes[1], data[4 * PAGE:])
+    for i in (1, 2):
+        assert cache.put(m.hexes[i], data[4 * PAGE * i:4 * PAGE * (i + 1)])
 
     async def settled(reader):
-        while reader._pushing:
+        await trio.sleep(0.05)  # (readahead flights under way finish and push, or not)
+        while reader._pushing or reader._flights:
             await trio.sleep(0.01)
 
     async def main(reader, pushes):
-        assert bytes(await reader.read(m, 0, PAGE)) == data[:PAGE]
+        st = ReadState()
+        assert bytes(await reader.read(m, 0, 4 * PAGE, st)) == data[:4 * PAGE]  # its readahead: chunks 1, 2
         await settled(reader)
         assert [off for off, _ in pushes] == [0]  # decoded from the node: pushed whole
-        assert bytes(await reader.read(m, 4 * PAGE, PAGE)) == data[4 * PAGE:5 * PAGE]
+        assert bytes(await reader.read(m, 4 * PAGE, 4 * PAGE, st)) == data[4 * PAGE:8 * PAGE]
         await settled(reader)
-        assert cache.hits == 1 and [off for off, _ in pushes] == [0]  # the cache's: replies only
-        assert bytes(await reader.read(m, 5 * PAGE, 3 * PAGE)) == data[5 * PAGE:]  # from memory
+        assert cache.hits == 2 and [off for off, _ in pushes] == [0]  # the cache's: replies only
+        reader.mem.clear()
+        assert bytes(await reader.read(m, 9 * PAGE, PAGE)) == data[9 * PAGE:10 * PAGE]  # no handle state: a jump
+        await settled(reader)
+        assert cache.hits == 3 and [off for off, _ in pushes] == [0, 8 * PAGE]
+        assert pushes[1][1] == data[8 * PAGE:]
 
     trio.run(with_reader, pool, cache, main)
 
@@ -307,7 +319,7 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
     data = (tmp_path / "m.safetensors").read_bytes()
     spans = plan_spans(io.BytesIO(data), len(data), 1 << 20)  # the header, then one chunk per tensor
     data, m, pool, cache = setup(tmp_path, [s.length for s in spans], data)
-    for i, h in enumerate(m.hexes):  # reads of cached chunks push nothing: only prefetch does
+    for i, h in enumerate(m.hexes):  # reads in sequence of cached chunks push nothing: only prefetch does
         assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
     times = []
 
@@ -328,4 +340,4 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
         for off, buf in pushes:
             assert buf == data[off:off + len(buf)]
 
-    trio.run(partial(with_reader, readahead_max=0), pool, cache, main)
+    trio.run(partial(with_reader, readahead_max=1), pool, cache, main)  # (in sequence, hardly any readahead)
