@@ -1,5 +1,8 @@
 """The long soak: 16 concurrent readers (sequential, random 4 KiB..4 MiB, mmap) of three
 models through a mount whose cache is smaller than the working set, every byte checked.
+Every --evict-every seconds `cache evict --all` drops the cache and the kernel's pages of
+the models under the readers, so their reads keep reaching the daemon (else, after the
+first pass, the kernel's page cache answers them all).
 
     python benchmarks/soak.py --seconds 600
 
@@ -16,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -47,6 +51,7 @@ def main():
     ap.add_argument("--max-reads", type=int, default=5_000_000)
     ap.add_argument("--readers", type=int, default=16)
     ap.add_argument("--model-mib", type=int, default=256)
+    ap.add_argument("--evict-every", type=float, default=5, help="seconds between evictions (0: never)")
     ap.add_argument("--workdir", default="/var/tmp")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="shardfs-soak-", dir=a.workdir)
@@ -76,13 +81,28 @@ def main():
             sh("put", path, "--name", f"soak/m{i}.safetensors")
             srcs[f"soak/m{i}.safetensors"] = path
         os.makedirs(mnt)
-        out = sh("mount", mnt, "--cache-size", f"{a.model_mib}MiB")  # working set is 3x the cache
+        # working set is 3x the cache; the nodes share the cache's disk: cache their chunks anyway
+        out = sh("mount", mnt, "--cache-size", f"{a.model_mib}MiB", "--cache-local-nodes")
         pid = int(out.split("daemon pid ")[1].split(",")[0])
         print(f"soak: {a.readers} readers, {a.seconds:.0f}s, 3 x {a.model_mib} MiB models, cache {a.model_mib} MiB",
               flush=True)
-        rep = soak.run({os.path.join(mnt, k): v for k, v in srcs.items()}, a.seconds, a.readers,
-                       max_reads=a.max_reads, daemon_pid=pid)
+        stop, evictions = threading.Event(), []
+
+        def evict():
+            while a.evict_every > 0 and not stop.wait(a.evict_every):
+                evictions.append(subprocess.run([sys.executable, "-m", "shardfs", "cache", "evict", "--all",
+                                                 "--mount", mnt], env=env, capture_output=True).returncode)
+        evictor = threading.Thread(target=evict, daemon=True)
+        evictor.start()
+        try:
+            rep = soak.run({os.path.join(mnt, k): v for k, v in srcs.items()}, a.seconds, a.readers,
+                           max_reads=a.max_reads, daemon_pid=pid)
+        finally:
+            stop.set()
+            evictor.join()
         print(rep.summary())
+        print(f"cache evict --all ran {len(evictions)} times during the reads, "
+              f"{sum(1 for rc in evictions if rc)} failed")
         print(sh("cache", "stats", "--mount", mnt))
         for e in rep.errors[:20]:
             print("ERROR", e)
