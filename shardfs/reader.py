@@ -100,7 +100,7 @@ class _Flight:
         self.stored = trio.Event()  # the flight is over: the chunk is in the disk cache, or failed
         self.data = None
         self.error = None
-        self.keep = keep  # a reader wants it: keep it in memory and push it to the page cache
+        self.keep = keep  # a reader wants it: keep it in memory (and push it, see push)
         self.store = False  # warm wants it in the disk cache, wherever it comes from
         self.jumpy = False  # a reader not reading in sequence wants it (see _fill)
         self.push = True  # readers' _keep also pushes it into the page cache (see _fill)
@@ -310,7 +310,7 @@ class Reader:
             flight.stored.set()
 
     def _keep(self, m: OpenModel, i: int, data, push: bool = True) -> None:
-        """A reader wants chunk i: keep it in memory and push it into the page cache."""
+        """A reader wants chunk i: keep it in memory and, with `push`, push it into the page cache."""
         self.mem.put(m.hexes[i], data)
         if push and self.notify is not None and self._pushing < MAX_PUSHING:
             # In a thread, never on the trio thread: the kernel may hold these pages
