@@ -50,7 +50,7 @@ def _print_json(obj):
 # -- nodes ------------------------------------------------------------------------------
 
 def cmd_node_add(args):
-    from .stores import open_store, read_token
+    from .stores import make_dir, open_store, read_token
     from .errors import NodeError
     idx = _index(args)
     if args.weight <= 0:
@@ -60,10 +60,9 @@ def cmd_node_add(args):
         raise UsageError(f"node URL {args.url!r} contains '..'; give the path without it")
     store = open_store(args.url, token)
     if args.url.startswith("file://"):
-        try:
-            os.makedirs(store.root, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create node directory {store.root}: {e.strerror}") from None
+        why = make_dir(store.root)
+        if why:
+            raise UsageError(f"cannot create node directory {store.root}: {why}")
     try:
         health = store.health(used=False)
     except NodeError as e:

@@ -182,7 +182,6 @@ FULL_LABEL = {"disk": " (FULL: its disk is down to the free floor; reads bypass 
 
 
 def _default_cache_size(cache_dir: str) -> int:
-    os.makedirs(cache_dir, exist_ok=True)
     total = shutil.disk_usage(cache_dir).total
     return min(max(1 << 30, total // 10), total // 2)  # (1 GiB, but never most of a small disk)
 

@@ -18,6 +18,7 @@ CASES = [
     (("node", "add", "http://127.0.0.1:99999"), "bad port"),
     (("node", "add", "file:///tmp/a\x01b"), "control characters"),
     (("node", "add", "file:///tmp/a/../b"), "contains '..'"),
+    (("node", "add", "file://{f}"), "cannot create node directory {f}: not a directory"),
     (("node", "add", "http://127.0.0.1:8000/x/../chunks"), "contains '..'"),
     (("put", "{f}", "--key-file", "{f}"), "--key-file is used only with --encrypt"),
     (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
@@ -33,7 +34,7 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     (tmp_path / "mp").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path) for a in args]
-    says = says.format(tmp=tmp_path)
+    says = says.format(tmp=tmp_path, f=f)
     r = cli(*args, check=False, timeout=60)
     errors = [line for line in r.stderr.splitlines() if not line.startswith(("usage:", " "))]
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
