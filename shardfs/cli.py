@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+from . import __version__
 from .errors import NotFound, ShardfsError, UsageError
 
 EPILOG = """\
@@ -345,8 +346,16 @@ def cmd_doctor(args):
 
 # -- parser -----------------------------------------------------------------------------
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (with where to look), not argparse's usage block and then
+    the error; exit status 2 as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shardfs", description="Store ML model checkpoints as compressed, "
+    p = _Parser(prog="shardfs", description="Store ML model checkpoints as compressed, "
                                 "replicated, content-addressed chunks and read them back through a "
                                 "read-only FUSE mount.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="TOML config file (default $SHARDFS_CONFIG, "
                    "$SHARDFS_HOME/config.toml, /etc/shardfs/config.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    p.add_argument("--version", action="version", version=f"shardfs {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     node = sub.add_parser("node", help="manage backing nodes").add_subparsers(dest="node_cmd", required=True,

@@ -61,13 +61,22 @@ class RedisProc:
                 return client.ping()
             except redis.RedisError:
                 return False
-        wait_for(up, what="redis-server")
+        try:
+            wait_for(up, what="redis-server")
+        except TimeoutError:
+            self.proc.kill()
+            self.proc.wait()
+            raise
         return self
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
     def client(self):
         return redis.Redis.from_url(self.url)

@@ -36,9 +36,21 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path) for a in args]
     says = says.format(tmp=tmp_path, f=f)
     r = cli(*args, check=False, timeout=60)
-    errors = [line for line in r.stderr.splitlines() if not line.startswith(("usage:", " "))]
+    errors = r.stderr.splitlines()  # usage errors too: one line, not argparse's usage block
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and says in errors[0], r.stderr
+
+
+def test_usage_errors_are_one_line_that_names_the_help(cli):
+    r = cli("put", check=False)
+    assert r.returncode == 2
+    assert r.stderr == ("shardfs put: error: the following arguments are required: file "
+                        "(see `shardfs put --help`)\n")
+
+
+def test_version(cli):
+    from shardfs import __version__
+    assert cli("--version").stdout == f"shardfs {__version__}\n"
 
 
 def test_cache_help_prints(cli):

@@ -722,19 +722,22 @@ def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_
 def test_a_lapsed_read_lease_is_reported_once(redis_proc, caplog, monkeypatch):
     idx = open_idx(redis_proc)
     calls = []
+    real = idx.lease_versions
 
-    def failing(holder, vids, ttl):
+    def counting(holder, vids, ttl):  # counts renewals; the real Redis answers or fails them
         calls.append(ttl)
-        if len(calls) > 1:  # the first lease lands; every renewal meets an unreachable Redis
-            raise redis.ConnectionError("Connection refused")
-        Index.lease_versions(idx, holder, vids, ttl)
-    monkeypatch.setattr(idx, "lease_versions", failing)
+        return real(holder, vids, ttl)
+    monkeypatch.setattr(idx, "lease_versions", counting)
     with caplog.at_level("WARNING", logger="shardfs.index"):
         with idx.reading([7, 8], ttl=0.15):
-            time.sleep(0.9)  # ~18 renewals, every one failing, for 6 x ttl
+            assert len(idx.r.zrange("shardfs:reading", 0, -1)) == 2
+            redis_proc.stop()  # a real outage: every renewal from here on meets a closed port
+            stopped_at = len(calls)
+            # a dozen failed renewals (4 x ttl): long past the lapse, time to say it again
+            wait_for(lambda: len(calls) >= stopped_at + 12, timeout=60, what="renewals against the stopped Redis")
     lapsed = [r.getMessage() for r in caplog.records if "lapsed" in r.getMessage()]
-    assert len(calls) > 5 and len(lapsed) == 1, (calls, lapsed)
-    assert "version(s) 7, 8 lapsed" in lapsed[0] and "Connection refused" in lapsed[0]
+    assert len(lapsed) == 1, lapsed
+    assert "version(s) 7, 8 lapsed" in lapsed[0] and "Connection refused" in lapsed[0], lapsed[0]
 
 
 def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):

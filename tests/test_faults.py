@@ -119,10 +119,12 @@ def test_short_soak_16_readers_cache_smaller_than_working_set(cli, nodes, tmp_pa
         cli("put", p, "--name", f"soak/m{i}.safetensors", "--chunk-size", "1MiB")
         srcs[f"soak/m{i}.safetensors"] = str(p)
     m = mounts("--cache-size", "16MiB", "--memory", "8MiB", CACHE_LOCAL)  # working set 36 MiB: eviction under pressure
-    rep = soak.run({m.file(k): v for k, v in srcs.items()}, seconds=8, readers=16, daemon_pid=m.pid)
+    # a fixed amount of work (the deadline only stops a hang): no assertion on speed
+    rep = soak.run({m.file(k): v for k, v in srcs.items()}, seconds=300, readers=16, max_reads=800,
+                   daemon_pid=m.pid)
     print(rep.summary())
     assert rep.errors == []
-    assert rep.reads > 100
+    assert rep.reads >= 800, "the soak stopped at its deadline: a reader hung"
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
     assert stats["cache"]["evictions"] > 0 and stats["cache"]["used"] <= 16 << 20
 
