@@ -144,7 +144,9 @@ def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
         if idx.current_vid(name) is not None and not force:
             raise UsageError(f"model {name!r} already exists; use --force to replace it")
         nodes = idx.nodes()
-        if default_node_url:  # the embedded default node; recreate its directory if it is gone
+        # the embedded default node, when it is (or is about to be) used: recreate its
+        # directory if it is gone; other setups never get one made
+        if default_node_url and (not nodes or any(n.url == default_node_url for n in nodes.values())):
             os.makedirs(default_node_url[len("file://"):], exist_ok=True)
         if not nodes and default_node_url:
             node = idx.add_node(default_node_url)

@@ -318,6 +318,14 @@ def embedded_home(base_env):
     os.kill(pid, signal.SIGKILL)
 
 
+def test_a_put_to_registered_nodes_makes_no_local_node_dir(embedded_home, model_small, tmp_path):
+    cli = Cli(embedded_home)
+    cli("node", "add", f"file://{tmp_path / 'n1'}")
+    cli("put", model_small, "--name", "m", *SMALL)
+    assert not os.path.exists(os.path.join(embedded_home["SHARDFS_HOME"], "nodes"))
+    assert len([f for f in all_files(tmp_path / "n1") if len(os.path.basename(f)) == 64]) == 25
+
+
 def test_zero_config_embedded_redis(embedded_home, model_small, tmp_path):
     env = embedded_home
     assert "SHARDFS_REDIS" not in env
