@@ -268,7 +268,7 @@ class Mount:
                 time.sleep(0.05)
         if os.path.ismount(self.path) or _stale(self.path):
             subprocess.run(["fusermount3", "-u", "-z", self.path], capture_output=True)
-        if self.pid:
+        if self.pid and _is_daemon(self.pid, self.path):  # (never a process that reused the pid)
             try:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -276,6 +276,14 @@ class Mount:
 
     def file(self, name):
         return os.path.join(self.path, name)
+
+
+def _is_daemon(pid, path) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return os.fsencode(str(path)) in f.read()
+    except OSError:
+        return False
 
 
 def _stale(path):
@@ -297,8 +305,13 @@ def mounts(tmp_path, cli):
         made.append(m)
         return m.mount()
     yield make
-    for m in made:
-        m.cleanup()
+    failed = []
+    for m in made:  # every one, even after one fails
+        try:
+            m.cleanup()
+        except Exception as e:  # noqa: BLE001 - reported below
+            failed.append(f"{m.path}: {e!r}")
+    assert not failed, failed
     for m in made:  # whatever a test did, the daemon must not have crashed or logged a bug
         assert not m.tracebacks(), m.tracebacks()
 

@@ -514,7 +514,11 @@ def test_empty_checkpoint_file_opens_and_mount_survives(cli, nodes, tmp_path, mo
     cli("put", tmp_path / "empty.safetensors")
     m = mounts()
     assert open(m.file("empty.safetensors"), "rb").read() == b""
-    time.sleep(0.5)  # prefetch of an empty file must not end the mount
+
+    def prefetched():  # (the open registered its prefetch: it runs now or has run)
+        stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+        return not stats["models"][0]["prefetching"]
+    wait_for(prefetched, timeout=30, what="the empty file's prefetch to end")  # it must not end the mount
     assert os.path.ismount(m.path) and os.listdir(m.path) == ["empty.safetensors"]
 
 
