@@ -53,9 +53,10 @@ def _print_json(obj):
 def cmd_node_add(args):
     from .stores import make_dir, open_store, read_token
     from .errors import NodeError
+    import math
     idx = _index(args)
-    if args.weight <= 0:
-        raise UsageError("--weight must be positive")
+    if not (math.isfinite(args.weight) and args.weight > 0):
+        raise UsageError("--weight must be a positive number")
     token = read_token(args.token_file)
     if ".." in args.url.split("?")[0].split("/"):  # (one directory under two URLs would be two nodes)
         raise UsageError(f"node URL {args.url!r} contains '..'; give the path without it")
@@ -65,13 +66,22 @@ def cmd_node_add(args):
         if why:
             raise UsageError(f"cannot create node directory {store.root}: {why}")
     try:
-        health = store.health(used=False)
-    except NodeError as e:
-        if not args.offline:
-            raise ShardfsError(f"node {args.url} does not answer ({e}); use --offline to add it anyway") from None
-        health = None
+        try:
+            health = store.health(used=False)
+        except NodeError as e:
+            if not args.offline:
+                raise ShardfsError(f"node {args.url} does not answer ({e}); use --offline to add it anyway") from None
+            health = None
+        if health is not None:
+            try:
+                store.probe_write()
+            except NodeError as e:
+                raise ShardfsError(f"node {args.url} answers but refuses writes ({e}); "
+                                   f"check its --token-file and permissions") from None
     finally:
         store.close()
+    if health and health.get("root"):
+        _refuse_same_root(idx, args.url, health["root"])
     node = idx.add_node(args.url, args.weight, token)
     if health is None:
         extra = ", not reachable now"
@@ -80,6 +90,21 @@ def cmd_node_add(args):
     else:
         extra = f", {health['free'] / 2**30:.1f} GiB free"
     print(f"added node {node.id} {node.url} (weight {node.weight:g}{extra})")
+
+
+def _refuse_same_root(idx, url: str, root: str) -> None:
+    """Refuse a node whose directory a registered node already is (another spelling of its
+    path, a symlink, an HTTP server in front of it): R copies there would be one copy.
+    Nodes that do not answer now cannot be compared."""
+    from .pool import NodePool
+    pool = NodePool(idx.nodes())
+    try:
+        for nid, h in pool.probe(used=False).items():
+            if isinstance(h, dict) and h.get("root") == root:
+                raise UsageError(f"node {url} is the directory node {nid} ({pool.nodes[nid].url}) "
+                                 f"already is; two nodes there would be one copy")
+    finally:
+        pool.close()
 
 
 def cmd_node_ls(args):

@@ -192,16 +192,19 @@ class Index:
         self.r.hset(K_NODES, nid, json.dumps(d))
 
     def sole_copies(self, nid: str) -> tuple[int, int]:
-        """(chunks, stored bytes) that some version references and only node nid holds:
-        what unregistering it would lose. Scans every chunk's locations."""
+        """(chunks, stored bytes) that some version references and no other registered node
+        holds: what unregistering it would lose. Scans every chunk's locations (which may
+        still name nodes removed earlier: those hold no copy anyone reads)."""
         chunks = stored = 0
+        others = set(self.nodes()) - {nid}
         keys = list(self.r.scan_iter(match=P + "l:*", count=1000))
         for at in range(0, len(keys), 512):
             batch = keys[at:at + 512]
             p = self.r.pipeline(transaction=False)
             for key in batch:
                 p.smembers(key)
-            sole = [k for k, locs in zip(batch, p.execute()) if {_s(x) for x in locs} == {nid}]
+            sole = [k for k, locs in zip(batch, p.execute())
+                    if nid in (held := {_s(x) for x in locs}) and not held & others]
             p = self.r.pipeline(transaction=False)
             for key in sole:
                 p.hmget(k_chunk(_s(key)[len(P) + 2:]), "refs", "stored")

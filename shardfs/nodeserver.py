@@ -3,7 +3,8 @@
     GET/HEAD /chunks/<id>   the envelope (sendfile), 404 when absent
     PUT /chunks/<id>        token required; the body must decode and hash to <id>
     DELETE /chunks/<id>     token required
-    GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>"}
+    GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>",
+                             "root": "<boot id>:<st_dev>:<st_ino>"}
 
 Ids must be 64 lowercase hex digits, so no request names a path outside the root.
 Bodies are bounded by the largest possible envelope. Decoding a PUT body runs in a
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, write_atomic
+from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, root_id, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -67,7 +68,7 @@ class NodeServer:
     async def health(self, request):
         free = shutil.disk_usage(self.root).free
         return web.json_response({"used": self.used, "free": free, "chunks": self.chunks,
-                                  "disk": disk_id(self.root)})
+                                  "disk": disk_id(self.root), "root": root_id(self.root)})
 
     async def get(self, request):
         path = self._path(request)

@@ -55,6 +55,18 @@ def disk_id(path: str) -> str | None:
         return None
 
 
+def root_id(path: str) -> str | None:
+    """Which directory on which running machine `path` is: "<boot id>:<st_dev>:<st_ino>",
+    or None. Two node URLs with one root_id are one directory (file:///x and file:///x/.,
+    a symlink, an HTTP server in front of it): as two nodes they would be replicas in name
+    only."""
+    disk = disk_id(path)
+    try:
+        return f"{disk}:{os.stat(path).st_ino}" if disk else None
+    except OSError:
+        return None
+
+
 def make_dir(path: str) -> str | None:
     """Create a directory (and its parents) if it is missing: None once it exists, else why not."""
     try:
@@ -94,6 +106,11 @@ class NodeStore(ABC):
         NodeError when unreachable. used=False: a liveness probe; "used" may be None where
         it is costly to count."""
 
+    @abstractmethod
+    def probe_write(self) -> None:
+        """NodeError if a put here would be refused now (read-only, wrong token), without
+        leaving anything behind."""
+
     def close(self) -> None:
         pass
 
@@ -130,12 +147,20 @@ class FileStore(NodeStore):
         except OSError as e:
             raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: {e.strerror}") from None
 
+    def probe_write(self):
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-probe-")
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise NodeError(self.url, f"cannot write in {self.root}: {e.strerror}") from None
+
     def health(self, used=True):
         if not os.path.isdir(self.root):
             raise NodeError(self.url, f"directory {self.root} does not exist")
         # counting what a directory holds walks every chunk file: only when asked (node ls, doctor)
         return {"used": dir_usage(self.root) if used else None, "free": shutil.disk_usage(self.root).free,
-                "disk": disk_id(self.root)}
+                "disk": disk_id(self.root), "root": root_id(self.root)}
 
 
 def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
@@ -221,6 +246,9 @@ class HttpStore(NodeStore):
         if r.status not in (200, 204, 404):
             raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}")
 
+    def probe_write(self):  # deleting an id no chunk has: the server checks the token, changes nothing
+        self.delete("0" * 64)
+
     def health(self, used=True):  # the server keeps its own count: cheap either way
         r = self._request("GET", "/health")
         if r.status != 200:
@@ -238,7 +266,12 @@ class HttpStore(NodeStore):
 def open_store(url: str, token: str | None = None) -> NodeStore:
     if any(ord(c) < 32 or ord(c) == 127 for c in url):
         raise UsageError(f"node URL {url!r} contains control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. "Invalid IPv6 URL"
+        raise UsageError(f"node URL {url!r} does not parse: {e}") from None
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise UsageError(f"node URL {url!r} has a query or fragment; give scheme, host, port and path only")
     if parts.scheme == "file":
         if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):
             raise UsageError(f"file node URL must be file:///absolute/path, not {url!r}")
@@ -247,8 +280,10 @@ def open_store(url: str, token: str | None = None) -> NodeStore:
         if not parts.hostname:
             raise UsageError(f"node URL {url!r} has no host")
         try:
-            parts.port  # (raises for a port out of 0..65535 or not a number)
+            port = parts.port  # (raises for a port out of 0..65535 or not a number)
         except ValueError:
-            raise UsageError(f"node URL {url!r} has a bad port; use http://host:1..65535") from None
+            port = -1
+        if port is not None and not 0 < port < 65536:
+            raise UsageError(f"node URL {url!r} has a bad port; use http://host:1..65535")
         return HttpStore(url, token)
     raise UsageError(f"unsupported node URL {url!r}; use file:///path or http://host:port")

@@ -698,6 +698,15 @@ def test_node_rm_refuses_to_lose_the_only_copy_of_chunks(cli, nodes, model_small
     assert cli("get", "M", tmp_path / "lost", check=False).returncode != 0
 
 
+def test_node_rm_counts_no_copy_on_a_node_removed_before(cli, nodes, model_small, tmp_path):
+    add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "M", "--replicas", "2", *SMALL)  # every chunk on both
+    cli("node", "rm", "n1")  # n2 still holds every chunk
+    r = cli("node", "rm", "n2", check=False)  # the chunks' locations still name n1: no copy there
+    assert r.returncode != 0 and "holds the only copy of 25 chunk(s)" in r.stderr, r.stderr
+    get_and_compare(cli, "M", model_small, tmp_path)
+
+
 def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_proc, model_small, tmp_path):
     add_nodes(cli, nodes, 2)
     cli("put", model_small, "--name", "M", *SMALL)
@@ -926,3 +935,37 @@ def test_file_node_probe_counts_bytes_only_when_asked(tmp_path):
     store.put(cid.hex(), blob)
     assert store.health(used=False)["used"] is None and store.health(used=False)["free"] > 0
     assert store.health()["used"] >= len(blob)
+
+
+def test_node_add_refuses_a_directory_already_registered_under_another_url(cli, nodes, tmp_path):
+    d = tmp_path / "d"
+    cli("node", "add", f"file://{d}")
+    (tmp_path / "link").symlink_to(d)
+    [srv] = nodes(1)
+    for url in (f"file://{d}/.", f"file://localhost{d}", f"file://{tmp_path}/link", f"file://{d}//"):
+        r = cli("node", "add", url, check=False)
+        assert r.returncode != 0 and "already is" in r.stderr and "n1" in r.stderr, (url, r.stderr)
+    # an HTTP server in front of a registered file:// directory is that directory too
+    cli("node", "add", srv.url)
+    r = cli("node", "add", f"file://{srv.root}", check=False)
+    assert r.returncode != 0 and "already is" in r.stderr and "n2" in r.stderr, r.stderr
+    assert [n["url"] for n in json.loads(cli("node", "ls", "--json").stdout)] == [f"file://{d}", srv.url]
+
+
+def test_node_add_checks_urls_weights_and_that_the_node_takes_writes(cli, nodes, tmp_path):
+    tok = tmp_path / "tok"
+    tok.write_text("s3cret\n")
+    [srv] = nodes(1, token_file=str(tok))
+    cases = [(("node", "add", f"file://{tmp_path}/q?x=1"), "query or fragment"),
+             (("node", "add", f"file://{tmp_path}/f#frag"), "query or fragment"),
+             (("node", "add", "http://[::1"), "does not parse"),
+             (("node", "add", "http://127.0.0.1:0", "--offline"), "bad port"),
+             (("node", "add", "--weight", "nan", f"file://{tmp_path}/w"), "positive number"),
+             (("node", "add", "--weight", "inf", f"file://{tmp_path}/w"), "positive number"),
+             (("node", "add", srv.url), "refuses writes")]  # the server wants a token
+    for args, says in cases:
+        r = cli(*args, check=False)
+        assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
+    assert json.loads(cli("node", "ls", "--json").stdout) == []
+    cli("node", "add", srv.url, "--token-file", tok)
+    assert os.listdir(srv.root) == [] or all(not n.startswith(".tmp") for n in os.listdir(srv.root))
