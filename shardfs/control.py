@@ -127,6 +127,7 @@ async def _dispatch(daemon, req, send):
                            "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0),
                            "prefetching": entry.vid in daemon._prefetching})
         return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
+                "index_conflict": daemon.index_conflict,
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
                 "chunks_fetched": reader.fetched, "local_uncached": reader.local_uncached,
                 "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,

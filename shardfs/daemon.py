@@ -28,7 +28,7 @@ from .index import Index, lease_holder
 from .manifest import Manifest
 from .pool import NodePool
 from .reader import OpenModel, Reader
-from .vfs import FileEntry, Tree
+from .vfs import FileEntry, IdentityConflict, Tree
 
 log = logging.getLogger("shardfs.daemon")
 
@@ -92,6 +92,7 @@ class Daemon:
         self.open_count: dict[int, int] = {}
         self.epoch = None
         self.redis_ok = True
+        self.index_conflict: str | None = None  # set once the index is found reset under the mount
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
         self._stale_snapshots: list[int] = []
@@ -132,25 +133,37 @@ class Daemon:
         return self.idx
 
     def load_catalogue(self, force: bool = False) -> bool:
-        """Worker thread: refresh nodes and the model list if the epoch moved. True if changed."""
+        """Worker thread: refresh nodes and the model list if the epoch or the index id
+        moved. True if changed."""
         idx = self._index()
-        epoch = idx.epoch()
+        epoch = idx.state()
         if epoch == self.epoch and not force:
             return False
         nodes = idx.nodes()
         models = idx.models()
         vers = idx.versions(list(models.values()))
         cat = {v.name: (v.vid, v.size, v.created, v.sha256) for v in vers}
-        self.pool.update(nodes)
         self.epoch = epoch
+        if not self._apply(cat):
+            return False
+        self.pool.update(nodes)
         self._save_catalogue(nodes, cat)
-        self._apply(cat)
         return True
 
-    def _apply(self, cat) -> None:
-        changed = self.tree.update(cat)
+    def _apply(self, cat) -> bool:
+        """Show this catalogue; False (and the tree unchanged) if it conflicts with it."""
+        try:
+            changed = self.tree.update(cat)
+        except IdentityConflict as e:
+            if self.index_conflict is None:
+                log.error("the Redis index was reset or restored under this mount: %s. Its version ids "
+                          "started over, so this mount keeps showing the models it had (never another "
+                          "version's bytes) and takes no more updates; remount to see the index as it is", e)
+            self.index_conflict = str(e)
+            return False
         if changed:
             log.info("catalogue: %d model(s), %d changed", len(cat), len(changed))
+        return True
 
     def _save_catalogue(self, nodes, cat) -> None:
         data = {"nodes": {k: vars(v) for k, v in nodes.items()}, "models": cat}
@@ -275,6 +288,10 @@ class Daemon:
             # (NotFound), one that comes later keeps it
             idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
             ver = idx.version(entry.vid)
+            if (ver.name, ver.size, ver.sha256, ver.created) != (entry.name, entry.size, entry.sha256, entry.created):
+                raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): that version id "
+                                       f"is {ver.name!r} in the index now (reset or restored under this "
+                                       f"mount; remount to see it)")
             manifest = ver.manifest
             hexes = sorted({c.hex() for c in manifest.ids})
             infos = idx.chunk_info(hexes)
@@ -291,6 +308,9 @@ class Daemon:
                     snap = json.load(f)
             except (OSError, ValueError):
                 raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): {e}") from None
+            if (snap.get("name"), snap.get("size"), snap.get("sha256")) != (entry.name, entry.size, entry.sha256):
+                raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): {e}; its local "
+                                       f"snapshot is of another version") from None
             log.info("loaded %s from its local snapshot (index: %s)", entry.name, e)
             manifest = Manifest.decode(base64.b64decode(snap["manifest"]))
             locs = snap["locs"]

@@ -13,6 +13,8 @@ Keys (all under "shardfs:"):
     puts                zset  put id -> lease expiry (ms since epoch)
     put:<putid>         set   chunk ids a running put relies on
     epoch               int   bumped on every publish and removal; mounts poll it
+    id                  str   random, set by the first change: a new one means the index
+                              was reset or restored (its counters started over)
     reading             zset  "<vid>:<mount id>" -> lease expiry (ms): versions open in a mount
 
 Invariants that keep chunks alive (gc never deletes a chunk something relies on):
@@ -37,6 +39,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -58,6 +61,7 @@ K_NSEQ = P + "nseq"
 K_NODE_URLS = P + "node-urls"  # url (no trailing /) -> node id: one registration per url
 K_PUTS = P + "puts"
 K_EPOCH = P + "epoch"
+K_INDEX_ID = P + "id"
 LEASE_PREFIX = P + "put:"
 K_READING = P + "reading"  # zset "<vid>:<mount id>" -> lease expiry (ms): versions a mount has open
 
@@ -271,6 +275,12 @@ class Index:
     def epoch(self) -> int:
         return int(self.r.get(K_EPOCH) or 0)
 
+    def state(self) -> tuple[int, str | None]:
+        """(epoch, index id), read together: what a mount compares to see any change,
+        including an index reset whose epoch happens to come back to the same count."""
+        epoch, iid = self.r.mget(K_EPOCH, K_INDEX_ID)
+        return int(epoch or 0), _s(iid) if iid is not None else None
+
     def path_conflict(self, name: str, r=None) -> str | None:
         """Why `name` cannot be a model next to the existing ones, or None: in the mount a
         name is a file and each of its prefixes a folder, so no model may be a prefix folder
@@ -319,6 +329,7 @@ class Index:
                     for cid in unique:
                         p.hincrby(k_chunk(cid.hex()), "refs", 1)
                     p.incr(K_EPOCH)
+                    p.setnx(K_INDEX_ID, secrets.token_hex(8))
                     p.execute()
                     return vid
                 except redis.WatchError:
@@ -343,6 +354,7 @@ class Index:
                         for cid in ids:
                             p.hincrby(k_chunk(cid.hex()), "refs", -1)
                     p.incr(K_EPOCH)
+                    p.setnx(K_INDEX_ID, secrets.token_hex(8))
                     p.execute()
                     return vids
                 except redis.WatchError:
@@ -432,6 +444,7 @@ class Index:
                             for cid in ids:
                                 p.hincrby(k_chunk(cid.hex()), "refs", -1)
                         p.incr(K_EPOCH)
+                        p.setnx(K_INDEX_ID, secrets.token_hex(8))
                         p.execute()
                         pruned += [(name, vid) for vid in drop]
                         break

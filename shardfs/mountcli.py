@@ -373,6 +373,9 @@ def cmd_cache(args) -> None:
         print(f"hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}, damaged entries "
               f"{c['corrupt']}; replica failovers {res['failovers']}, corrupt copies {res['corrupt_copies']}"
               f"; index {'reachable' if res['redis_ok'] else 'UNREACHABLE (serving last known models)'}")
+        if res.get("index_conflict"):
+            print(f"INDEX RESET under this mount ({res['index_conflict']}): it shows the models it had and "
+                  f"takes no updates; remount to see the index as it is now")
         if res.get("local_uncached"):
             print(f"{res['local_uncached']} chunk reads came from nodes on the cache's own disk and were not "
                   f"cached (`cache warm` or `cache pin` caches a model; mount --cache-local-nodes caches them all)")

@@ -42,6 +42,12 @@ def file_inode(vid: int) -> int:
     return FILE_BASE + vid
 
 
+class IdentityConflict(Exception):
+    """The index gives a version id this mount knows to another model version: the index
+    was reset or restored under the mount, and its version ids started over. Serving the
+    new one under the old inode would hand readers the old version's pages (keep_cache)."""
+
+
 class Tree:
     def __init__(self):
         self.started = time.time()
@@ -56,7 +62,15 @@ class Tree:
     def update(self, models: dict[str, tuple[int, int, float, str]]) -> set[str]:
         """Replace the namespace with `models` (name -> (vid, size, created, sha256)).
 
-        Returns the names whose version changed, appeared or vanished."""
+        Returns the names whose version changed, appeared or vanished. Raises
+        IdentityConflict, changing nothing, if a version id known here now names another
+        version (another model, size, time or hash)."""
+        for name, (vid, size, created, sha) in models.items():
+            known = self.files.get(file_inode(vid))
+            if known is not None and (known.name, known.size, known.created, known.sha256) != (name, size, created, sha):
+                raise IdentityConflict(
+                    f"version {vid} is {name!r} (sha256 {sha[:12]}) in the index but {known.name!r} "
+                    f"(sha256 {known.sha256[:12]}) to this mount")
         changed = {n for n in set(models) | set(self.current)
                    if n not in models or n not in self.current or self.current[n].vid != models[n][0]}
         children: dict[int, dict[str, int]] = {ROOT: {}}

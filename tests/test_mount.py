@@ -203,6 +203,31 @@ def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
     wait_for(lambda: not os.path.exists(m.file("fresh/model.bin")), timeout=10, what="removed model")
 
 
+def test_an_index_reset_under_the_mount_never_serves_another_versions_bytes(cli, nodes, mounts, redis_proc, tmp_path):
+    ns = add_nodes(cli, nodes, 1)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"A" * (3 << 20))
+    b.write_bytes(b"B" * (3 << 20))  # same size: only the bytes tell them apart
+    cli("put", a, "--name", "first.bin")
+    m = mounts()
+    assert open(m.file("first.bin"), "rb").read() == a.read_bytes()
+    ino = os.stat(m.file("first.bin")).st_ino
+    # the index is lost (FLUSHALL, a backup restored, the last second of the AOF): ids start over
+    redis_proc.client().flushall()
+    cli("node", "add", ns[0].url)
+    cli("put", b, "--name", "second.bin")  # version 1 again, of another model
+    wait_for(lambda: json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["index_conflict"],
+             timeout=30, what="the mount noticing the reset")
+    # the mount keeps what it had, with its bytes, and shows nothing under the reused id
+    assert os.listdir(m.path) == ["first.bin"] and os.stat(m.file("first.bin")).st_ino == ino
+    assert open(m.file("first.bin"), "rb").read() == a.read_bytes()
+    assert "INDEX RESET" in m.cli("cache", "stats", "--mount", m.path).stdout
+    m.umount()
+    m2 = mounts()  # a new mount sees the index as it is
+    assert os.listdir(m2.path) == ["second.bin"]
+    assert open(m2.file("second.bin"), "rb").read() == b.read_bytes()
+
+
 def test_writes_fail_with_erofs(store, mounts):
     m = mounts()
     for action in (lambda: open(m.file("org/small.safetensors"), "r+b"),

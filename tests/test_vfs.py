@@ -7,7 +7,7 @@ import pyfuse3
 import pytest
 import trio
 
-from shardfs.vfs import ROOT, Tree, file_inode
+from shardfs.vfs import ROOT, IdentityConflict, Tree, file_inode
 
 
 def cat(entries):
@@ -39,6 +39,21 @@ def test_replacing_a_model_gives_a_new_inode_and_keeps_the_old():
     assert t.current["m"].vid == 5 and t.current["m"] is t.entry(file_inode(5))
     t.update({})
     assert t.listdir(ROOT) == [] and org_dirs
+
+
+def test_a_version_id_that_comes_back_as_another_version_is_refused():
+    t = Tree()
+    t.update(cat({"org/a.safetensors": 1, "b.bin": 2}))
+    before = (dict(t.children), dict(t.current))
+    # the index was reset: version 2 is now another model (or the same name with other bytes)
+    for again in ({"new/c.bin": (2, 200, 1002.0, "sha2")},
+                  {"b.bin": (2, 200, 1002.0, "another-hash")},
+                  {"b.bin": (2, 200, 5000.0, "sha2")}):
+        with pytest.raises(IdentityConflict, match="version 2"):
+            t.update({**cat({"org/a.safetensors": 1}), **again})
+        assert (t.children, t.current) == before  # nothing of it shown
+    t.update(cat({"org/a.safetensors": 1, "b.bin": 2, "d.bin": 4}))  # the same versions again: fine
+    assert t.resolve("d.bin") == file_inode(4)
 
 
 def test_directory_inodes_survive_updates():
