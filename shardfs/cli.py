@@ -76,8 +76,10 @@ def cmd_node_add(args):
             try:
                 store.probe_write()
             except NodeError as e:
-                raise ShardfsError(f"node {args.url} answers but refuses writes ({e}); "
-                                   f"check its --token-file and permissions") from None
+                if not args.offline:
+                    raise ShardfsError(f"node {args.url} answers but refuses writes ({e}); check its "
+                                       f"--token-file and permissions, or use --offline to add it anyway") from None
+                print(f"shardfs: warning: node {args.url} refuses writes now ({e})", file=sys.stderr)
     finally:
         store.close()
     if health and health.get("root"):
@@ -328,8 +330,9 @@ def cmd_rm(args):
     else:
         names = [check_name(args.name)]
     for name in names:
-        vids = idx.remove(name)
-        print(f"removed {name} ({len(vids)} version(s))")
+        vids, kept = idx.remove(name)
+        print(f"removed {name} ({len(vids)} version(s))"
+              + (f"; {len(kept)} kept while a mount reads it (gc drops it after)" if kept else ""))
     print("run `shardfs gc` to reclaim chunks no other model shares")
 
 
@@ -350,11 +353,11 @@ def cmd_gc(args):
     from .units import human, parse_duration
     grace = parse_duration(args.grace)
     idx = _index(args)
-    pruned = idx.prune_versions(grace) if grace != float("inf") else []
+    pruned = idx.prune_versions(grace) if grace != float("inf") else idx.prune_removed()
     for name, vid in pruned:
-        print(f"gc: dropped replaced version {vid} of {name}")
+        print(f"gc: dropped version {vid} of {name} (replaced or removed, and no mount reads it)")
     n, freed = gc(idx)
-    print(f"gc: dropped {len(pruned)} replaced version(s); "
+    print(f"gc: dropped {len(pruned)} replaced or removed version(s); "
           f"deleted {n} unreferenced chunk(s), {human(freed)} per replica")
 
 
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("url")
     a.add_argument("--weight", type=float, default=1.0, help="relative share of chunks (default 1)")
     a.add_argument("--token-file", help="file holding the node's write token (default: token_file setting)")
-    a.add_argument("--offline", action="store_true", help="register even if the node does not answer now")
+    a.add_argument("--offline", action="store_true", help="register even if the node does not answer or refuse writes now")
     a.set_defaults(func=cmd_node_add)
     a = node.add_parser("ls", help="list nodes with health and free space")
     a.add_argument("--json", action="store_true")

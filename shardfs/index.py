@@ -16,6 +16,8 @@ Keys (all under "shardfs:"):
     id                  str   random, set by the first change: a new one means the index
                               was reset or restored (its counters started over)
     reading             zset  "<vid>:<mount id>" -> lease expiry (ms): versions open in a mount
+    removed             set   version ids of removed models kept (record, chunk refs) because a
+                              mount still read them; prune_versions drops each once unleased
 
 Invariants that keep chunks alive (gc never deletes a chunk something relies on):
 - `refs` counts the versions whose manifest names the chunk; publish and rm change it in
@@ -64,6 +66,7 @@ K_EPOCH = P + "epoch"
 K_INDEX_ID = P + "id"
 LEASE_PREFIX = P + "put:"
 K_READING = P + "reading"  # zset "<vid>:<mount id>" -> lease expiry (ms): versions a mount has open
+K_REMOVED = P + "removed"  # set of version ids of removed models that a mount still reads
 
 # KEYS: node-urls, nodes; ARGV: url, node id, node record. Claims the url and records the
 # node in one step; returns the id already holding the url, or nil when registered.
@@ -335,28 +338,39 @@ class Index:
                 except redis.WatchError:
                     continue
 
-    def remove(self, name: str) -> list[int]:
-        """Remove a model and all its versions; returns the removed version ids."""
+    def _leased(self, p, now_ms: int) -> set[int]:
+        return {int(m.split(b":", 1)[0]) for m in p.zrangebyscore(K_READING, now_ms, "+inf")}
+
+    def remove(self, name: str) -> tuple[list[int], list[int]]:
+        """Remove a model and all its versions: (removed version ids, those of them kept).
+
+        The name goes at once. A version some mount is reading (a live lease) keeps its
+        record and its chunk references, so a reader that has the file open reads it to
+        the end; prune_versions (gc) drops it once no mount reads it any more."""
         with self.r.pipeline() as p:
             while True:
                 try:
-                    p.watch(K_MODELS, k_model_versions(name))
+                    p.watch(K_MODELS, k_model_versions(name), K_READING)
                     if not p.hexists(K_MODELS, name):
                         raise NotFound(f"no model named {name!r}; see `shardfs ls`")
                     vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
+                    kept = [v for v in vids if v in self._leased(p, int(time.time() * 1000))]
                     chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
                                   if p.exists(k_version(v)) else set() for v in vids]
                     p.multi()
                     p.hdel(K_MODELS, name)
                     p.delete(k_model_versions(name))
                     for vid, ids in zip(vids, chunk_sets):
+                        if vid in kept:
+                            p.sadd(K_REMOVED, vid)
+                            continue
                         p.delete(k_version(vid))
                         for cid in ids:
                             p.hincrby(k_chunk(cid.hex()), "refs", -1)
                     p.incr(K_EPOCH)
                     p.setnx(K_INDEX_ID, secrets.token_hex(8))
                     p.execute()
-                    return vids
+                    return vids, kept
                 except redis.WatchError:
                     continue
 
@@ -425,7 +439,7 @@ class Index:
                         if current is None:
                             break  # removed meanwhile
                         vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
-                        leased = {int(m.split(b":", 1)[0]) for m in p.zrangebyscore(K_READING, now_ms, "+inf")}
+                        leased = self._leased(p, now_ms)
                         drop = []
                         for i, vid in enumerate(vids[:-1]):  # (publish order; the last is current)
                             if vid == int(current) or vid in leased:
@@ -450,7 +464,34 @@ class Index:
                         break
                     except redis.WatchError:
                         continue
-        return pruned
+        return pruned + self.prune_removed(now_ms)
+
+    def prune_removed(self, now_ms: int | None = None) -> list[tuple[str, int]]:
+        """Drop the kept versions of removed models that no mount reads any more."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(K_REMOVED, K_READING)
+                    leased = self._leased(p, now_ms)
+                    drop = [int(v) for v in p.smembers(K_REMOVED) if int(v) not in leased]
+                    if not drop:
+                        return []
+                    names = [_s(p.hget(k_version(v), "name") or b"?") for v in drop]
+                    chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
+                                  if p.exists(k_version(v)) else set() for v in drop]
+                    p.multi()
+                    for vid, ids in zip(drop, chunk_sets):
+                        p.delete(k_version(vid))
+                        p.srem(K_REMOVED, vid)
+                        for cid in ids:
+                            p.hincrby(k_chunk(cid.hex()), "refs", -1)
+                    p.incr(K_EPOCH)
+                    p.setnx(K_INDEX_ID, secrets.token_hex(8))
+                    p.execute()
+                    return list(zip(names, drop))
+                except redis.WatchError:
+                    continue
 
     # -- chunks ---------------------------------------------------------------------
 

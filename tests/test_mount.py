@@ -228,6 +228,29 @@ def test_an_index_reset_under_the_mount_never_serves_another_versions_bytes(cli,
     assert open(m2.file("second.bin"), "rb").read() == b.read_bytes()
 
 
+def test_rm_and_gc_under_an_open_reader_let_it_read_to_the_end(store, mounts, cli):
+    cli.env["SHARDFS_READ_LEASE_TTL"] = "4.5"
+    m = mounts()
+    ref = store["other"].read_bytes()
+    f = open(m.file("org/deep/other.bin"), "rb")
+    first = f.read(1 << 20)
+    r = cli("rm", "org/deep/other.bin")
+    assert "1 kept while a mount reads it" in r.stdout, r.stdout
+    wait_for(lambda: not os.path.exists(m.file("org/deep/other.bin")), timeout=10, what="the name gone")
+    r = cli("gc", "--grace", "0")
+    assert "dropped 0 " in r.stdout, r.stdout  # the open version stays, and its chunks
+    m.cli("cache", "evict", "--all", "--mount", m.path)  # the rest must come from the nodes again
+    assert first + f.read() == ref
+    f.close()
+    runs = []
+
+    def gc_dropped_it():  # closed: the lease goes, and gc then takes the version and its chunks
+        runs.append(cli("gc", "--grace", "0").stdout)
+        return "dropped version" in runs[-1]
+    wait_for(gc_dropped_it, timeout=30, what="gc dropping the removed version")
+    assert "of org/deep/other.bin" in runs[-1] and "deleted 4 unreferenced" in runs[-1], runs
+
+
 def test_writes_fail_with_erofs(store, mounts):
     m = mounts()
     for action in (lambda: open(m.file("org/small.safetensors"), "r+b"),
