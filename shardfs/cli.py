@@ -401,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("url")
     a.add_argument("--weight", type=float, default=1.0, help="relative share of chunks (default 1)")
     a.add_argument("--token-file", help="file holding the node's write token (default: token_file setting)")
-    a.add_argument("--offline", action="store_true", help="register even if the node does not answer or refuse writes now")
+    a.add_argument("--offline", action="store_true", help="register even if the node does not answer, or refuses writes, now")
     a.set_defaults(func=cmd_node_add)
     a = node.add_parser("ls", help="list nodes with health and free space")
     a.add_argument("--json", action="store_true")
