@@ -194,6 +194,9 @@ def plan_spans(f, file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]
         group_start = None
 
     for start, end, dtype in tensors:
+        start = max(start, pos)  # tensors may share bytes (aliases): each byte is cut once
+        if end <= start:
+            continue
         if start > pos:  # a gap between tensors: its own span
             close_group(pos)
             spans.append(Span(pos, start - pos))
@@ -213,4 +216,6 @@ def plan_spans(f, file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]
     close_group(pos)
     if pos < file_size:
         spans.append(Span(pos, file_size - pos))
-    return [s for s in spans if s.length > 0]
+    # a header, gap or tail is cut like any other long stretch (a chunk holds at most MAX_CHUNK)
+    return [Span(off, min(chunk_size, s.offset + s.length - off), s.codec, s.dtype)
+            for s in spans if s.length > 0 for off in range(s.offset, s.offset + s.length, chunk_size)]

@@ -208,10 +208,11 @@ def cmd_put(args):
     except (KeyboardInterrupt, ShardfsError) as e:
         if not done:
             raise
-        what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        what = ("terminated" if isinstance(e, Terminated) else "interrupted") if isinstance(e, KeyboardInterrupt) else str(e)
         err = ShardfsError(f"{what}; {done} of {len(files)} files under {name}/ were published before it, the "
                            f"rest were not: put the folder again with --force to finish")
-        err.exit_code = 130 if isinstance(e, KeyboardInterrupt) else e.exit_code
+        err.exit_code = (128 + e.args[0] if isinstance(e, Terminated) else 130) if isinstance(e, KeyboardInterrupt) \
+            else e.exit_code
         raise err from None
 
 
@@ -483,8 +484,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (or SIGHUP) during a command that leaves work behind when cut short: raised
+    like Ctrl-C, so put and get clean up the same way."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(signum)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.cmd in ("put", "get", "verify", "gc"):  # (mount and node serve handle SIGTERM themselves)
+        import signal
+        signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGHUP, _terminate)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="shardfs: %(levelname)s: %(message)s")
     import redis
@@ -500,6 +514,7 @@ def main(argv=None) -> int:
             from .config import apply
             apply(args)
         args.func(args)
+        sys.stdout.flush()  # (a full or closed stdout fails here, inside the handlers below)
     except ShardfsError as e:
         print(f"shardfs: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -511,13 +526,32 @@ def main(argv=None) -> int:
             url = "the index"
         print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # (a folder put that had published some files says so itself)
-        print("shardfs: interrupted; nothing was published (run `shardfs gc` to reclaim partial uploads)"
-              if args.cmd == "put" else "shardfs: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # (a folder put that had published some files says so itself)
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"shardfs: {what}; nothing was published (run `shardfs gc` to reclaim partial uploads)"
+              if args.cmd == "put" else f"shardfs: {what}", file=sys.stderr)
+        return 128 + e.args[0] if isinstance(e, Terminated) else 130
     except BrokenPipeError:
+        _drop_stdout()
+        return 1
+    except UnicodeEncodeError as e:  # a name from argv that is not UTF-8, on its way to Redis
+        print(f"shardfs: error: {e.object!r} is not valid UTF-8; model names must be", file=sys.stderr)
+        return 2
+    except OSError as e:  # what no command catches itself: writing the output to a full disk, say
+        _drop_stdout()
+        print(f"shardfs: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

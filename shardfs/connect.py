@@ -58,7 +58,11 @@ def ensure_embedded(state_dir: str) -> str:
     if exe is None:
         raise IndexUnavailable("redis-server not found on PATH; install it (apt-get install redis-server) "
                                "or point --redis / SHARDFS_REDIS at a server")
-    os.makedirs(rdir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(rdir, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise IndexUnavailable(f"cannot create the embedded Redis directory {rdir}: {e.strerror}; set "
+                               f"SHARDFS_HOME to a directory you can write, or point --redis at a server") from None
     with open(os.path.join(rdir, "start.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once start one server
         if os.path.exists(sock) and _alive(url):

@@ -33,7 +33,7 @@ MAX_REQUEST = 1 << 20
 
 def socket_path(mountpoint: str, uid: int | None = None) -> str:
     uid = os.getuid() if uid is None else uid
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"shardfs-{uid}", f"{key}.sock")
 
 

@@ -10,6 +10,10 @@ def check_name(name: str) -> str:
     """Return the name if it is a valid model name, else raise UsageError saying why."""
     if not name:
         raise UsageError("model name is empty")
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (a file name from argv, say)
+        raise UsageError(f"model name {name!r} is not valid UTF-8; give one with --name") from None
     if len(name.encode()) > MAX_NAME:
         raise UsageError(f"model name is longer than {MAX_NAME} bytes")
     if name.startswith("/"):

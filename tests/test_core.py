@@ -579,20 +579,36 @@ def test_put_killed_midway_is_invisible_and_gc_reclaims(cli, nodes, redis_proc, 
     assert list(redis_proc.client().scan_iter(match="shardfs:l:*")) == []
 
 
-def test_put_interrupted_with_ctrl_c(cli, nodes, model_256):
+@pytest.mark.parametrize("sig,rc,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_put_interrupted_with_ctrl_c_or_terminated(cli, nodes, model_256, sig, rc, word):
     procs = add_nodes(cli, nodes, 2)
     p = spawn(cli, "put", model_256, "--name", "big", *MANY)
     wait_chunk_files(procs, 4, proc=p)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
-    assert p.returncode == 130, err
+    assert p.returncode == rc, err
     assert "Traceback" not in err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "interrupted" in lines[0] and "nothing was published" in lines[0], err
+    assert len(lines) == 1 and word in lines[0] and "nothing was published" in lines[0], err
     assert ls_rows(cli) == {}
     # the lease was dropped on the way out, so gc can reclaim the partial upload right away
     cli("gc")
     assert all(node.chunk_files() == [] for node in procs)
+
+
+def test_put_to_file_nodes_terminated_leaves_no_temp_files(cli, tmp_path, model_256):
+    roots = [tmp_path / "f1", tmp_path / "f2"]
+    for r in roots:
+        cli("node", "add", f"file://{r}")
+    p = spawn(cli, "put", model_256, "--name", "big", *MANY)
+    wait_for(lambda: sum(len(all_files(r)) for r in roots) >= 8 or p.poll() is not None, timeout=60,
+             what="chunks written")
+    p.send_signal(signal.SIGTERM)
+    _out, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and "terminated" in err, err
+    assert [f for r in roots for f in all_files(r) if os.path.basename(f).startswith(".tmp")] == []
+    cli("gc")
+    assert [f for r in roots for f in all_files(r)] == []
 
 
 # -- 8. gc safety -----------------------------------------------------------------------

@@ -47,6 +47,48 @@ def test_chunks_start_at_tensors_and_header_is_alone(tmp_path):
     assert all(s.codec == "zstd-g2" for s in spans[1:-1])
 
 
+def write_raw_st(path, header: dict, body: bytes) -> int:
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + body)
+    return path.stat().st_size
+
+
+def tiles(spans, size, chunk):
+    assert all(a.offset + a.length == b.offset for a, b in zip(spans, spans[1:]))
+    assert spans[0].offset == 0 and sum(s.length for s in spans) == size
+    assert max(s.length for s in spans) <= chunk
+
+
+def test_aliased_tensors_long_gaps_and_tails_are_cut_once_and_within_the_chunk_size(tmp_path):
+    mib = 1 << 20
+    # two tensors over the same bytes (aliases), one overlapping them
+    p = tmp_path / "alias.st"
+    size = write_raw_st(p, {"a": {"dtype": "F32", "shape": [2 * mib // 4], "data_offsets": [0, 2 * mib]},
+                            "b": {"dtype": "F32", "shape": [2 * mib // 4], "data_offsets": [0, 2 * mib]},
+                            "c": {"dtype": "F32", "shape": [2 * mib // 4], "data_offsets": [mib, 3 * mib]}},
+                        bytes(3 * mib))
+    with open(p, "rb") as f:
+        tiles(plan_spans(f, size, mib), size, mib)
+    # a 16-byte tensor, then 9 MiB of unlisted bytes, a tensor, and a 5 MiB tail
+    p = tmp_path / "gaps.st"
+    size = write_raw_st(p, {"t": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
+                            "u": {"dtype": "U8", "shape": [16], "data_offsets": [9 * mib, 9 * mib + 16]}},
+                        bytes(14 * mib))
+    with open(p, "rb") as f:
+        tiles(plan_spans(f, size, 4 * mib), size, 4 * mib)
+
+
+def test_aliased_tensors_put_and_get_back(cli, nodes, tmp_path):
+    from conftest import add_nodes
+    add_nodes(cli, nodes, 1)
+    p = tmp_path / "alias.safetensors"
+    write_raw_st(p, {"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                     "b": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(range(16)))
+    cli("put", p, "--name", "alias.safetensors")
+    cli("get", "alias.safetensors", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == p.read_bytes()
+
+
 def test_unknown_format_falls_back_to_fixed(tmp_path):
     p = tmp_path / "x.bin"
     p.write_bytes(b"PK\3\4" + bytes(3 << 20))
