@@ -216,6 +216,12 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
                 if not good:
                     rep.lost.append(h)
                     print(f"LOST: chunk {h} has no good copy on any live node", file=out)
+                    if repair and (bad or missing):
+                        # no copy to repair from; drop the broken ones, so that putting a file
+                        # with this chunk again uploads it instead of trusting them
+                        _drop_broken(idx, pool, h, [n for n, _ in bad + missing])
+                        print(f"repair: dropped the broken copies of chunk {h}; putting a file that "
+                              f"holds it again (with the same --chunk-size) restores it", file=out)
                     continue
                 if len(active_good) >= want[h] and not bad and not missing and not unreadable:
                     rep.healthy += 1
@@ -232,13 +238,17 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
     return rep
 
 
-def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> int:
+def _drop_broken(idx, pool, h, broken) -> None:
     for nid in broken:  # drop bad and missing copies from the index, then from the node
         idx.drop_locations(h, [nid])
         try:
             pool.store(nid).delete(h)
         except NodeError:
             pass
+
+
+def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> int:
+    _drop_broken(idx, pool, h, broken)
     have = list(good)
     if len(have) >= want:
         return 1

@@ -267,6 +267,24 @@ def test_corrupt_copy_is_named_and_repaired(cli, nodes, redis_proc, model_small,
     get_and_compare(cli, "m", model_small, tmp_path)
 
 
+def test_a_lost_chunk_is_restored_by_putting_the_file_again_after_repair(cli, nodes, model_small, tmp_path):
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    h = os.path.basename(sorted(procs[0].chunk_files())[3])
+    for p in procs:  # every copy of one chunk damaged
+        path = next(f for f in p.chunk_files() if os.path.basename(f) == h)
+        with open(path, "r+b") as f:
+            f.seek(100)
+            f.write(b"\xff" * 8)
+    r = cli("verify", "--repair", check=False)
+    assert r.returncode != 0 and f"LOST: chunk {h}" in r.stdout and "putting a file that holds it again" in r.stdout
+    r = cli("put", model_small, "--name", "m", "--force", *SMALL)  # uploads the chunk, not trusts the index
+    assert "(24 already stored)" in r.stdout, r.stdout
+    r = cli("verify")
+    assert " 0 lost" in r.stdout and " 0 bad copies" in r.stdout, r.stdout
+    get_and_compare(cli, "m", model_small, tmp_path)
+
+
 # -- 4. dedup across names --------------------------------------------------------------
 
 def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_path):
