@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 
 from . import directio, envelope
+from .errors import ShardfsError
 from .stores import chunk_relpath, disk_id
 from .units import human
 
@@ -107,12 +108,23 @@ class ChunkCache:
             log.warning("ignoring unreadable pins file: %s", e)
         self._pinned = {h for hs in self._pins.values() for h in hs}
 
-    def _save_pins(self) -> None:
+    def _set_pins(self, pins: dict[str, list[str]]) -> None:
+        """Under the lock: save the pins, then use them; on a failed save (a full disk)
+        nothing changes, on disk or in memory, and the caller gets one ShardfsError."""
         path = os.path.join(self.root, "pins.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self._pins, f)
-        os.rename(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(pins, f)
+            os.rename(tmp, path)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise ShardfsError(f"cannot save the pins in {self.root}: {e.strerror}; nothing changed") from None
+        self._pins = pins
+        self._pinned = {h for hs in pins.values() for h in hs}
 
     # -- entries ---------------------------------------------------------------------
 
@@ -338,15 +350,13 @@ class ChunkCache:
 
     def pin(self, name: str, hex_ids) -> None:
         with self._lock:
-            self._pins[name] = sorted(set(hex_ids))
-            self._pinned = {h for hs in self._pins.values() for h in hs}
-            self._save_pins()
+            self._set_pins({**self._pins, name: sorted(set(hex_ids))})
 
     def unpin(self, name: str) -> bool:
         with self._lock:
-            found = self._pins.pop(name, None) is not None
-            self._pinned = {h for hs in self._pins.values() for h in hs}
-            self._save_pins()
+            found = name in self._pins
+            if found:
+                self._set_pins({k: v for k, v in self._pins.items() if k != name})
         if found:
             self._room_again()  # (the next fill checks again)
         return found

@@ -93,6 +93,7 @@ class Daemon:
         self.epoch = None
         self.redis_ok = True
         self.index_conflict: str | None = None  # set once the index is found reset under the mount
+        self._changed: set[str] = set()  # names whose version changed, for follow_pins
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
         self._stale_snapshots: list[int] = []
@@ -163,7 +164,29 @@ class Daemon:
             return False
         if changed:
             log.info("catalogue: %d model(s), %d changed", len(cat), len(changed))
+            self._changed |= changed
         return True
+
+    async def follow_pins(self) -> None:
+        """Trio thread: a pin is of a name, so it moves to the name's new version (whose
+        chunks LRU must then leave alone, and the old one's no longer); a removed name's
+        pin goes with it."""
+        changed, self._changed = self._changed, set()
+        for name in sorted(changed & set(self.cache.pins())):
+            entry = self.tree.current.get(name)
+            try:
+                if entry is None:
+                    self.cache.unpin(name)
+                    log.info("unpinned %s: it was removed", name)
+                    continue
+                m = await self.open_model(entry)
+                self.cache.pin(name, m.hexes)
+            except (ShardfsError, OSError) as e:
+                self._changed.add(name)  # try again at the next poll
+                log.warning("cannot move the pin of %s to its current version yet: %s", name, e)
+                continue
+            log.info("the pin of %s moved to its version %d; `shardfs cache warm %s` fetches it",
+                     name, entry.vid, name)
 
     def _save_catalogue(self, nodes, cat) -> None:
         data = {"nodes": {k: vars(v) for k, v in nodes.items()}, "models": cat}
@@ -195,6 +218,7 @@ class Daemon:
                 reading = [vid for vid, n in self.open_count.items() if n > 0]
                 stale, self._stale_snapshots = self._stale_snapshots, []
                 await trio.to_thread.run_sync(self._poll_index, reading, stale, abandon_on_cancel=True)
+                await self.follow_pins()
                 if not self.redis_ok:
                     log.warning("Redis at %s is back", self._index().url)
                 self.redis_ok = True

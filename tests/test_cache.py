@@ -147,3 +147,16 @@ def test_a_fill_that_cannot_fit_evicts_nothing_and_says_why(tmp_path, caplog):
     huge = os.urandom(5 * k)
     assert not cache.put(envelope.chunk_id(huge).hex(), huge)
     assert cache.full == "limit" and all(h in cache for h in ids[:2] + ids[3:])
+
+
+def test_pins_that_cannot_be_saved_change_nothing(tmp_path):
+    from shardfs.errors import ShardfsError
+    c = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    c.pin("a", ["aa" * 32])
+    (tmp_path / "c" / "pins.json.tmp").mkdir()  # the save's temp file cannot be written
+    with pytest.raises(ShardfsError, match="cannot save the pins"):
+        c.pin("b", ["bb" * 32])
+    with pytest.raises(ShardfsError, match="cannot save the pins"):
+        c.unpin("a")
+    assert c.pins() == ["a"] and c.pinned("aa" * 32) and not c.pinned("bb" * 32)
+    assert ChunkCache(str(tmp_path / "c"), 64 << 20).pins() == ["a"]  # and on disk

@@ -155,6 +155,37 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
     assert r.returncode != 0 and "not pinned" in r.stderr
 
 
+def test_a_pin_follows_its_name_to_a_new_version_and_goes_with_a_removed_one(cli, nodes, tmp_path, mounts):
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(5 << 20))
+    b.write_bytes(os.urandom(6 << 20))
+    cli("put", a, "--name", "a", "--chunk-size", "1MiB")
+    cli("put", b, "--name", "b", "--chunk-size", "1MiB")
+    m = mounts("--cache-size", "8MiB", CACHE_LOCAL)
+    m.cli("cache", "pin", "a", "--mount", m.path)
+    a.write_bytes(os.urandom(5 << 20))
+    cli("put", a, "--name", "a", "--chunk-size", "1MiB", "--force")  # a new version of the pinned name
+    wait_for(lambda: sha256_file(m.file("a")) == sha256_file(a), timeout=15, what="the new version")
+
+    def pinned_hexes():
+        with open(os.path.join(m.cache_dir, "data", "pins.json")) as f:
+            return set(json.load(f).get("a", []))
+    from shardfs.index import Index
+    import redis as redis_lib
+    idx = Index(redis_lib.Redis.from_url(cli.env["SHARDFS_REDIS"]), cli.env["SHARDFS_REDIS"])
+    new = {c.hex() for c in idx.model("a").manifest.ids}
+    wait_for(lambda: pinned_hexes() == new, timeout=15, what="the pin moving to the new version")
+    m.cli("cache", "warm", "a", "--mount", m.path)
+    assert sha256_file(m.file("b")) == sha256_file(b)  # LRU pressure: b's chunks go, the new a's stay
+    by = {x["name"]: x for x in json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["models"]}
+    assert by["a"]["pinned"] and by["a"]["cached_pct"] == 100.0, by
+    cli("rm", "a")
+    wait_for(lambda: "a" not in json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["cache"]["pins"],
+             timeout=15, what="the pin of the removed name gone")
+
+
 def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
     # (the mount's lease on versions it has open: renewed every TTL/3, so a renewal may run
     # 3 s late on a loaded machine before the lease lapses under the reader)
