@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -103,11 +104,25 @@ def _not_ours(mp: str) -> str | None:
 
 
 def _is_stale(mp: str) -> bool:
+    """A mount whose daemon is gone ("Transport endpoint is not connected")."""
     try:
         os.stat(mp)
-        return False
     except OSError as e:
         return e.errno == errno.ENOTCONN
+    # For a second after the daemon died the kernel may still answer stat from the root's
+    # cached attributes; a shardfs mount's control socket refuses connections at once.
+    if os.path.realpath(mp) not in shardfs_mounts():
+        return False
+    from .control import socket_path
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(2)
+        try:
+            s.connect(socket_path(mp))
+        except ConnectionRefusedError:  # (a socket left by a killed daemon: nobody listens)
+            return True
+        except OSError:
+            return False  # no socket of ours (another user's mount), or a slow daemon: not dead
+    return False
 
 
 def _fusermount(mp: str, lazy: bool = False) -> subprocess.CompletedProcess:
@@ -319,7 +334,7 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
 
 
 def cmd_umount(args) -> None:
-    mp = os.path.abspath(args.mountpoint)
+    mp = os.path.realpath(args.mountpoint)  # (a symlink to a mountpoint names that mount)
     if _is_stale(mp):
         recover_stale(mp)
         print(f"recovered stale mountpoint {mp}")

@@ -362,6 +362,21 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     assert not os.path.ismount(m.path)
 
 
+def test_a_daemon_killed_a_moment_ago_is_recovered_at_once(store, mounts, cli, tmp_path):
+    """Right after the kill the kernel still answers stat from cached attributes; the control
+    socket that nobody listens on any more says the mount is stale. (Through a symlink too.)"""
+    m = mounts()
+    os.stat(m.path)  # (attributes cached)
+    (tmp_path / "link").symlink_to(m.path)
+    os.kill(m.pid, signal.SIGKILL)
+    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+             what="daemon to die")
+    r = cli("umount", tmp_path / "link")
+    assert "recovered stale mountpoint" in r.stdout, r.stdout
+    m.mount()
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
+
+
 def test_umount_refuses_what_shardfs_did_not_mount(cli, small_fs, tmp_path):
     other = small_fs("1M")  # a tmpfs: as root, fusermount3 -u would unmount it too
     r = cli("umount", other, check=False)
