@@ -25,6 +25,9 @@ ENTRY_TIMEOUT = 1.0    # names move to new versions; the kernel re-asks after th
 XATTRS = (b"user.shardfs.version", b"user.shardfs.sha256", b"user.shardfs.cached_bytes")
 
 
+_said: set[str] = set()
+
+
 def _errors(fn):
     @functools.wraps(fn)
     async def wrapper(*args, **kw):
@@ -32,7 +35,12 @@ def _errors(fn):
             return await fn(*args, **kw)
         except pyfuse3.FUSEError:
             raise
-        except (ChunkUnavailable, CorruptChunk, IndexUnavailable) as e:
+        except IndexUnavailable as e:  # (a model that cannot be loaded: say so, once per cause)
+            if str(e) not in _said and len(_said) < 10000:
+                _said.add(str(e))
+                log.warning("%s: %s; answered EIO", fn.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except (ChunkUnavailable, CorruptChunk) as e:  # (the reader logs these, once per chunk)
             log.debug("%s: %s", fn.__name__, e)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except NotFound:
