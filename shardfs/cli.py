@@ -110,6 +110,7 @@ def _refuse_same_root(idx, url: str, root: str) -> None:
 
 
 def cmd_node_ls(args):
+    from .connect import display_url
     from .errors import NodeError
     from .pool import NodePool
     idx = _index(args)
@@ -119,7 +120,7 @@ def cmd_node_ls(args):
     for nid, node in pool.nodes.items():
         h = health.get(nid)
         up = not isinstance(h, NodeError)
-        rows.append({"id": nid, "url": node.url, "weight": node.weight, "state": node.state, "up": up,
+        rows.append({"id": nid, "url": display_url(node.url), "weight": node.weight, "state": node.state, "up": up,
                      "used": h.get("used") if up else None, "free": h.get("free") if up else None,
                      "error": None if up else str(h)})
     pool.close()
@@ -196,6 +197,10 @@ def cmd_put(args):
         if clashes and not args.force:
             raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "
                              f"use --force to replace them")
+    # --force replaces a folder whole: what the old one had and the new one has not goes too
+    # (a stale single-file checkpoint left beside a new sharded one would load instead of it)
+    leftovers = sorted(n for n in idx.models() if n.startswith(name + "/") and n not in names.values()) \
+        if folder and args.force else []
     done = 0
     try:
         for rel, path in files.items():
@@ -205,6 +210,9 @@ def cmd_put(args):
                            keyring=keyring)
             print(summary(res))
             done += 1
+        for old in leftovers:
+            idx.remove(old)  # (a mount reading it keeps it until closed: Index.remove)
+            print(f"removed {old}: not in the new {name}/")
     except (KeyboardInterrupt, ShardfsError) as e:
         if not done:
             raise

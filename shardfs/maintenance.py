@@ -56,6 +56,8 @@ def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None,
 
     The version is leased while it is read, so `gc` cannot drop it (and its chunks) under a
     long get after a `put --force` replaced it."""
+    if not dest:
+        raise UsageError("DEST is empty; give a file or directory to write the model to")
     for _attempt in range(5):
         vid = idx.current_vid(name)
         if vid is None:
@@ -95,7 +97,7 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
         dest = os.path.join(dest, os.path.basename(name))
     d = os.path.dirname(os.path.abspath(dest))
     if not os.path.isdir(d):
-        raise UsageError(f"{d}: no such directory")
+        raise UsageError(f"{d}: " + ("not a directory" if os.path.exists(d) else "no such directory"))
     check_dest(dest, force)
     pool = NodePool(idx.nodes())
     sha = hashlib.sha256()

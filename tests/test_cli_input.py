@@ -5,6 +5,7 @@ silently accepted, before the fixes that came with this file.)"""
 import pytest
 
 CASES = [
+    (("get", "some/model", ""), "DEST is empty"),
     (("put", "{f}", "--chunk-size", "abc"), "cannot read size 'abc'"),
     (("put", "{f}", "--chunk-size", "-5"), "cannot read size '-5'"),
     (("mount", "{mp}", "--cache-size", "-5"), "cannot read size '-5'"),

@@ -475,6 +475,23 @@ def test_folder_put_checks_every_file_before_publishing_any(cli, nodes, tmp_path
     assert "f/" not in cli("ls").stdout  # nothing of the folder was published
 
 
+def test_folder_put_force_replaces_the_folder_whole(cli, nodes, tmp_path):
+    add_nodes(cli, nodes, 1)
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "config.json").write_text('{"v": 1}')
+    (d / "model.safetensors").write_bytes(os.urandom(10_000))
+    cli("put", d, "--name", "org/m")
+    cli("put", d / "config.json", "--name", "org/mx/config.json")  # a neighbour with a common prefix
+    (d / "model.safetensors").unlink()  # the new version is sharded
+    (d / "config.json").write_text('{"v": 2}')
+    (d / "model-00001-of-00001.safetensors").write_bytes(os.urandom(10_000))
+    r = cli("put", d, "--name", "org/m", "--force")
+    assert "removed org/m/model.safetensors: not in the new org/m/" in r.stdout, r.stdout
+    assert sorted(ls_rows(cli)) == ["org/m/config.json", "org/m/model-00001-of-00001.safetensors",
+                                    "org/mx/config.json"]
+
+
 def test_no_usable_nodes(cli, nodes, model_small):
     procs = add_nodes(cli, nodes, 2)
     for p in procs:
