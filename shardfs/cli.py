@@ -245,7 +245,7 @@ def _version_row(ver, stats):
             "unique": st.get("unique", 0), "shared": st.get("shared", 0),
             "ratio": round(stored / ver.size, 4) if ver.size else 0.0,
             "chunks": len(ver.manifest), "replicas": ver.replicas, "sha256": ver.sha256,
-            "created": ver.created}
+            "file_hash": ver.stats.get("file_hash", "sha256"), "created": ver.created}
 
 
 def cmd_ls(args):
@@ -309,7 +309,8 @@ def cmd_info(args):
     for dt, d in row["dtypes"].items():
         print(f"dtype:     {dt}: {human(d['raw'])} -> {human(d['stored'])} stored "
               f"(ratio {d['stored'] / d['raw']:.3f}, chunks stored by this version)")
-    print(f"sha256:    {row['sha256']}")
+    print(f"sha256:    {row['sha256']}" + (" (keyed: HMAC-SHA256 of the plaintext, see Security notes)"
+                                              if row["file_hash"] == "hmac-sha256" else ""))
 
 
 def cmd_get(args):
@@ -325,7 +326,8 @@ def cmd_get(args):
     finally:
         if bar:
             bar.close()
-    print(f"wrote {dest}: {ver.size} bytes, sha256 {ver.sha256} verified")
+    kind = "keyed hash" if ver.stats.get("file_hash") == "hmac-sha256" else "sha256"
+    print(f"wrote {dest}: {ver.size} bytes, {kind} {ver.sha256} verified")
 
 
 def cmd_rm(args):

@@ -6,6 +6,9 @@
     sealing        fresh 96-bit nonce per chunk, the chunk id bound as associated data
     fingerprint    recorded with each version, so a mount or `get` with the wrong key (or
                    none) fails with a clear error before reading, never with garbage bytes
+    file hash      HMAC-SHA256 of the whole file (key derived from the file) in the version's
+                   sha256 field (stats "file_hash": "hmac-sha256"): a plain SHA-256 there
+                   would link equal plaintexts across keys for anyone who reads the index
 
 Nodes hold only ciphertext. The reader's local cache holds verified plaintext chunks, like
 the page cache does; put it on an encrypted disk if that matters.
@@ -13,6 +16,8 @@ the page cache does; put it on an encrypted disk if that matters.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 
 import blake3
@@ -31,6 +36,7 @@ class Keyring:
         self._aead = AESGCM(key)
         self.id_key = blake3.blake3(key, derive_key_context="shardfs 2026 chunk id").digest()
         self.fingerprint = blake3.blake3(key, derive_key_context="shardfs 2026 key fingerprint").hexdigest()[:16]
+        self._file_key = blake3.blake3(key, derive_key_context="shardfs 2026 file hash").digest()
 
     @classmethod
     def from_file(cls, path: str) -> "Keyring":
@@ -48,6 +54,10 @@ class Keyring:
         if len(data) == 32:
             return cls(data)
         raise UsageError(f"key file {path} must hold 32 bytes (raw or 64 hex digits)")
+
+    def file_hash(self):
+        """A hashlib-like object: the keyed hash recorded for an encrypted file."""
+        return hmac.new(self._file_key, digestmod=hashlib.sha256)
 
     def chunk_id(self, raw) -> bytes:
         return blake3.blake3(raw, key=self.id_key, max_threads=1).digest()

@@ -183,7 +183,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
     hb = threading.Thread(target=heartbeat, daemon=True)
     hb.start()
     uploader = Uploader(idx, pool, live, replicas, put_id, keyring)
-    sha = hashlib.sha256()
+    sha = keyring.file_hash() if keyring else hashlib.sha256()  # (crypto.py: keyed for sealed models)
     # Each worker spends much of a chunk's time waiting on fsync and Redis, so more workers
     # than cores keep the CPUs busy (2 cores, 4 MiB chunks: 4 workers 5.6-6.8 s for 2 GiB,
     # 16 workers 5.0 s). The raw chunks read ahead (workers + 2) stay under INFLIGHT_BYTES
@@ -251,6 +251,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         deduped = sum(1 for *_, d in results if d)
         stats = {"raw": size, "stored_new": stored_new, "codecs": dict(codecs), "deduped_chunks": deduped,
                  "key": keyring.fingerprint if keyring else None,
+                 "file_hash": "hmac-sha256" if keyring else "sha256",
                  "dtypes": {k: {"raw": r, "stored": s} for k, (r, s) in sorted(by_dtype.items())},
                  "stored": _stored_total(idx, manifest)}
         vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force,

@@ -100,7 +100,10 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
         raise UsageError(f"{d}: " + ("not a directory" if os.path.exists(d) else "no such directory"))
     check_dest(dest, force)
     pool = NodePool(idx.nodes())
-    sha = hashlib.sha256()
+    # (versions sealed before keyed file hashes recorded a plain SHA-256)
+    keyed = keyring is not None and ver.stats.get("file_hash") == "hmac-sha256"
+    sha = keyring.file_hash() if keyed else hashlib.sha256()
+    what = "keyed hash (HMAC-SHA256)" if keyed else "SHA-256"
     try:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dest)}.shardfs-")
     except OSError as e:
@@ -115,7 +118,7 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
             out.flush()
             os.fsync(out.fileno())
         if sha.hexdigest() != ver.sha256:
-            raise ShardfsError(f"{name}: reassembled SHA-256 {sha.hexdigest()} differs from the "
+            raise ShardfsError(f"{name}: reassembled {what} {sha.hexdigest()} differs from the "
                                f"recorded {ver.sha256}; nothing written")
         os.chmod(tmp, 0o644)
         os.rename(tmp, dest)

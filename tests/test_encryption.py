@@ -1,6 +1,7 @@
 """Encryption at rest: sealed chunks, keyed ids, clear errors for a wrong or missing key."""
 
 import errno
+import json
 import os
 
 import pytest
@@ -56,6 +57,24 @@ def test_put_encrypt_get_verify(cli, nodes, tmp_path, keys):
         assert not (tmp_path / "out2").exists()
     assert "0 bad copies" in cli("verify", "--key-file", key).stdout
     assert "skipping secret.bin" in cli("verify").stdout
+
+
+def test_the_index_holds_no_plain_hash_of_an_encrypted_file(cli, nodes, tmp_path, keys):
+    import hashlib
+    key, other = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "secret.bin"
+    src.write_bytes(PLAIN * 40)
+    cli("put", src, "--name", "plain.bin")
+    cli("put", src, "--name", "a.bin", "--encrypt", "--key-file", key)
+    cli("put", src, "--name", "b.bin", "--encrypt", "--key-file", other)
+    info = {n: json.loads(cli("info", n, "--json").stdout) for n in ("plain.bin", "a.bin", "b.bin")}
+    plain = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert info["plain.bin"]["sha256"] == plain
+    assert len({info[n]["sha256"] for n in info}) == 3  # nothing links the three
+    assert info["a.bin"]["file_hash"] == "hmac-sha256"
+    r = cli("get", "a.bin", tmp_path / "out", "--key-file", key)  # and get still verifies the whole file
+    assert "keyed hash" in r.stdout and (tmp_path / "out").read_bytes() == src.read_bytes()
 
 
 @needs_fuse
