@@ -62,7 +62,8 @@ class ChunkCache:
         self.write_failed = False
         self._reserved = 0  # bytes of fills being written (admitted by _make_room)
         # why the last fill found no room, even counting every unpinned entry: "limit" (pinned
-        # entries fill it) or "disk" (its disk is at the free floor); "" while fills fit
+        # entries fill it), "chunk" (the chunk is larger than the whole limit) or "disk" (its
+        # disk is at the free floor); "" while fills fit
         self.full = ""
         self._said_full, self._full_said_at = False, -FULL_LOG_EVERY
         # Fill and load entries with O_DIRECT where the filesystem allows it (directio.py):
@@ -278,10 +279,11 @@ class ChunkCache:
                     if need - self._reserved <= evictable:
                         full = "busy"  # fills still being written hold the room: skip this one quietly
                     elif size > self.limit:
-                        full, detail = "limit", f"a {human(size)} chunk is larger than its {human(self.limit)} limit"
+                        full, detail = "chunk", f"a {human(size)} chunk is larger than its {human(self.limit)} limit"
                     elif over_limit > evictable:
                         full = "limit"
-                        detail = f"{human(self.used - evictable)} of its {human(self.limit)} limit is pinned"
+                        pinned = sum(self._lru.get(h, 0) for h in self._pinned)  # (now: fills go on meanwhile)
+                        detail = f"{human(pinned)} of its {human(self.limit)} limit is pinned"
                     else:
                         full = "disk"
                         detail = f"{human(free)} free on its disk, which it keeps above {human(self.free_floor)}"

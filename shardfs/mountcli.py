@@ -193,7 +193,8 @@ def _preflight(mp: str) -> None:
 
 
 FULL_LABEL = {"disk": " (FULL: its disk is down to the free floor; reads bypass it)",
-              "limit": " (FULL: pinned chunks take its whole limit; reads bypass it)"}
+              "limit": " (FULL: pinned chunks take its whole limit; reads bypass it)",
+              "chunk": " (FULL: chunks are larger than its whole limit; reads bypass it)"}
 
 
 def _default_cache_size(cache_dir: str) -> int:

@@ -146,7 +146,7 @@ def test_a_fill_that_cannot_fit_evicts_nothing_and_says_why(tmp_path, caplog):
     assert cache.full == "" and "has room again" in caplog.text and ids[2] not in cache
     huge = os.urandom(5 * k)
     assert not cache.put(envelope.chunk_id(huge).hex(), huge)
-    assert cache.full == "limit" and all(h in cache for h in ids[:2] + ids[3:])
+    assert cache.full == "chunk" and all(h in cache for h in ids[:2] + ids[3:])  # (not "pinned")
 
 
 def test_pins_that_cannot_be_saved_change_nothing(tmp_path):
