@@ -60,6 +60,8 @@ def cmd_node_add(args):
     token = read_token(args.token_file)
     if ".." in args.url.split("?")[0].split("/"):  # (one directory under two URLs would be two nodes)
         raise UsageError(f"node URL {args.url!r} contains '..'; give the path without it")
+    if "?" in args.url or "#" in args.url:  # (a file:// node took them into its path)
+        raise UsageError(f"node URL {args.url!r} has a query or fragment; give scheme, host, port and path only")
     store = open_store(args.url, token)
     if args.url.startswith("file://"):
         why = make_dir(store.root)
@@ -216,11 +218,10 @@ def cmd_put(args):
     except (KeyboardInterrupt, ShardfsError) as e:
         if not done:
             raise
-        what = ("terminated" if isinstance(e, Terminated) else "interrupted") if isinstance(e, KeyboardInterrupt) else str(e)
+        what, code = _stopped(e) if isinstance(e, KeyboardInterrupt) else (str(e), e.exit_code)
         err = ShardfsError(f"{what}; {done} of {len(files)} files under {name}/ were published before it, the "
                            f"rest were not: put the folder again with --force to finish")
-        err.exit_code = (128 + e.args[0] if isinstance(e, Terminated) else 130) if isinstance(e, KeyboardInterrupt) \
-            else e.exit_code
+        err.exit_code = code
         raise err from None
 
 
@@ -503,6 +504,11 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def _stopped(e: KeyboardInterrupt) -> tuple[str, int]:
+    """How a command cut short says so, and its exit status (128 + the signal)."""
+    return ("terminated", 128 + e.args[0]) if isinstance(e, Terminated) else ("interrupted", 130)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.cmd in ("put", "get", "verify", "gc"):  # (mount and node serve handle SIGTERM themselves)
@@ -537,10 +543,10 @@ def main(argv=None) -> int:
         print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:  # (a folder put that had published some files says so itself)
-        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        what, code = _stopped(e)
         print(f"shardfs: {what}; nothing was published (run `shardfs gc` to reclaim partial uploads)"
               if args.cmd == "put" else f"shardfs: {what}", file=sys.stderr)
-        return 128 + e.args[0] if isinstance(e, Terminated) else 130
+        return code
     except BrokenPipeError:
         _drop_stdout()
         return 1

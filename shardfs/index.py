@@ -13,8 +13,8 @@ Keys (all under "shardfs:"):
     puts                zset  put id -> lease expiry (ms since epoch)
     put:<putid>         set   chunk ids a running put relies on
     epoch               int   bumped on every publish and removal; mounts poll it
-    id                  str   random, set by the first change: a new one means the index
-                              was reset or restored (its counters started over)
+    id                  str   random, set by the first publish, removal or prune: a new one
+                              means the index was reset or restored (its counters started over)
     reading             zset  "<vid>:<mount id>" -> lease expiry (ms): versions open in a mount
     removed             set   version ids of removed models kept (record, chunk refs) because a
                               mount still read them; prune_versions drops each once unleased
@@ -354,7 +354,8 @@ class Index:
                     if not p.hexists(K_MODELS, name):
                         raise NotFound(f"no model named {name!r}; see `shardfs ls`")
                     vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
-                    kept = [v for v in vids if v in self._leased(p, int(time.time() * 1000))]
+                    leased = self._leased(p, int(time.time() * 1000))
+                    kept = [v for v in vids if v in leased]
                     chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
                                   if p.exists(k_version(v)) else set() for v in vids]
                     p.multi()

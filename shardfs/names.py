@@ -11,10 +11,10 @@ def check_name(name: str) -> str:
     if not name:
         raise UsageError("model name is empty")
     try:
-        name.encode()
+        encoded = name.encode()
     except UnicodeEncodeError:  # bytes that are not UTF-8 (a file name from argv, say)
         raise UsageError(f"model name {name!r} is not valid UTF-8; give one with --name") from None
-    if len(name.encode()) > MAX_NAME:
+    if len(encoded) > MAX_NAME:
         raise UsageError(f"model name is longer than {MAX_NAME} bytes")
     if name.startswith("/"):
         raise UsageError(f"model name {name!r} is absolute; use a relative path like org/model.safetensors")

@@ -270,8 +270,6 @@ def open_store(url: str, token: str | None = None) -> NodeStore:
         parts = urlsplit(url)
     except ValueError as e:  # e.g. "Invalid IPv6 URL"
         raise UsageError(f"node URL {url!r} does not parse: {e}") from None
-    if parts.query or parts.fragment or url.endswith(("?", "#")):
-        raise UsageError(f"node URL {url!r} has a query or fragment; give scheme, host, port and path only")
     if parts.scheme == "file":
         if not parts.path.startswith("/") or parts.netloc not in ("", "localhost"):
             raise UsageError(f"file node URL must be file:///absolute/path, not {url!r}")

@@ -134,16 +134,22 @@ def test_evict_and_warm_during_reads(store, mounts):
     assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
 
 
-def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
-    n = nodes(1)[0]
-    cli("node", "add", n.url)
+def pinned_a_beside_b(cli, nodes, tmp_path, mounts, a_size):
+    """Models a (a_size) and b (6 MiB) in 1 MiB chunks, a mount whose 8 MiB cache cannot
+    hold both, and a pinned there. Returns (mount, a's file, b's file)."""
+    cli("node", "add", nodes(1)[0].url)
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(os.urandom(6 << 20))
+    a.write_bytes(os.urandom(a_size))
     b.write_bytes(os.urandom(6 << 20))
     cli("put", a, "--name", "a", "--chunk-size", "1MiB")
     cli("put", b, "--name", "b", "--chunk-size", "1MiB")
     m = mounts("--cache-size", "8MiB", CACHE_LOCAL)
     m.cli("cache", "pin", "a", "--mount", m.path)
+    return m, a, b
+
+
+def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
+    m, a, b = pinned_a_beside_b(cli, nodes, tmp_path, mounts, 6 << 20)
     m.cli("cache", "warm", "a", "--mount", m.path)
     assert sha256_file(m.file("b")) == sha256_file(b)  # b does not fit next to a: LRU must evict b's chunks, not a's
     stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
@@ -156,15 +162,7 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
 
 
 def test_a_pin_follows_its_name_to_a_new_version_and_goes_with_a_removed_one(cli, nodes, tmp_path, mounts):
-    n = nodes(1)[0]
-    cli("node", "add", n.url)
-    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
-    a.write_bytes(os.urandom(5 << 20))
-    b.write_bytes(os.urandom(6 << 20))
-    cli("put", a, "--name", "a", "--chunk-size", "1MiB")
-    cli("put", b, "--name", "b", "--chunk-size", "1MiB")
-    m = mounts("--cache-size", "8MiB", CACHE_LOCAL)
-    m.cli("cache", "pin", "a", "--mount", m.path)
+    m, a, b = pinned_a_beside_b(cli, nodes, tmp_path, mounts, 5 << 20)
     a.write_bytes(os.urandom(5 << 20))
     cli("put", a, "--name", "a", "--chunk-size", "1MiB", "--force")  # a new version of the pinned name
     wait_for(lambda: sha256_file(m.file("a")) == sha256_file(a), timeout=15, what="the new version")
