@@ -338,7 +338,7 @@ def cmd_rm(args):
         prefix = check_name(args.name.rstrip("/")) + "/"
         names = sorted(n for n in idx.models() if n.startswith(prefix))
         if not names:
-            raise UsageError(f"no models under {prefix!r}; see `shardfs ls`")
+            raise NotFound(f"no models under {prefix!r}; see `shardfs ls`")
     else:
         names = [check_name(args.name)]
     for name in names:

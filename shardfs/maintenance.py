@@ -155,7 +155,7 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
     if names:
         for n in names:
             if n not in models:
-                raise UsageError(f"no model named {n!r}; see `shardfs ls`")
+                raise NotFound(f"no model named {n!r}; see `shardfs ls`")
         vids = [vid for n in names for vid in idx.model_vids(n)]
     else:
         vids = idx.all_vids()

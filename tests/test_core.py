@@ -1020,3 +1020,11 @@ def test_node_add_checks_urls_weights_and_that_the_node_takes_writes(cli, nodes,
     assert json.loads(cli("node", "ls", "--json").stdout) == []
     cli("node", "add", srv.url, "--token-file", tok)
     assert os.listdir(srv.root) == [] or all(not n.startswith(".tmp") for n in os.listdir(srv.root))
+
+
+def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, tmp_path):
+    add_nodes(cli, nodes, 1)
+    for args in (("info", "nope"), ("get", "nope", tmp_path / "x"), ("rm", "nope"), ("verify", "nope"),
+                 ("rm", "nope/")):
+        r = cli(*args, check=False)
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr, (args, r.stderr)
