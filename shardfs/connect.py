@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from .errors import IndexUnavailable
+from .errors import IndexUnavailable, UsageError
 from .index import Index
 
 MAX_SOCKET_PATH = 100
@@ -96,7 +96,7 @@ def open_index(flag: str | None = None, timeout: float = 5.0) -> Index:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
                                       health_check_interval=30)
     except ValueError as e:
-        raise IndexUnavailable(f"bad Redis URL {display_url(url)}: {e}") from None
+        raise UsageError(f"bad Redis URL {display_url(url)}: {e}") from None
     idx = Index(client, display_url(url))
     idx.ping()
     return idx

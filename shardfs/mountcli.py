@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from .errors import ShardfsError, UsageError
+from .errors import IndexUnavailable, ShardfsError, UsageError
 
 MOUNT_EPILOG = """\
 By default `mount` returns once the filesystem is ready; the daemon keeps running in the
@@ -231,7 +231,15 @@ def cmd_mount(args) -> None:
     if args.metrics:
         from .nodeserver import parse_listen
         parse_listen(args.metrics, "--metrics")
-    idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable
+    try:
+        idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable ...
+    except IndexUnavailable as e:  # ... unless this cache dir saved a model list to start from
+        if not os.path.exists(os.path.join(cache_dir, "snapshots", "catalogue.json")):
+            raise
+        if not args.foreground or args.ready_fd is None:  # (said once: by the command, not its daemon)
+            print(f"shardfs: warning: {e}; mounting the models this cache dir saw last, until Redis is back "
+                  f"(models this mount never opened give EIO until then)", file=sys.stderr)
+        idx = None
     if not args.foreground:
         _spawn(args, mp, cache_dir)
         return

@@ -420,6 +420,25 @@ def test_redis_stopped_while_mounted(store, mounts, redis_proc):
     wait_for(lambda: os.path.exists(m.file("after/redis.bin")), timeout=15, what="catch-up after Redis returns")
 
 
+def test_a_mount_restarted_while_redis_is_down_starts_from_its_saved_model_list(store, mounts, redis_proc):
+    m = mounts()
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])  # opened: snapshot kept
+    m.umount()
+    redis_proc.stop()
+    r = m.cli("mount", m.path, "--cache-dir", m.cache_dir)  # (a systemd restart during the outage)
+    assert "warning" in r.stderr and "cache dir saw last" in r.stderr, r.stderr
+    m.pid = int(r.stdout.split("daemon pid ")[1].split(",")[0])
+    assert sorted(os.listdir(m.file("org"))) == ["deep", "small.safetensors"]
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
+    with pytest.raises(OSError) as e:  # never opened here: nothing saved of it
+        open(m.file("org/deep/other.bin"), "rb").read()
+    assert e.value.errno == errno.EIO
+    redis_proc.start()
+    wait_for(lambda: json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"],
+             timeout=30, what="the mount reaching Redis again")
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])
+
+
 def test_model_folder_put_mount_and_rm(cli, nodes, tmp_path, mounts):
     """A Hugging Face-style folder becomes a folder in the mount and loads from it."""
     from safetensors import safe_open
