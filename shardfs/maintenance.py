@@ -306,6 +306,13 @@ def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
                 idx.forget_chunk(h)
                 deleted += 1
                 freed += info["stored"]
+        for nid in pool.nodes:  # temp files of puts killed mid-write (file:// nodes; servers sweep their own)
+            try:
+                swept = pool.store(nid).sweep_temps()
+            except (NodeError, OSError):
+                continue
+            if swept:
+                print(f"gc: removed {swept} temp file(s) that killed writers left on node {nid}", file=out)
     finally:
         pool.close()
     return deleted, freed

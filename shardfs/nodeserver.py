@@ -19,12 +19,13 @@ import logging
 import os
 import shutil
 import signal
+import time
 
 from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, root_id, write_atomic
+from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, root_id, stale_temp, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -38,11 +39,17 @@ class NodeServer:
         why = make_dir(self.root)
         if why:
             raise UsageError(f"--root {root}: {why}")
+        now, swept = time.time(), 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if HEX_ID.fullmatch(name):
                     self.chunks += 1
                     self.used += os.stat(os.path.join(dirpath, name)).st_size
+                elif stale_temp(dirpath, name, now):  # left by a server killed mid-PUT
+                    os.unlink(os.path.join(dirpath, name))
+                    swept += 1
+        if swept:
+            log.info("removed %d temp file(s) a killed writer left under %s", swept, self.root)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=envelope.MAX_STORED, middlewares=[_count_requests])

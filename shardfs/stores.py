@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from urllib.parse import urlsplit
 
@@ -67,6 +68,33 @@ def root_id(path: str) -> str | None:
         return None
 
 
+TEMP_PREFIX = ".tmp-"  # write_atomic's temp files (renamed into place once durable)
+TEMP_MAX_AGE = 3600.0  # no write in progress is this old: older ones a killed writer left
+
+
+def stale_temp(dirpath: str, name: str, now: float) -> bool:
+    if not name.startswith(TEMP_PREFIX):
+        return False
+    try:
+        return now - os.stat(os.path.join(dirpath, name)).st_mtime > TEMP_MAX_AGE
+    except OSError:
+        return False
+
+
+def sweep_temps(root: str) -> int:
+    """Remove the temp files writers killed mid-write left under root; returns how many."""
+    now, gone = time.time(), 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            if stale_temp(dirpath, name, now):
+                try:
+                    os.unlink(os.path.join(dirpath, name))
+                    gone += 1
+                except OSError:
+                    pass
+    return gone
+
+
 def make_dir(path: str) -> str | None:
     """Create a directory (and its parents) if it is missing: None once it exists, else why not."""
     try:
@@ -111,6 +139,10 @@ class NodeStore(ABC):
         """NodeError if a put here would be refused now (read-only, wrong token), without
         leaving anything behind."""
 
+    def sweep_temps(self) -> int:
+        """Remove temp files killed writers left here; how many (a server sweeps its own)."""
+        return 0
+
     def close(self) -> None:
         pass
 
@@ -147,9 +179,12 @@ class FileStore(NodeStore):
         except OSError as e:
             raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: {e.strerror}") from None
 
+    def sweep_temps(self):
+        return sweep_temps(self.root)
+
     def probe_write(self):
         try:
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-probe-")
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=TEMP_PREFIX + "probe-")
             os.close(fd)
             os.unlink(tmp)
         except OSError as e:
@@ -172,7 +207,7 @@ def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
     tmp = None
     try:
         os.makedirs(d, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=TEMP_PREFIX)
         try:
             direct = directio.write_all(fd, blob, direct)
             os.fsync(fd)

@@ -1028,3 +1028,26 @@ def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, t
                  ("rm", "nope/")):
         r = cli(*args, check=False)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr, (args, r.stderr)
+
+
+def test_temp_files_killed_writers_left_are_swept_old_ones_only(cli, nodes, tmp_path):
+    [srv] = nodes(1)
+    cli("node", "add", f"file://{tmp_path / 'f'}")
+    cli("node", "add", srv.url)
+
+    def temps(root, age):
+        d = os.path.join(root, "ab", "cd")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, f".tmp-left{age}")
+        with open(path, "wb") as f:
+            f.write(b"half a chunk")
+        os.utime(path, (time.time() - age, time.time() - age))
+        return path
+    old_f, young_f = temps(tmp_path / "f", 7200), temps(tmp_path / "f", 10)
+    old_s, young_s = temps(srv.root, 7200), temps(srv.root, 10)
+    r = cli("gc")
+    assert "removed 1 temp file(s)" in r.stdout and "n1" in r.stdout, r.stdout
+    assert not os.path.exists(old_f) and os.path.exists(young_f)  # (a write may still be running)
+    srv.kill()
+    srv.start()  # a node server sweeps its own root when it starts
+    assert not os.path.exists(old_s) and os.path.exists(young_s)
