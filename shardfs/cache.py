@@ -44,6 +44,11 @@ TOUCH_EVERY = 60.0
 FULL_LOG_EVERY = 60.0  # a cache that keeps filling up and making room says so at most this often
 
 
+# why a fill found no room (ChunkCache.full), in words
+FULL_WHY = {"disk": "its disk is down to the free floor", "limit": "pinned chunks take its whole limit",
+            "chunk": "chunks are larger than its whole limit"}
+
+
 class ChunkCache:
     def __init__(self, root: str, limit: int, free_floor: int | None = None, direct: bool = True):
         self.root = os.path.abspath(root)

@@ -192,9 +192,9 @@ def _preflight(mp: str) -> None:
         raise ShardfsError(f"/dev/fuse cannot be opened ({e.strerror}); are you in the fuse group?") from None
 
 
-FULL_LABEL = {"disk": " (FULL: its disk is down to the free floor; reads bypass it)",
-              "limit": " (FULL: pinned chunks take its whole limit; reads bypass it)",
-              "chunk": " (FULL: chunks are larger than its whole limit; reads bypass it)"}
+def _full_label(reason: str | None) -> str:
+    from .cache import FULL_WHY
+    return f" (FULL: {FULL_WHY[reason]}; reads bypass it)" if reason in FULL_WHY else ""
 
 
 def _default_cache_size(cache_dir: str) -> int:
@@ -393,7 +393,7 @@ def cmd_cache(args) -> None:
         c = res["cache"]
         print(f"cache {c['dir']}: {human(c['used'])} of {human(c['limit'])} in {c['entries']} chunks"
               f"{'' if c['writable'] else ' (NOT WRITABLE: reads bypass it)'}"
-              f"{FULL_LABEL.get(c.get('full_reason'), '')}")
+              f"{_full_label(c.get('full_reason'))}")
         print(f"hits {c['hits']}, misses {c['misses']}, evictions {c['evictions']}, damaged entries "
               f"{c['corrupt']}; replica failovers {res['failovers']}, corrupt copies {res['corrupt_copies']}"
               f"; index {'reachable' if res['redis_ok'] else 'UNREACHABLE (serving last known models)'}")

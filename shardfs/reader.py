@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .cache import ChunkCache
+from .cache import FULL_WHY, ChunkCache
 from .chunker import safetensors_named
 from .errors import ChunkUnavailable, CorruptChunk
 from .manifest import Manifest
@@ -441,9 +441,20 @@ class Reader:
                 n.start_soon(one, i)
         if errors:
             raise ChunkUnavailable(f"{m.name}: {len(errors)} chunk(s) could not be fetched; first: {errors[0]}")
+        for i in list(unstored):  # once more, one at a time: other fills held the room before
+            try:
+                await self.chunk(m, i, keep=False, stored=True)
+            except (ChunkUnavailable, CorruptChunk) as e:
+                raise ChunkUnavailable(f"{m.name}: a chunk could not be fetched: {e}") from None
+            if m.hexes[i] in self.cache:
+                unstored.remove(i)
+                done += m.manifest.lengths[i]
         if unstored:
+            why = ("it is not writable" if self.cache.write_failed else
+                   f"it is full: {FULL_WHY.get(self.cache.full, self.cache.full)}" if self.cache.full else
+                   "other reads kept filling it")
             raise ChunkUnavailable(f"{m.name}: {len(unstored)} chunk(s) could not be written to the cache "
-                                   f"{self.cache.root} (full or not writable? see the mount's log)")
+                                   f"{self.cache.root}: {why}")
         return done
 
     async def prefetch(self, m: OpenModel) -> None:

@@ -128,6 +128,7 @@ def test_mount_cache_on_a_small_disk_stays_within_it_and_serves_exact_bytes(cli,
     assert "(FULL: " in cli("cache", "stats", "--mount", m.path).stdout
     r = cli("cache", "warm", "m.safetensors", "--mount", m.path, check=False)
     assert r.returncode != 0 and "could not be written to the cache" in r.stderr and "Traceback" not in r.stderr
+    assert "it is full: its disk is down to the free floor" in r.stderr, r.stderr
     os.unlink(cache / "filler")
     # room again, but 24 MiB cannot stay in a 16 MiB cache: warm says so, it does not claim success
     r = cli("cache", "warm", "m.safetensors", "--mount", m.path, check=False)
