@@ -192,6 +192,14 @@ def _preflight(mp: str) -> None:
         raise ShardfsError(f"/dev/fuse cannot be opened ({e.strerror}); are you in the fuse group?") from None
 
 
+def _has_entries(path: str) -> bool:
+    try:
+        with os.scandir(path) as it:
+            return any(True for _ in it)
+    except OSError:
+        return False
+
+
 def _full_label(reason: str | None) -> str:
     from .cache import FULL_WHY
     return f" (FULL: {FULL_WHY[reason]}; reads bypass it)" if reason in FULL_WHY else ""
@@ -231,12 +239,16 @@ def cmd_mount(args) -> None:
     if args.metrics:
         from .nodeserver import parse_listen
         parse_listen(args.metrics, "--metrics")
+    said_here = not args.foreground or args.ready_fd is None  # (warnings: by the command, not its daemon)
+    if said_here and _has_entries(mp):
+        print(f"shardfs: warning: mountpoint {mp} is not empty; what it holds is hidden while mounted",
+              file=sys.stderr)
     try:
         idx = open_index(args.redis)  # fail here, with the URL, if Redis is unreachable ...
     except IndexUnavailable as e:  # ... unless this cache dir saved a model list to start from
         if not os.path.exists(os.path.join(cache_dir, "snapshots", "catalogue.json")):
             raise
-        if not args.foreground or args.ready_fd is None:  # (said once: by the command, not its daemon)
+        if said_here:
             print(f"shardfs: warning: {e}; mounting the models this cache dir saw last, until Redis is back "
                   f"(models this mount never opened give EIO until then)", file=sys.stderr)
         idx = None

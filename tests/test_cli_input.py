@@ -2,6 +2,8 @@
 (Each case was a traceback, a daemon that died with its reason only in its log, or a value
 silently accepted, before the fixes that came with this file.)"""
 
+import os
+
 import pytest
 
 CASES = [
@@ -78,3 +80,14 @@ def test_a_node_that_cannot_listen_leaves_no_new_root_behind(cli, tmp_path):
         (tmp_path / "old").mkdir()
         r = cli("node", "serve", "--root", tmp_path / "old", "--listen", listen, check=False, timeout=60)
         assert r.returncode != 0 and (tmp_path / "old").is_dir()  # a root that was there stays
+
+
+# (no FUSE needed: outside test_mount.py, whose tests skip without /dev/fuse)
+def test_umount_refuses_what_shardfs_did_not_mount(cli, small_fs, tmp_path):
+    other = small_fs("1M")  # a tmpfs: as root, fusermount3 -u would unmount it too
+    r = cli("umount", other, check=False)
+    assert r.returncode != 0 and "is a tmpfs mount, not a shardfs mount" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and os.path.ismount(other)
+    (tmp_path / "plain").mkdir()
+    r = cli("umount", tmp_path / "plain", check=False)
+    assert r.returncode != 0 and "is not mounted" in r.stderr
