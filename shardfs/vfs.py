@@ -74,7 +74,7 @@ class Tree:
         changed = {n for n in set(models) | set(self.current)
                    if n not in models or n not in self.current or self.current[n].vid != models[n][0]}
         children: dict[int, dict[str, int]] = {ROOT: {}}
-        mtimes: dict[int, float] = {ROOT: self.started}
+        mtimes: dict[int, float] = {ROOT: 0.0}  # a folder's: its newest model's (the same on every mount)
         current = {}
         dir_paths = {p.rstrip("/") for n in models for p in _parents(n)}
         for name in sorted(models):
@@ -103,6 +103,7 @@ class Tree:
                 parent = ino
             children.setdefault(parent, {})[parts[-1]] = entry.inode
             mtimes[parent] = max(mtimes.get(parent, 0), created)
+        mtimes[ROOT] = mtimes[ROOT] or self.started  # (an empty catalogue: when the mount began)
         self.children, self.dir_mtime, self.current = children, mtimes, current
         return changed
 

@@ -23,6 +23,8 @@ def test_names_become_paths_with_stable_inodes():
     assert a == file_inode(1)
     assert t.attrs(a).mode == stat.S_IFREG | 0o444 and t.attrs(a).size == 100
     assert t.attrs(a).mtime == 1001.0
+    assert (t.attrs(ROOT).mtime, t.attrs(org).mtime) == (1003.0, 1002.0)  # the newest model under each: the same on every mount
+    assert Tree().attrs(ROOT).mtime > 0  # (empty: when the mount began)
     assert [n for n, _ in t.listdir(ROOT)] == ["org", "top.gguf"]
     assert t.resolve("org/sub/b.bin") == file_inode(2)
     assert t.lookup(ROOT, "missing") is None
