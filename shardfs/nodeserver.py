@@ -25,7 +25,7 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, root_id, stale_temp, write_atomic
+from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, remove_stale_temp, root_id, write_atomic
 
 log = logging.getLogger("shardfs.node")
 
@@ -45,9 +45,8 @@ class NodeServer:
                 if HEX_ID.fullmatch(name):
                     self.chunks += 1
                     self.used += os.stat(os.path.join(dirpath, name)).st_size
-                elif stale_temp(dirpath, name, now):  # left by a server killed mid-PUT
-                    os.unlink(os.path.join(dirpath, name))
-                    swept += 1
+                else:
+                    swept += remove_stale_temp(dirpath, name, now)  # left by a server killed mid-PUT
         if swept:
             log.info("removed %d temp file(s) a killed writer left under %s", swept, self.root)
 

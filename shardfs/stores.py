@@ -72,27 +72,24 @@ TEMP_PREFIX = ".tmp-"  # write_atomic's temp files (renamed into place once dura
 TEMP_MAX_AGE = 3600.0  # no write in progress is this old: older ones a killed writer left
 
 
-def stale_temp(dirpath: str, name: str, now: float) -> bool:
+def remove_stale_temp(dirpath: str, name: str, now: float) -> bool:
+    """Remove dirpath/name if it is a temp file a killed writer left; whether it was."""
     if not name.startswith(TEMP_PREFIX):
         return False
+    path = os.path.join(dirpath, name)
     try:
-        return now - os.stat(os.path.join(dirpath, name)).st_mtime > TEMP_MAX_AGE
-    except OSError:
+        if now - os.stat(path).st_mtime <= TEMP_MAX_AGE:
+            return False
+        os.unlink(path)
+        return True
+    except OSError:  # (gone meanwhile, or not ours to remove)
         return False
 
 
 def sweep_temps(root: str) -> int:
     """Remove the temp files writers killed mid-write left under root; returns how many."""
-    now, gone = time.time(), 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            if stale_temp(dirpath, name, now):
-                try:
-                    os.unlink(os.path.join(dirpath, name))
-                    gone += 1
-                except OSError:
-                    pass
-    return gone
+    now = time.time()
+    return sum(remove_stale_temp(dirpath, name, now) for dirpath, _dirs, files in os.walk(root) for name in files)
 
 
 def make_dir(path: str) -> str | None:
