@@ -271,6 +271,9 @@ class Reader:
                 try:
                     data, source = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
                     self.fetched += source != "cache"
+                    if h in self._unavailable_logged:  # (so that a later failure is logged again)
+                        self._unavailable_logged.discard(h)
+                        log.info("%s: chunk %s is readable again", m.name, h)
                     flight.data = data
                     flight.event.set()  # readers go on at once: the disk-cache write follows
                     # A chunk from the disk cache that only readers reading in sequence

@@ -329,8 +329,30 @@ def test_chunk_bad_on_every_replica_gives_eio_for_that_range_only(cli, nodes, tm
                 good += 1
             except OSError as e:
                 assert e.errno == errno.EIO
-                bad += 1
+                bad, bad_at = bad + 1, off
     assert (good, bad) == (3, 1)
+    blob[-1] ^= 0xFF  # repaired: the range reads, and the log says so
+    open(victim, "wb").write(bytes(blob))
+    with open(m.file("m.bin"), "rb", buffering=0) as f:
+        f.seek(bad_at)
+        assert f.read(1 << 20) == ref[bad_at:bad_at + (1 << 20)]
+    assert "is readable again" in open(m.log).read()
+    m.cli("cache", "evict", "--all", "--mount", m.path)  # (out of the kernel and the daemon's memory)
+    blob[-1] ^= 0xFF  # damaged again: EIO again, and logged again, not muted by the first time
+    open(victim, "wb").write(bytes(blob))
+    with open(m.file("m.bin"), "rb", buffering=0) as f:
+        assert _eio_at(f, bad_at)
+    assert open(m.log).read().count("unreadable") == 2
+
+
+def _eio_at(f, off) -> bool:
+    f.seek(off)
+    try:
+        f.read(1 << 20)
+        return False
+    except OSError as e:
+        assert e.errno == errno.EIO
+        return True
 
 
 def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
