@@ -26,7 +26,7 @@ def add_mount_commands(sub) -> None:
     from .cli import _size
     a = sub.add_parser("mount", help="mount every stored model as a read-only file",
                        epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    a.add_argument("mountpoint")
+    a.add_argument("mountpoint", help="an existing, preferably empty, directory")
     a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_HOME/cache)")
     a.add_argument("--cache-size", type=_size,
                    help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB "
@@ -52,7 +52,7 @@ def add_mount_commands(sub) -> None:
     a.set_defaults(func=cmd_mount)
 
     a = sub.add_parser("umount", help="unmount (also recovers a mountpoint left stale by a killed daemon)")
-    a.add_argument("mountpoint")
+    a.add_argument("mountpoint", help="where a shardfs mount is (or was, if its daemon was killed)")
     a.set_defaults(func=cmd_umount)
 
     cache = sub.add_parser("cache", help="inspect and manage a running mount's cache").add_subparsers(
@@ -65,11 +65,11 @@ def add_mount_commands(sub) -> None:
         c = cache.add_parser(name, help=helptext)
         c.add_argument("--mount", help="the mountpoint (default: the only shardfs mount)")
         if name == "stats":
-            c.add_argument("--json", action="store_true")
+            c.add_argument("--json", action="store_true", help="machine-readable output")
         else:
             c.add_argument("names", nargs="*", metavar="NAME", help="model names; NAME/ means a folder")
         if name == "evict":
-            c.add_argument("--all", action="store_true")
+            c.add_argument("--all", action="store_true", help="every model")
         c.set_defaults(func=cmd_cache, cache_cmd=name)
 
 

@@ -91,3 +91,23 @@ def test_umount_refuses_what_shardfs_did_not_mount(cli, small_fs, tmp_path):
     (tmp_path / "plain").mkdir()
     r = cli("umount", tmp_path / "plain", check=False)
     assert r.returncode != 0 and "is not mounted" in r.stderr
+
+
+def test_every_argument_of_every_command_says_what_it_is():
+    """`--help` explains: no positional argument or option is listed bare."""
+    import argparse
+
+    from shardfs.cli import build_parser
+
+    bare = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, path + [name])
+            elif action.help is None and not isinstance(action, argparse._HelpAction):
+                bare.append(" ".join(path + [action.dest]))
+
+    walk(build_parser(), ["shardfs"])
+    assert bare == []
