@@ -89,11 +89,28 @@ class Uploader:
         self.idx, self.pool, self.live, self.replicas, self.put_id = idx, pool, dict(live), replicas, put_id
         self.failed: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._storing: dict[str, threading.Event] = {}  # chunk -> set once its first store ends
 
     def store(self, raw, codec: str | None = None) -> tuple[bytes, int, int | None, bool]:
         """Returns (chunk id, stored bytes, codec or None if deduplicated, deduplicated)."""
         cid = envelope.chunk_id(raw, self.keyring)
         hex_id = cid.hex()
+        # A chunk repeated within the file (zeroed or tied tensors) is stored by the first
+        # worker to reach it; the others wait for that and then find it stored, so it is
+        # uploaded and counted once.
+        with self._lock:
+            first = self._storing.get(hex_id)
+            if first is None:
+                self._storing[hex_id] = threading.Event()
+        if first is not None:
+            first.wait()
+            return self._store(cid, hex_id, raw, codec)
+        try:
+            return self._store(cid, hex_id, raw, codec)
+        finally:
+            self._storing[hex_id].set()
+
+    def _store(self, cid: bytes, hex_id: str, raw, codec: str | None) -> tuple[bytes, int, int | None, bool]:
         deadline = time.monotonic() + GC_WAIT
         while (state := self.idx.lease_chunk(self.put_id, hex_id)) == "deleting":
             if time.monotonic() > deadline:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import stat
 import sys
 import tempfile
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,9 @@ from .placement import rank
 from .pool import NodePool
 
 WORKERS = 8
+
+
+TEMP_INFIX = ".shardfs-"  # get's partial file beside DEST: .DEST.shardfs-XXXXXXXX
 
 
 def check_key(ver: Version, keyring) -> None:
@@ -50,9 +55,10 @@ def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS *
 
 
 def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None,
-              force: bool = False) -> tuple[Version, str]:
+              force: bool = False, say=None) -> tuple[Version, str]:
     """Reassemble a model into dest (a file path or an existing directory), verified end to end.
     An existing file at dest is replaced only with force; anything but a regular file never.
+    `say(line)` hears of partial files an earlier, killed get left beside dest (removed).
 
     The version is leased while it is read, so `gc` cannot drop it (and its chunks) under a
     long get after a `put --force` replaced it."""
@@ -67,7 +73,7 @@ def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None,
                 ver = idx.version(vid)  # (re-read under the lease: gc may have just dropped it)
             except NotFound:
                 continue  # replaced and dropped in between: take the new current version
-            return _get_version(idx, name, ver, dest, progress_bar, keyring, force)
+            return _get_version(idx, name, ver, dest, progress_bar, keyring, force, say)
     raise ShardfsError(f"{name}: replaced faster than it can be read; try again")
 
 
@@ -89,8 +95,41 @@ def check_dest(dest: str, force: bool) -> None:
         raise UsageError(f"{dest} exists; pass --force to replace it")
 
 
+LEFTOVER_MIN_AGE = 5.0  # seconds: a get locks its partial file at once (see _remove_leftovers)
+
+
+def _remove_leftovers(d: str, base: str) -> list[str]:
+    """Remove the partial files of dest that killed gets left in d; returns their paths.
+    A get holds an exclusive flock on its partial file while it writes, and the kernel drops
+    it when the process dies however it dies, so a file whose lock can be taken has no writer
+    left. (The age check covers the instant between a get creating its file and locking it.)"""
+    prefix, gone, now = f".{base}{TEMP_INFIX}", [], time.time()
+    try:
+        names = [n for n in os.listdir(d) if n.startswith(prefix)]
+    except OSError:
+        return gone
+    for n in names:
+        path = os.path.join(d, n)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < LEFTOVER_MIN_AGE:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            gone.append(path)
+        except OSError:  # locked: a get is writing it (or it is not ours to remove)
+            continue
+        finally:
+            os.close(fd)
+    return gone
+
+
 def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring,
-                 force: bool) -> tuple[Version, str]:
+                 force: bool, say=None) -> tuple[Version, str]:
     check_key(ver, keyring)
     keyring = keyring if ver.stats.get("key") else None  # a key given for plain models is not used
     if os.path.isdir(dest):
@@ -104,8 +143,12 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
     keyed = keyring is not None and ver.stats.get("file_hash") == "hmac-sha256"
     sha = keyring.file_hash() if keyed else hashlib.sha256()
     what = "keyed hash (HMAC-SHA256)" if keyed else "SHA-256"
+    for path in _remove_leftovers(d, os.path.basename(dest)):
+        if say:
+            say(f"removed {path}: a partial file an interrupted get left")
     try:
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dest)}.shardfs-")
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dest)}{TEMP_INFIX}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed: see _remove_leftovers
     except OSError as e:
         raise UsageError(f"cannot write in {d}: {e.strerror}") from None
     try:

@@ -287,6 +287,21 @@ def test_a_lost_chunk_is_restored_by_putting_the_file_again_after_repair(cli, no
 
 # -- 4. dedup across names --------------------------------------------------------------
 
+def test_a_chunk_repeated_within_one_file_is_stored_and_counted_once(cli, nodes, redis_proc, tmp_path):
+    procs = add_nodes(cli, nodes, 1)
+    block = os.urandom(1 << 20)
+    f = tmp_path / "repeats.bin"  # the same 1 MiB 16 times: one chunk, however many workers run
+    f.write_bytes(block * 16)
+    r = cli("put", f, "--name", "rep", *SMALL)
+    assert "in 16 chunks (15 already stored)" in r.stdout, r.stdout
+    assert len(procs[0].chunk_files()) == 1
+    idx = open_idx(redis_proc)
+    stats = idx.version(idx.current_vid("rep")).stats
+    assert stats["stored_new"] == root_bytes(procs[0])  # the bytes new to the node, counted once
+    assert stats["dtypes"]["unknown"]["raw"] == 1 << 20
+    get_and_compare(cli, "rep", f, tmp_path)
+
+
 def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 3)
     cli("put", model_small, "--name", "a/first", *SMALL)
@@ -730,6 +745,42 @@ def test_get_replaces_an_existing_file_only_with_force_and_never_a_special_file(
     assert not [f for f in os.listdir(tmp_path) if ".shardfs-" in f]  # refused before writing anything
     cli("get", "M", existing, "--force")
     assert sha256_file(existing) == model_sha(model_small)
+
+
+def test_a_killed_get_leaves_a_partial_file_that_the_next_get_removes_but_never_a_running_ones(
+        cli, nodes, model_256, tmp_path):
+    add_nodes(cli, nodes, 1)
+    cli("put", model_256, "--name", "big", *MANY)
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / "big"
+
+    def partial_files():
+        return [out / f for f in os.listdir(out) if f.startswith(".big.shardfs-")]
+
+    def writing():
+        try:
+            return any(f.stat().st_size > 0 for f in partial_files())
+        except FileNotFoundError:
+            return False
+
+    p = spawn(cli, "get", "big", dest)
+    wait_for(lambda: writing() or p.poll() is not None, timeout=60, what="get's partial file")
+    p.send_signal(signal.SIGSTOP)  # frozen mid-write, holding its lock
+    try:
+        assert p.poll() is None, "the get finished before it could be stopped"
+        [theirs] = partial_files()
+        os.utime(theirs, (time.time() - 60,) * 2)  # past the age guard: only the lock protects it
+        r = cli("get", "big", dest)  # beside a get that is still writing
+        assert "interrupted get" not in r.stderr and theirs.exists()
+    finally:
+        p.kill()  # (SIGKILL ends a stopped process too)
+        p.wait(10)
+    assert partial_files() == [theirs]  # what a get killed mid-write leaves
+    r = cli("get", "big", dest, "--force")
+    assert r.stderr == f"removed {theirs}: a partial file an interrupted get left\n"
+    assert partial_files() == []
+    assert sha256_file(dest) == model_sha(model_256)
 
 
 def test_node_rm_refuses_to_lose_the_only_copy_of_chunks(cli, nodes, model_small, tmp_path):
