@@ -235,6 +235,9 @@ def dir_usage(root: str) -> int:
     return total
 
 
+HEALTH_TIMEOUT = 3.0  # seconds for a node's /health answer (chunk requests wait 10)
+
+
 class HttpStore(NodeStore):
     """Client of a node server. urllib3 keeps keep-alive connections per node."""
 
@@ -246,10 +249,15 @@ class HttpStore(NodeStore):
             self.url, maxsize=32, block=False, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=timeout))
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self._connect_timeout = connect_timeout
 
     def _request(self, method, path, **kw):
         try:
             return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+        except urllib3.exceptions.ReadTimeoutError as e:
+            waited = kw.get("timeout", self._pool.timeout).read_timeout
+            raise NodeError(self.url, f"{method} {path}: no answer within {waited:g} s "
+                            "(the node accepted the connection but did not answer)") from None
         except urllib3.exceptions.HTTPError as e:
             raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}") from None
 
@@ -282,7 +290,10 @@ class HttpStore(NodeStore):
         self.delete("0" * 64)
 
     def health(self, used=True):  # the server keeps its own count: cheap either way
-        r = self._request("GET", "/health")
+        # (a short wait: a node that accepts but hangs must not stall `node ls`, `doctor` or a
+        # put's node check for the whole chunk timeout)
+        r = self._request("GET", "/health", timeout=urllib3.Timeout(connect=self._connect_timeout,
+                                                                    read=HEALTH_TIMEOUT))
         if r.status != 200:
             raise NodeError(self.url, f"health: HTTP {r.status}")
         import json

@@ -1078,6 +1078,19 @@ def test_node_add_checks_urls_weights_and_that_the_node_takes_writes(cli, nodes,
     assert os.listdir(srv.root) == [] or all(not n.startswith(".tmp") for n in os.listdir(srv.root))
 
 
+def test_a_node_that_accepts_but_never_answers_is_named_as_such(cli, nodes):
+    [srv] = nodes(1)
+    srv.proc.send_signal(signal.SIGSTOP)  # the kernel still accepts its connections
+    try:
+        r = cli("node", "add", srv.url, check=False)
+    finally:
+        srv.proc.send_signal(signal.SIGCONT)
+    assert r.returncode != 0 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "GET /health: no answer within 3 s (the node accepted the connection but did not answer)" in r.stderr
+    assert "use --offline" in r.stderr
+    cli("node", "add", srv.url)  # answering again
+
+
 def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, tmp_path):
     add_nodes(cli, nodes, 1)
     for args in (("info", "nope"), ("get", "nope", tmp_path / "x"), ("rm", "nope"), ("verify", "nope"),
