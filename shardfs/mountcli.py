@@ -168,7 +168,26 @@ def recover_stale(mp: str) -> bool:
     if _is_stale(mp):
         raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) and could not be "
                            f"cleaned up: {r.stderr.strip()}")
+    _remove_dead_socket(mp)
     return True
+
+
+def _remove_dead_socket(mp: str) -> None:
+    """The control socket a killed daemon left: removed once nobody listens on it."""
+    from .control import socket_path
+    path = socket_path(mp)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+            return  # a daemon answers there (a new mount already): not ours to remove
+        except ConnectionRefusedError:
+            pass
+        except OSError:
+            return  # no socket there
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 # -- mount ------------------------------------------------------------------------------

@@ -393,6 +393,8 @@ def test_a_daemon_killed_a_moment_ago_is_recovered_at_once(store, mounts, cli, t
              what="daemon to die")
     r = cli("umount", tmp_path / "link")
     assert "recovered stale mountpoint" in r.stdout, r.stdout
+    from shardfs.control import socket_path
+    assert not os.path.exists(socket_path(m.path))  # the dead daemon's control socket went with it
     m.mount()
     assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
 
