@@ -16,6 +16,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = needs_fuse
 
 
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    """An example killed by its timeout never reaches its own clean-up: unmount what it left
+    mounted, stop its redis-server and remove its workspace, so no test leaks a mount."""
+    import contextlib
+    import glob
+    import shutil
+    import signal
+
+    pattern = "/var/tmp/shardfs-example-*"
+    before = set(glob.glob(pattern))
+    yield
+    for work in set(glob.glob(pattern)) - before:
+        mnt = os.path.join(work, "models")
+        if os.path.ismount(mnt) or os.path.realpath(mnt) in open("/proc/mounts").read():
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        pidfile = os.path.join(work, "home", "redis", "redis.pid")
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            with open(pidfile) as f:
+                os.kill(int(f.read()), signal.SIGTERM)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @pytest.mark.parametrize("example", ["load_safetensors", "load_numpy_memmap", "load_torch_mmap", "load_hf_folder"])
 def test_example_loads_through_the_mount(example, tmp_path):
     env = {**os.environ, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
