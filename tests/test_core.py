@@ -23,7 +23,7 @@ import time
 import pytest
 import redis
 
-from conftest import Cli, add_nodes, free_port, sha256_file, wait_for
+from conftest import Cli, add_nodes, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.index import Index
 from shardfs.maintenance import gc as run_gc
@@ -343,9 +343,7 @@ def embedded_home(base_env):
         return
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if gone(pid):
             return
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)

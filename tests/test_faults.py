@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import CACHE_LOCAL, Cli, RedisProc, add_nodes, needs_fuse, sha256_file, wait_for
+from conftest import CACHE_LOCAL, Cli, RedisProc, add_nodes, gone, needs_fuse, sha256_file, wait_for
 
 
 
@@ -28,7 +28,7 @@ def test_daemon_killed_mid_read_leaves_no_partial_cache_entry(cli, nodes, model_
             os.kill(m.pid, signal.SIGKILL)
             while f.read(1 << 20):
                 pass
-    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+    wait_for(lambda: gone(m.pid),
              what="daemon to die")
     m.umount()  # recovers the dead mountpoint (stale, or still cached as a mount)
     assert not os.path.ismount(m.path)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CACHE_LOCAL, add_nodes, needs_fuse, sha256_file, wait_for
+from conftest import CACHE_LOCAL, add_nodes, gone, needs_fuse, sha256_file, wait_for
 
 pytestmark = needs_fuse
 
@@ -369,7 +369,7 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     assert r.returncode != 0 and f"{os.getpid()} (" in r.stderr
     mm.close()
     os.kill(m.pid, signal.SIGKILL)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+    wait_for(lambda: gone(m.pid),
              what="daemon to die")
     with pytest.raises(OSError) as e:
         os.listdir(m.path)
@@ -389,7 +389,7 @@ def test_a_daemon_killed_a_moment_ago_is_recovered_at_once(store, mounts, cli, t
     os.stat(m.path)  # (attributes cached)
     (tmp_path / "link").symlink_to(m.path)
     os.kill(m.pid, signal.SIGKILL)
-    wait_for(lambda: subprocess.run(["kill", "-0", str(m.pid)], capture_output=True).returncode != 0,
+    wait_for(lambda: gone(m.pid),
              what="daemon to die")
     r = cli("umount", tmp_path / "link")
     assert "recovered stale mountpoint" in r.stdout, r.stdout
