@@ -271,7 +271,7 @@ def cmd_ls(args):
     tot_unique = sum(r["unique"] for r in rows)
     shared_total = _shared_total(idx, vers)
     print(f"total: {human(tot_size)} in {len(rows)} model(s), {human(tot_unique + shared_total)} stored per "
-          f"replica ({human(shared_total)} shared between versions)")
+          f"replica ({human(shared_total)} of it shared by two or more models or versions)")
 
 
 def _shared_total(idx, vers):

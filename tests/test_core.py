@@ -319,7 +319,7 @@ def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_
         assert row["shared"] == row["stored"] and row["unique"] == 0
     assert rows["a/first"]["stored"] == rows["b/second"]["stored"]
     text = cli("ls").stdout
-    assert "shared between versions" in text
+    assert "shared by two or more models or versions" in text
     get_and_compare(cli, "b/second", model_small, tmp_path)
 
 
