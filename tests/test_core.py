@@ -748,7 +748,7 @@ def test_get_replaces_an_existing_file_only_with_force_and_never_a_special_file(
 def test_a_killed_get_leaves_a_partial_file_that_the_next_get_removes_but_never_a_running_ones(
         cli, nodes, model_256, tmp_path):
     add_nodes(cli, nodes, 1)
-    cli("put", model_256, "--name", "big", *MANY)
+    cli("put", model_256, "--name", "big")
     out = tmp_path / "out"
     out.mkdir()
     dest = out / "big"
