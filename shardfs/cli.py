@@ -323,8 +323,9 @@ def cmd_get(args):
         bar = tqdm(total=idx.model(args.name).size, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"get {args.name}", file=sys.stderr)
     try:
+        say = bar.write if bar else print  # (a line, not through the progress bar)
         ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_keyring(args), force=args.force,
-                              say=lambda line: bar.write(line, file=sys.stderr) if bar else print(line, file=sys.stderr))
+                              say=lambda line: say(line, file=sys.stderr))
     finally:
         if bar:
             bar.close()

@@ -148,9 +148,12 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
             say(f"removed {path}: a partial file an interrupted get left")
     try:
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{os.path.basename(dest)}{TEMP_INFIX}")
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed: see _remove_leftovers
     except OSError as e:
         raise UsageError(f"cannot write in {d}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until closed: see _remove_leftovers
+    except OSError:
+        pass  # (a filesystem without locks: no later get can take a lock there either)
     try:
         with os.fdopen(fd, "wb") as out:
             for raw in _ordered_reads(pool, idx, ver.manifest, keyring=keyring):

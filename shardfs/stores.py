@@ -254,10 +254,10 @@ class HttpStore(NodeStore):
     def _request(self, method, path, **kw):
         try:
             return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
-        except urllib3.exceptions.ReadTimeoutError as e:
+        except urllib3.exceptions.ReadTimeoutError:
             waited = kw.get("timeout", self._pool.timeout).read_timeout
             raise NodeError(self.url, f"{method} {path}: no answer within {waited:g} s "
-                            "(the node accepted the connection but did not answer)") from None
+                            "(connected, but the node did not answer)") from None
         except urllib3.exceptions.HTTPError as e:
             raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}") from None
 
