@@ -1,7 +1,9 @@
 """`shardfs node serve`: the built-in HTTP node.
 
-    GET/HEAD /chunks/<id>   the envelope (sendfile), 404 when absent
-    PUT /chunks/<id>        token required; the body must decode and hash to <id>
+    GET/HEAD /chunks/<id>   the envelope (sendfile); 404 when absent from the directory the
+                            chunks went to, 503 when that cannot be told (stores.MARKER)
+    PUT /chunks/<id>        token required; the body must decode and hash to <id> (a sealed
+                            one: carry it), and never replaces a sealed chunk already there
     DELETE /chunks/<id>     token required
     GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>",
                              "root": "<boot id>:<st_dev>:<st_ino>"}
@@ -25,7 +27,8 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import HEX_ID, chunk_relpath, disk_id, make_dir, read_token, remove_stale_temp, root_id, write_atomic
+from .stores import (HEX_ID, chunk_relpath, disk_id, make_dir, mark_root, not_found_why, read_token, remove_stale_temp,
+                     root_id, write_atomic)
 
 log = logging.getLogger("shardfs.node")
 
@@ -49,11 +52,15 @@ class NodeServer:
                     swept += remove_stale_temp(dirpath, name, now)  # left by a server killed mid-PUT
         if swept:
             log.info("removed %d temp file(s) a killed writer left under %s", swept, self.root)
+        if self.chunks:
+            mark_root(self.root)  # (a root filled before the marker existed)
+        self._marked = self.chunks > 0
+        _raise_fd_limit()  # each GET holds a file open while it is sent
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=envelope.MAX_STORED, middlewares=[_count_requests])
         app.router.add_get("/health", self.health)
-        app.router.add_route("GET", "/chunks/{cid}", self.get)  # aiohttp adds HEAD for GET
+        app.router.add_get("/chunks/{cid}", self.get)  # (add_get routes HEAD too)
         app.router.add_put("/chunks/{cid}", self.put)
         app.router.add_delete("/chunks/{cid}", self.delete)
         return app
@@ -67,19 +74,35 @@ class NodeServer:
     def _authorize(self, request) -> None:
         if self.token is None:
             return
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
             raise web.HTTPUnauthorized(text="missing or wrong token\n")
 
+    def _root_ok(self) -> None:
+        if not os.path.isdir(self.root):
+            raise web.HTTPServiceUnavailable(text=f"the node directory {self.root} is gone\n")
+
     async def health(self, request):
+        self._root_ok()
         free = shutil.disk_usage(self.root).free
         return web.json_response({"used": self.used, "free": free, "chunks": self.chunks,
                                   "disk": disk_id(self.root), "root": root_id(self.root)})
 
     async def get(self, request):
         path = self._path(request)
-        if not os.path.isfile(path):
+        # 404 says "this node does not have it", and verify --repair drops such copies: only
+        # for a chunk truly absent from the directory the chunks went to (see stores.MARKER).
+        # Any other failure is 503, a node that cannot answer now. (FileResponse would answer
+        # 404 for every error opening the file, out of file descriptors included.)
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+        except FileNotFoundError:
+            why = not_found_why(self.root)
+            if why:
+                raise web.HTTPServiceUnavailable(text=why + "\n")
             raise web.HTTPNotFound()
+        except OSError as e:
+            raise web.HTTPServiceUnavailable(text=f"cannot read the chunk: {e.strerror}\n")
         return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
                                                "Cache-Control": "public, max-age=31536000, immutable"})
 
@@ -100,13 +123,23 @@ class NodeServer:
                 await asyncio.get_running_loop().run_in_executor(None, envelope.decode, body, cid)
         except CorruptChunk as e:
             raise web.HTTPUnprocessableEntity(text=f"body does not hash to its id: {e}\n")
+        self._root_ok()
         existed = os.path.exists(path)
+        if existed and envelope.is_sealed(body):
+            # Objects are immutable, and a sealed body can only be checked against its id's
+            # header: a second PUT must not replace a good copy with anything else.
+            return web.Response(status=201)
         try:
             await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)
+            if not self._marked:
+                mark_root(self.root)
+                self._marked = True
         except NodeError as e:
             if e.full:
                 raise web.HTTPInsufficientStorage(text="node is out of space\n")
             raise web.HTTPInternalServerError(text=f"{e}\n")
+        except OSError as e:  # (the marker)
+            raise web.HTTPInternalServerError(text=f"cannot write in {self.root}: {e.strerror}\n")
         if not existed:
             self.used += len(body)
             self.chunks += 1
@@ -120,9 +153,22 @@ class NodeServer:
             os.unlink(path)
         except FileNotFoundError:
             raise web.HTTPNotFound()
+        except OSError as e:
+            raise web.HTTPServiceUnavailable(text=f"cannot delete the chunk: {e.strerror}\n")
         self.used -= size
         self.chunks -= 1
         return web.Response(status=204)
+
+
+def _raise_fd_limit() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1 << 16 if hard == resource.RLIM_INFINITY else min(hard, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
 
 
 @web.middleware

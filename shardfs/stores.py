@@ -68,6 +68,47 @@ def root_id(path: str) -> str | None:
         return None
 
 
+# A node's root holds this file from its first chunk on. "Chunk not found" from a root without
+# it is not believed: the directory is not the one the chunks went to (a disk that is not
+# mounted leaves its empty mountpoint, a path recreated or replaced), and verify --repair
+# would otherwise drop every copy it lists there as missing: lost chunks, for good.
+MARKER = ".shardfs-node"
+
+
+def root_marked(root: str) -> bool:
+    return os.path.exists(os.path.join(root, MARKER))
+
+
+def mark_root(root: str) -> None:
+    """Leave the marker in a root that holds chunks (once; durable before it is relied on)."""
+    path = os.path.join(root, MARKER)
+    if os.path.exists(path):
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # (empty: counts no bytes)
+    except FileExistsError:
+        return
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def not_found_why(root: str) -> str | None:
+    """None if "not found" under root can be believed; else why not."""
+    if not os.path.isdir(root):
+        return f"the node directory {root} is gone"
+    if not root_marked(root):
+        return (f"the node directory {root} has no {MARKER}: it is not the directory its chunks were "
+                "written to (a disk not mounted? a directory replaced?)")
+    return None
+
+
 TEMP_PREFIX = ".tmp-"  # write_atomic's temp files (renamed into place once durable)
 TEMP_MAX_AGE = 3600.0  # no write in progress is this old: older ones a killed writer left
 
@@ -149,6 +190,7 @@ class FileStore(NodeStore):
         self.url = url
         self.root = root
         self.direct = hasattr(os, "O_DIRECT")  # reads bypass the page cache (directio.py)
+        self._marked = False  # MARKER known to be in root
 
     def _path(self, hex_id: str) -> str:
         return os.path.join(self.root, chunk_relpath(hex_id))
@@ -158,12 +200,20 @@ class FileStore(NodeStore):
             blob, self.direct = directio.read_whole(self._path(hex_id), self.direct)
             return blob
         except FileNotFoundError:
+            why = not_found_why(self.root)
+            if why:
+                raise NodeError(self.url, f"chunk {hex_id[:16]} not found, but {why}") from None
             raise NodeError(self.url, f"chunk {hex_id[:16]} not found", missing=True) from None
         except OSError as e:
             raise NodeError(self.url, f"cannot read chunk {hex_id[:16]}: {e.strerror}") from None
 
     def put(self, hex_id, blob):
+        if not os.path.isdir(self.root):  # (never recreate a root that went away: see MARKER)
+            raise NodeError(self.url, f"the node directory {self.root} is gone")
         self.direct = write_atomic(self._path(hex_id), blob, self.url, self.direct)
+        if not self._marked:
+            mark_root(self.root)
+            self._marked = True
 
     def has(self, hex_id):
         return os.path.exists(self._path(hex_id))
@@ -203,15 +253,22 @@ def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
     d = os.path.dirname(path)
     tmp = None
     try:
-        os.makedirs(d, exist_ok=True)
+        if not os.path.isdir(d):
+            try:
+                os.mkdir(d)  # (the root must exist: a vanished one is not recreated, see MARKER)
+            except FileExistsError:
+                pass
+            _fsync_dir(os.path.dirname(d))
         fd, tmp = tempfile.mkstemp(dir=d, prefix=TEMP_PREFIX)
         try:
+            os.fchmod(fd, 0o644)  # (mkstemp's 0600 would keep other users and servers out)
             direct = directio.write_all(fd, blob, direct)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
         tmp = None
+        _fsync_dir(d)  # the rename too survives a crash before the index records the copy
     except OSError as e:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         raise NodeError(node or d, f"cannot store chunk: {e.strerror}", full=full) from None
@@ -233,6 +290,12 @@ def dir_usage(root: str) -> int:
             except OSError:
                 pass
     return total
+
+
+def _why(r) -> str:
+    """The first line of an error answer's text, as ": text" (or "" without one)."""
+    text = r.data[:200].decode("utf-8", "replace").strip().splitlines()
+    return f": {text[0]}" if text and text[0].isprintable() else ""
 
 
 HEALTH_TIMEOUT = 3.0  # seconds for a node's /health answer (chunk requests wait 10)
@@ -265,15 +328,14 @@ class HttpStore(NodeStore):
         r = self._request("GET", "/chunks/" + hex_id)
         if r.status == 200:
             return r.data
-        raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}", missing=r.status == 404)
+        raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r)}", missing=r.status == 404)
 
     def put(self, hex_id, blob):
         r = self._request("PUT", "/chunks/" + hex_id, body=blob,
                           headers={**self._auth, "Content-Type": "application/octet-stream"})
         if r.status in (200, 201, 204):
             return
-        msg = r.data[:200].decode("utf-8", "replace").strip()
-        raise NodeError(self.url, f"PUT chunk {hex_id[:16]}: HTTP {r.status} {msg}", full=r.status == 507)
+        raise NodeError(self.url, f"PUT chunk {hex_id[:16]}: HTTP {r.status}{_why(r)}", full=r.status == 507)
 
     def has(self, hex_id):
         r = self._request("HEAD", "/chunks/" + hex_id)
@@ -284,7 +346,7 @@ class HttpStore(NodeStore):
     def delete(self, hex_id):
         r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth)
         if r.status not in (200, 204, 404):
-            raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}")
+            raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}{_why(r)}")
 
     def probe_write(self):  # deleting an id no chunk has: the server checks the token, changes nothing
         self.delete("0" * 64)
@@ -295,7 +357,7 @@ class HttpStore(NodeStore):
         r = self._request("GET", "/health", timeout=urllib3.Timeout(connect=self._connect_timeout,
                                                                     read=HEALTH_TIMEOUT))
         if r.status != 200:
-            raise NodeError(self.url, f"health: HTTP {r.status}")
+            raise NodeError(self.url, f"health: HTTP {r.status}{_why(r)}")
         import json
         try:
             return json.loads(r.data)

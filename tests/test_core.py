@@ -22,12 +22,14 @@ import time
 
 import pytest
 import redis
+import urllib3
 
 from conftest import Cli, add_nodes, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.index import Index
 from shardfs.maintenance import gc as run_gc
 from shardfs.maintenance import get_model
+from shardfs.stores import MARKER
 from shardfs.placement import rank
 
 SMALL = ("--chunk-size", "1MiB")  # the 24 MiB model (plus its header) -> 25 chunks
@@ -96,7 +98,9 @@ def root_bytes(proc) -> int:
 
 
 def all_files(root) -> list[str]:
-    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+    """Every file a node directory holds but its (empty) marker, stores.MARKER."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                  if not (f == MARKER and d == str(root)))
 
 
 def manifest_hexes(idx, name) -> set[str]:
@@ -1087,6 +1091,64 @@ def test_a_node_that_accepts_but_never_answers_is_named_as_such(cli, nodes):
     assert "GET /health: no answer within 3 s (connected, but the node did not answer)" in r.stderr
     assert "use --offline" in r.stderr
     cli("node", "add", srv.url)  # answering again
+
+
+def test_a_node_directory_that_is_not_the_one_its_chunks_went_to_never_calls_them_missing(
+        cli, nodes, model_small, tmp_path):
+    """A disk that did not mount leaves its empty mountpoint: every chunk "not found". verify
+    --repair used to drop every copy listed there, and the chunks were lost for good when
+    the disk came back."""
+    [srv] = nodes(1)
+    froot = str(tmp_path / "fnode")
+    cli("node", "add", f"file://{froot}")
+    cli("node", "add", srv.url)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)  # every chunk on both
+    for root in (froot, srv.root):  # both directories swapped for empty ones, the server running
+        os.rename(root, root + ".away")
+        os.mkdir(root)
+    r = cli("verify", "--repair", check=False)
+    assert r.returncode != 0 and "LOST" in r.stdout
+    assert "missing cop" not in r.stdout.replace("0 missing copies", ""), r.stdout
+    assert "repair:" not in r.stdout and "repaired:" not in r.stdout, r.stdout
+    assert r.stdout.count("has no .shardfs-node") == 2 * 25, r.stdout  # each chunk on each node
+    for root in (froot, srv.root):  # the disks are back
+        os.rmdir(root)
+        os.rename(root + ".away", root)
+    r = cli("verify")
+    assert "25 healthy" in r.stdout and " 0 lost" in r.stdout, r.stdout
+    get_and_compare(cli, "m", model_small, tmp_path)
+    shutil.rmtree(froot)  # gone for real: the next put places nothing there, nor recreates it
+    other = tmp_path / "other.bin"
+    other.write_bytes(os.urandom(3 << 20))
+    cli("put", other, "--name", "m2", "--replicas", 1, *SMALL)
+    assert not os.path.exists(froot)
+    get_and_compare(cli, "m2", other, tmp_path)
+
+
+def test_node_server_routes_head_keeps_sealed_chunks_and_refuses_odd_tokens(nodes, tmp_path):
+    from shardfs.crypto import Keyring
+    tok = tmp_path / "tok"
+    tok.write_text("s3cret\n")
+    [srv] = nodes(1, token_file=str(tok))
+    ring = Keyring(os.urandom(32))
+    cid, blob, _ = envelope.encode(b"weights" * 1000, keyring=ring)
+    url, auth = f"{srv.url}/chunks/{cid.hex()}", {"Authorization": "Bearer s3cret"}
+    assert urllib3.request("PUT", url, body=bytes(blob), headers=auth).status == 201
+    path = os.path.join(srv.root, cid.hex()[:2], cid.hex())
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644  # readable by a server of another account
+    forged = bytes(blob[:-64]) + os.urandom(64)  # the right header, other bytes: a node cannot tell
+    assert urllib3.request("PUT", url, body=forged, headers=auth).status == 201
+    assert urllib3.request("GET", url).data == bytes(blob)  # the first copy stays
+    assert envelope.decode(urllib3.request("GET", url).data, cid, ring) == b"weights" * 1000
+    assert urllib3.request("HEAD", url).status == 200
+    assert urllib3.request("HEAD", f"{srv.url}/chunks/{'0' * 64}").status == 404
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.putrequest("DELETE", f"/chunks/{cid.hex()}")
+    conn.putheader("Authorization", "Bearer s\u00e9cret".encode("utf-8"))  # not ASCII: was a 500
+    conn.endheaders()
+    assert conn.getresponse().status == 401
+    conn.close()
+    assert os.path.exists(path)
 
 
 def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, tmp_path):

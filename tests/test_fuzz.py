@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from shardfs import envelope
 from shardfs.errors import CorruptChunk
 from shardfs.manifest import Manifest
+from shardfs.stores import MARKER
 from shardfs.synth import tensor_bytes
 
 RAW = tensor_bytes(np.random.default_rng(3), (16, 4096), "BF16")
@@ -62,6 +63,13 @@ def token_node(nodes, tmp_path):
     tf = tmp_path / "token"
     tf.write_text("s3cret\n")
     node = nodes(1, token_file=str(tf))[0]
+    # One chunk first: a node that holds chunks answers 404 for the ones it lacks (an empty
+    # root cannot tell "absent" from "not the directory the chunks went to": 503, see
+    # test_core's marker tests).
+    cid, blob, _ = envelope.encode(b"fuzz" * 100)
+    r = urllib3.request("PUT", f"{node.url}/chunks/{cid.hex()}", body=bytes(blob),
+                        headers={"Authorization": "Bearer s3cret"})
+    assert r.status == 201, r.data
     node.siblings = set(os.listdir(os.path.dirname(node.root)))  # nothing may appear beside the root
     return node
 
@@ -82,6 +90,6 @@ def test_node_server_request_fuzz(token_node, tmp_path, method, path, body, auth
     # nothing but chunk files under the root, and nothing written next to it
     for d, _, files in os.walk(token_node.root):
         for f in files:
-            assert len(f) == 64 or f.startswith(".tmp-"), f
+            assert len(f) == 64 or f.startswith(".tmp-") or f == MARKER, f
     assert set(os.listdir(os.path.dirname(token_node.root))) == token_node.siblings
     assert token_node.proc.poll() is None
