@@ -81,7 +81,7 @@ def safetensors_named(f, file_size: int):
         return None
     try:
         header = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: nesting 100k deep)
         return None
     if not isinstance(header, dict):
         return None
@@ -92,9 +92,13 @@ def safetensors_named(f, file_size: int):
             continue
         try:
             a, b = t["data_offsets"]
-            out.append((name, base + int(a), base + int(b), str(t.get("dtype"))))
         except (KeyError, TypeError, ValueError):
             return None
+        if type(a) is not int or type(b) is not int:  # (not 4.0, true, "4" or Infinity)
+            return None
+        d = t.get("dtype")  # (shown by `info`: no control characters, no essays)
+        out.append((name, base + a, base + b, d if isinstance(d, str) and d.isprintable() and len(d) <= 32
+                    else "unknown"))
     if any(s < base or e > file_size or e < s for _n, s, e, _d in out):
         return None
     return out
@@ -111,7 +115,7 @@ def gguf_tensors(f, file_size: int):
     Leaves the file positioned at 0."""
     try:
         return _gguf_tensors(f, file_size)
-    except (struct.error, ValueError, UnicodeDecodeError, OverflowError):
+    except (struct.error, ValueError, UnicodeDecodeError, OverflowError, RecursionError):
         return None
     finally:
         f.seek(0)

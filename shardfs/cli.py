@@ -227,8 +227,16 @@ def cmd_put(args):
 
 def _folder_files(root: str) -> dict[str, str]:
     """Every regular file under a model folder: relative name -> path (symlinks followed)."""
-    out = {}
-    for d, dirs, files in os.walk(root, followlinks=True):
+    out, seen = {}, set()
+
+    def unreadable(e: OSError):  # (os.walk skips a directory it cannot list without a word)
+        raise UsageError(f"cannot read folder {e.filename}: {e.strerror}; nothing was put")
+
+    for d, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
+        st = os.stat(d)
+        if (st.st_dev, st.st_ino) in seen:  # a symbolic link back up the tree
+            raise UsageError(f"{d} is a folder already seen under {root} (a symbolic link loop); nothing was put")
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in sorted(files):
             if f.startswith("."):

@@ -184,8 +184,16 @@ def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
             pool.close()
 
 
+def _changed(before: os.stat_result, after: os.stat_result) -> bool:
+    """Whether a file was written to between two fstats (same size included: a rewrite in place
+    would publish a mix of old and new bytes whose own hash matches)."""
+    return (before.st_size, before.st_mtime_ns, before.st_ctime_ns) != (after.st_size, after.st_mtime_ns,
+                                                                       after.st_ctime_ns)
+
+
 def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progress, keyring) -> PutResult:
     t0 = time.monotonic()
+    before = os.fstat(src.fileno())
     put_id = uuid.uuid4().hex
     idx.start_put(put_id, LEASE_TTL)
     stop_heartbeat = threading.Event()
@@ -256,6 +264,9 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
         results = [f.result() for f in futures]
         if _read(src, src.read, 1):
             raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
+        if _changed(before, os.fstat(src.fileno())):
+            raise ShardfsError(f"{src.name} was written to while being put; nothing was published: "
+                               "put it again when it is complete")
         manifest = Manifest.build((cid, span.length) for (cid, *_), span in zip(results, spans))
         by_dtype: dict[str, list[int]] = {}
         for (_, stored, _, _), span in zip(results, spans):

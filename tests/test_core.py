@@ -306,6 +306,31 @@ def test_a_chunk_repeated_within_one_file_is_stored_and_counted_once(cli, nodes,
     get_and_compare(cli, "rep", f, tmp_path)
 
 
+def test_a_folder_put_refuses_a_subfolder_it_cannot_read_or_a_link_loop(cli, nodes, tmp_path):
+    """os.walk skips a folder it cannot list without a word: the put published the folder
+    without it, and with --force removed the models stored for its files."""
+    add_nodes(cli, nodes, 1)
+    h = tmp_path / "H"
+    (h / "sub").mkdir(parents=True)
+    (h / "config.json").write_text("{}")
+    (h / "sub" / "model.bin").write_bytes(os.urandom(1000))
+    cli("put", h, "--name", "p/m")
+    (h / "sub").chmod(0)
+    try:  # (root reads anything: drop its override of file permissions for this put)
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+        r = subprocess.run(prefix + [sys.executable, "-m", "shardfs", "put", str(h), "--name", "p/m", "--force"],
+                           capture_output=True, text=True, env=cli.env, timeout=120)
+    finally:
+        (h / "sub").chmod(0o755)
+    assert r.returncode == 2 and r.stderr.strip() == (f"shardfs: error: cannot read folder {h}/sub: "
+                                                      "Permission denied; nothing was put"), r.stderr
+    assert set(ls_rows(cli)) == {"p/m/config.json", "p/m/sub/model.bin"}  # nothing removed
+    (h / "sub" / "loop").symlink_to(h)
+    r = cli("put", h, "--name", "p/m", "--force", check=False)
+    assert r.returncode == 2 and "(a symbolic link loop); nothing was put" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 3)
     cli("put", model_small, "--name", "a/first", *SMALL)
@@ -646,6 +671,25 @@ def test_put_interrupted_with_ctrl_c_or_terminated(cli, nodes, model_256, sig, r
     # the lease was dropped on the way out, so gc can reclaim the partial upload right away
     cli("gc")
     assert all(node.chunk_files() == [] for node in procs)
+
+
+def test_a_file_rewritten_in_place_during_put_is_not_published(cli, nodes, model_256, tmp_path):
+    """Same size, other bytes: the whole-file hash is taken over what was read, so without a
+    check the mix of old and new would be published and `get` would call it verified."""
+    procs = add_nodes(cli, nodes, 1)
+    live = tmp_path / "live.safetensors"
+    shutil.copyfile(model_256, live)
+    p = spawn(cli, "put", live, "--name", "live", *MANY)
+    wait_chunk_files(procs, 8, proc=p)
+    fd = os.open(live, os.O_WRONLY)
+    try:
+        os.pwrite(fd, os.urandom(1 << 20), 64 << 20)  # a rewrite in place: the size stays
+    finally:
+        os.close(fd)
+    _out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "was written to while being put; nothing was published" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert ls_rows(cli) == {}
 
 
 def test_put_to_file_nodes_terminated_leaves_no_temp_files(cli, tmp_path, model_256):

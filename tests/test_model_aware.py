@@ -96,6 +96,39 @@ def test_unknown_format_falls_back_to_fixed(tmp_path):
         assert plan_spans(f, 4 + (3 << 20), 1 << 20) == fixed_spans(4 + (3 << 20), 1 << 20)
 
 
+def test_hostile_headers_fall_back_to_fixed_chunks_without_an_exception(tmp_path):
+    """Each raised out of the chunker (RecursionError, OverflowError): a traceback from put,
+    and from the mount's prefetch, which parses the same header."""
+    cases = {}
+    deep = b"[" * 100000 + b"]" * 100000
+    p = tmp_path / "deep.safetensors"
+    p.write_bytes(struct.pack("<Q", len(deep)) + deep + bytes(64))
+    cases[p] = p.stat().st_size
+    p = tmp_path / "inf.safetensors"
+    h = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[Infinity,4]}}'
+    p.write_bytes(struct.pack("<Q", len(h)) + h + bytes(4))
+    cases[p] = p.stat().st_size
+    p = tmp_path / "float.safetensors"
+    cases[p] = write_raw_st(p, {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}, bytes(4))
+    p = tmp_path / "deep.gguf"  # an array of arrays, 5000 deep, as the value of one key
+    key = struct.pack("<Q", 1) + b"x"
+    kv = key + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0)
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + kv + bytes(64))
+    cases[p] = p.stat().st_size
+    for path, size in cases.items():
+        with open(path, "rb") as f:
+            assert plan_spans(f, size, 1 << 20) == fixed_spans(size, 1 << 20), path.name
+
+
+def test_a_dtype_that_is_not_a_short_name_is_reported_as_unknown(tmp_path):
+    from shardfs.chunker import safetensors_named
+    p = tmp_path / "odd.safetensors"
+    size = write_raw_st(p, {"a": {"dtype": "F32\x1b[2J", "shape": [1], "data_offsets": [0, 4]},
+                            "b": {"dtype": "X" * 100, "shape": [1], "data_offsets": [4, 8]}}, bytes(8))
+    with open(p, "rb") as f:
+        assert [t[3] for t in safetensors_named(f, size)] == ["unknown", "unknown"]
+
+
 def test_finetune_next_to_its_base_costs_little(cli, nodes, tmp_path):
     n = nodes(1)[0]
     cli("node", "add", n.url)
