@@ -122,9 +122,9 @@ def gguf_tensors(f, file_size: int):
     except (struct.error, ValueError, UnicodeDecodeError, OverflowError, RecursionError):
         return None
     finally:
-        buf.seek(0)  # (seeks f too)
         if buf is not f:
-            buf.detach()  # f stays open
+            buf.detach()  # f stays open (a seek of buf may stay within its buffer: seek f itself)
+        f.seek(0)
 
 
 def _gguf_tensors(f, file_size: int):
