@@ -130,9 +130,7 @@ class NodePool:
                     nid = pending.pop(fut)
                     try:
                         return fut.result(), nid
-                    except NodeError as e:
-                        if not e.missing:
-                            self.mark_failed(nid)
+                    except NodeError as e:  # (_attempt marked the node failed)
                         errors.append(str(e))
                     except CorruptChunk as e:
                         self.report_corrupt(hex_id, nid, e)
@@ -143,6 +141,8 @@ class NodePool:
                 if not done and pending:
                     with self._lock:
                         self.hedges += 1
+                    for nid in pending.values():  # no answer in HEDGE_AFTER: asked last for a while
+                        self.mark_failed(nid)
         finally:
             for fut in pending:
                 fut.cancel()  # a hung request ends at its own timeout; nobody waits for it
@@ -153,8 +153,10 @@ class NodePool:
         t0 = time.monotonic()
         try:
             raw = envelope.decode(self.store(nid).get(hex_id), cid, keyring)
-        except (NodeError, CorruptChunk):
+        except (NodeError, CorruptChunk) as e:
             NODE_ERRORS.labels(nid).inc()
+            if isinstance(e, NodeError) and not e.missing:
+                self.mark_failed(nid)  # here, not by the reader: nobody waits for a raced request
             raise
         FETCH_SECONDS.labels(nid).observe(time.monotonic() - t0)
         return raw

@@ -1195,6 +1195,30 @@ def test_node_server_routes_head_keeps_sealed_chunks_and_refuses_odd_tokens(node
     assert os.path.exists(path)
 
 
+def test_a_hung_replica_is_raced_once_then_asked_last(cli, nodes, redis_proc, model_small):
+    """Raced requests to a hung node end at their own timeout with nobody waiting for them:
+    the node was never marked failed, and every chunk it ranked first paid the hedge delay."""
+    from shardfs.pool import NodePool
+    procs = add_nodes(cli, nodes, 3)
+    cli("put", model_small, "--name", "m", "--replicas", 3, *SMALL)
+    idx = open_idx(redis_proc)
+    ver = idx.model("m")
+    hexes = [c.hex() for c in ver.manifest.ids]
+    infos = dict(zip(hexes, idx.chunk_info(hexes)))
+    pool = NodePool(idx.nodes())
+    procs[0].proc.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        first_on_hung = sum(pool.order(h, infos[h]["locs"])[0] == "n1" for h in hexes)
+        assert first_on_hung >= 3  # (rendezvous order: about a third of 25)
+        for h in hexes:
+            raw, nid = pool.read_from(h, infos[h]["locs"])
+            assert nid != "n1" and envelope.chunk_id(raw) == bytes.fromhex(h)
+    finally:
+        procs[0].proc.send_signal(signal.SIGCONT)
+        pool.close()
+    assert 1 <= pool.hedges <= 2, (pool.hedges, first_on_hung)  # (2: a read slower than the cooldown)
+
+
 def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, tmp_path):
     add_nodes(cli, nodes, 1)
     for args in (("info", "nope"), ("get", "nope", tmp_path / "x"), ("rm", "nope"), ("verify", "nope"),
