@@ -95,7 +95,11 @@ class NodeServer:
         # Any other failure is 503, a node that cannot answer now. (FileResponse would answer
         # 404 for every error opening the file, out of file descriptors included.)
         try:
-            os.close(os.open(path, os.O_RDONLY))
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                request["chunk_bytes"] = os.fstat(fd).st_size  # (for the metrics: see _count_requests)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             why = not_found_why(self.root)
             if why:
@@ -180,8 +184,8 @@ async def _count_requests(request, handler):
         NODE_REQUESTS.labels(request.method, str(e.status)).inc()
         raise
     NODE_REQUESTS.labels(request.method, str(resp.status)).inc()
-    if request.method == "GET" and resp.content_length:
-        NODE_BYTES_SENT.inc(resp.content_length)
+    if request.method == "GET" and resp.status == 200:  # (a file response has no length until it is sent)
+        NODE_BYTES_SENT.inc(request.get("chunk_bytes") or resp.content_length or 0)
     return resp
 
 
