@@ -263,6 +263,9 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
                 raise f.exception()
         results = [f.result() for f in futures]
         if _read(src, src.read, 1):
+            if not size:  # (a /proc or /sys file says 0 bytes and then reads as text)
+                raise ShardfsError(f"{src.name} reports a size of 0 but has data (a /proc or /sys file?); "
+                                   "copy it to a regular file and put that")
             raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
         if _changed(before, os.fstat(src.fileno())):
             raise ShardfsError(f"{src.name} was written to while being put; nothing was published: "

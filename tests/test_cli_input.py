@@ -25,6 +25,7 @@ CASES = [
     (("node", "add", "http://127.0.0.1:8000/x/../chunks"), "contains '..'"),
     (("put", "{f}", "--key-file", "{f}"), "--key-file is used only with --encrypt"),
     (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
+    (("put", "/proc/cpuinfo"), "reports a size of 0 but has data (a /proc or /sys file?)"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
 ]
