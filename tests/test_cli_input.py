@@ -25,7 +25,6 @@ CASES = [
     (("node", "add", "http://127.0.0.1:8000/x/../chunks"), "contains '..'"),
     (("put", "{f}", "--key-file", "{f}"), "--key-file is used only with --encrypt"),
     (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
-    (("put", "/proc/cpuinfo"), "reports a size of 0 but has data (a /proc or /sys file?)"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
 ]
@@ -112,3 +111,11 @@ def test_every_argument_of_every_command_says_what_it_is():
 
     walk(build_parser(), ["shardfs"])
     assert bare == []
+
+
+def test_a_proc_file_that_says_it_is_empty_is_named_as_such(cli):
+    r = cli("put", "/proc/cpuinfo", check=False)  # (the first put says which local node it made)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("shardfs: error: /proc/cpuinfo reports a size of 0 but has data "
+                                                 "(a /proc or /sys file?); copy it to a regular file and put that")
+    assert cli("ls").stdout.strip() == "no models"
