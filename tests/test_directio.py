@@ -144,6 +144,7 @@ def test_cache_and_file_node_stop_trying_o_direct_once_refused(tmp_path, monkeyp
     h, data = decoded_chunk(512)
     assert cache.put(h, data)
     write_cold(cache.path(h), bytes(data))
+    (tmp_path / "n").mkdir()  # (as `node add` makes it: a store never makes its root)
     node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
     node.put(h, bytes(data))
     write_cold(os.path.join(node.root, chunk_relpath(h)), bytes(data))
@@ -186,6 +187,7 @@ def test_file_node_stores_aligned_envelopes_around_the_page_cache(tmp_path, rows
     cid, blob, _ = envelope.encode(raw, "zstd-g2", aligned=True)
     assert blob.readonly and np.frombuffer(blob, np.uint8).ctypes.data % directio.ALIGN == 0
     assert bytes(blob) == envelope.encode(raw, "zstd-g2")[1]  # the same envelope, only placed
+    (tmp_path / "n").mkdir()  # (as `node add` makes it: a store never makes its root)
     node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
     node.put(cid.hex(), blob)
     path = os.path.join(node.root, chunk_relpath(cid.hex()))

@@ -4,6 +4,7 @@
 into the kernel's page cache, so the tests can check which bytes go there and which chunks
 the reader loads for them (the mount tests check the same end to end, through the kernel)."""
 
+import os
 import threading
 from functools import partial
 
@@ -25,6 +26,7 @@ def setup(tmp_path, lengths, data=None):
     if data is None:
         data = np.random.default_rng(5).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
     url = f"file://{tmp_path}/node"
+    os.makedirs(f"{tmp_path}/node", exist_ok=True)  # (as `node add` makes it: a store never makes its root)
     store = open_store(url)
     entries, pos = [], 0
     for n in lengths:
