@@ -6,7 +6,7 @@
                             one: carry it), and never replaces a sealed chunk already there
     DELETE /chunks/<id>     token required
     GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>",
-                             "root": "<boot id>:<st_dev>:<st_ino>"}
+                             "root": "<boot id>:<st_dev>:<st_ino>", "writable": bool}
 
 Ids must be 64 lowercase hex digits, so no request names a path outside the root.
 Bodies are bounded by the largest possible envelope. Decoding a PUT body runs in a
@@ -86,7 +86,8 @@ class NodeServer:
         self._root_ok()
         free = shutil.disk_usage(self.root).free
         return web.json_response({"used": self.used, "free": free, "chunks": self.chunks,
-                                  "disk": disk_id(self.root), "root": root_id(self.root)})
+                                  "disk": disk_id(self.root), "root": root_id(self.root),
+                                  "writable": os.access(self.root, os.W_OK)})  # (False on a read-only mount)
 
     async def get(self, request):
         path = self._path(request)

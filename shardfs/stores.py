@@ -350,6 +350,8 @@ class HttpStore(NodeStore):
 
     def probe_write(self):  # deleting an id no chunk has: the server checks the token, changes nothing
         self.delete("0" * 64)
+        if self.health(used=False).get("writable") is False:  # (a server that says: nginx does not)
+            raise NodeError(self.url, "the node's directory is read-only")
 
     def health(self, used=True):  # the server keeps its own count: cheap either way
         # (a short wait: a node that accepts but hangs must not stall `node ls`, `doctor` or a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from conftest import NodeProc, add_nodes, needs_fuse, sha256_file, wait_for
 from test_core import SMALL, assert_one_line_error, copies, get_and_compare, id_of, ls_rows, open_idx
@@ -136,3 +137,19 @@ def test_mount_cache_on_a_small_disk_stays_within_it_and_serves_exact_bytes(cli,
     assert_one_line_error(r, "m.safetensors: only", "stayed in the cache", "do not fit")
     assert stats()["cache"]["full"] is False and "has room again" in open(m.log).read()
     assert sha256_file(m.file("other.bin")) == sha256_file(other)
+
+
+def test_node_add_refuses_a_node_server_on_a_read_only_disk(cli, small_fs):
+    """Its token check passes and a DELETE of an absent id answers 404, so the write probe
+    passed and every later PUT failed: the server now says in its health that it cannot write."""
+    d = small_fs("1M")
+    node = NodeProc(str(d)).start()
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        r = cli("node", "add", node.url, check=False)
+        assert r.returncode != 0 and "refuses writes" in r.stderr and "read-only" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        subprocess.run(["mount", "-o", "remount,rw", str(d)], check=True)
+        cli("node", "add", node.url)
+    finally:
+        node.stop()
