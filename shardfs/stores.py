@@ -104,9 +104,25 @@ def not_found_why(root: str) -> str | None:
     if not os.path.isdir(root):
         return f"the node directory {root} is gone"
     if not root_marked(root):
+        if _holds_chunks(root):  # (written before markers existed: it is the directory)
+            mark_root(root)
+            return None
         return (f"the node directory {root} has no {MARKER}: it is not the directory its chunks were "
                 "written to (a disk not mounted? a directory replaced?)")
     return None
+
+
+def _holds_chunks(root: str) -> bool:
+    try:
+        with os.scandir(root) as top:
+            for sub in top:
+                if len(sub.name) == 2 and sub.is_dir(follow_symlinks=False):
+                    with os.scandir(sub.path) as inner:
+                        if any(HEX_ID.fullmatch(e.name) for e in inner):
+                            return True
+    except OSError:
+        pass
+    return False
 
 
 TEMP_PREFIX = ".tmp-"  # write_atomic's temp files (renamed into place once durable)

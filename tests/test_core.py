@@ -1161,6 +1161,13 @@ def test_a_node_directory_that_is_not_the_one_its_chunks_went_to_never_calls_the
     r = cli("verify")
     assert "25 healthy" in r.stdout and " 0 lost" in r.stdout, r.stdout
     get_and_compare(cli, "m", model_small, tmp_path)
+    # a directory filled before markers existed is believed once it is seen to hold chunks
+    os.unlink(os.path.join(froot, MARKER))
+    gone = sorted(all_files(froot))[0]
+    os.unlink(gone)
+    r = cli("verify", "--repair")
+    assert f"missing copy: chunk {os.path.basename(gone)} on node n1" in r.stdout, r.stdout
+    assert os.path.exists(os.path.join(froot, MARKER))
     shutil.rmtree(froot)  # gone for real: the next put places nothing there, nor recreates it
     other = tmp_path / "other.bin"
     other.write_bytes(os.urandom(3 << 20))
