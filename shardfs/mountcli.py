@@ -108,7 +108,9 @@ def _is_stale(mp: str) -> bool:
     try:
         os.stat(mp)
     except OSError as e:
-        return e.errno == errno.ENOTCONN
+        # ENOTCONN once the kernel has let the dead daemon's connection go; ECONNABORTED
+        # while it is still tearing it down, right after the daemon died
+        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     # For a second after the daemon died the kernel may still answer stat from the root's
     # cached attributes; a shardfs mount's control socket refuses connections at once.
     if os.path.realpath(mp) not in shardfs_mounts():

@@ -373,7 +373,7 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
              what="daemon to die")
     with pytest.raises(OSError) as e:
         os.listdir(m.path)
-    assert e.value.errno == errno.ENOTCONN
+    assert e.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)  # (the latter a moment after the death)
     r = m.umount()
     assert "stale" in r.stdout
     m.mount()  # a new mount on the recovered mountpoint, same cache: no partial entries served
