@@ -248,7 +248,7 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
             else:
                 buf = bytearray(length)  # a header chunk can exceed the chunk size
             raw = memoryview(buf)[:length]
-            got = _read(src, src.readinto, raw)
+            got = _read(src, read_full, src, raw)
             if got != length:
                 raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
             sha.update(raw)
@@ -299,6 +299,18 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
             bar.close()
     return PutResult(vid, name, size, stored_new, len(manifest), deduped, replicas,
                      time.monotonic() - t0, codecs)
+
+
+def read_full(src, view) -> int:
+    """Bytes read into view: until it is full or the file ends. (One readinto may return
+    less without the file ending: network and FUSE filesystems do.)"""
+    got = 0
+    while got < len(view):
+        n = src.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _read(src, fn, *args):

@@ -287,3 +287,31 @@ def test_shared_pages_are_assembled_from_every_chunk_on_them():
         assert set(got) == want and not m.pieces
         for at, page in got.items():
             assert page == data[at:at + PAGE]
+
+
+def test_put_reads_a_chunk_whole_from_a_source_that_answers_in_pieces(tmp_path):
+    """One readinto may return less than asked without the file ending (NFS, FUSE): that was
+    reported as 'changed size while reading'."""
+    import io
+
+    from shardfs.ingest import read_full
+
+    class Dribble(io.RawIOBase):  # a real file, read at most 1000 bytes per call
+        def __init__(self, f):
+            self.f = f
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            return self.f.readinto(memoryview(b)[:1000])
+
+    p = tmp_path / "x.bin"
+    data = np.random.default_rng(3).integers(0, 256, 10_000, dtype=np.uint8).tobytes()
+    p.write_bytes(data)
+    with open(p, "rb", buffering=0) as f:
+        src = Dribble(f)
+        buf = bytearray(4096)
+        assert read_full(src, memoryview(buf)) == 4096 and bytes(buf) == data[:4096]
+        assert read_full(src, memoryview(buf)) == 4096 and bytes(buf) == data[4096:8192]
+        assert read_full(src, memoryview(buf)) == 10_000 - 8192  # the end of the file
