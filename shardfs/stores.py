@@ -105,7 +105,10 @@ def not_found_why(root: str) -> str | None:
         return f"the node directory {root} is gone"
     if not root_marked(root):
         if _holds_chunks(root):  # (written before markers existed: it is the directory)
-            mark_root(root)
+            try:
+                mark_root(root)
+            except OSError:
+                pass  # (a reader of a node it cannot write to: it asks again next time)
             return None
         return (f"the node directory {root} has no {MARKER}: it is not the directory its chunks were "
                 "written to (a disk not mounted? a directory replaced?)")
