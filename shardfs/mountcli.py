@@ -115,16 +115,22 @@ def _is_stale(mp: str) -> bool:
     # cached attributes; a shardfs mount's control socket refuses connections at once.
     if os.path.realpath(mp) not in shardfs_mounts():
         return False
+    return _control_socket(mp) == "dead"
+
+
+def _control_socket(mp: str) -> str:
+    """The mount's control socket: "answers"; "dead", a socket left by a killed daemon that
+    nobody listens on; or "none", no socket of ours (another user's mount) or a slow daemon."""
     from .control import socket_path
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2)
         try:
             s.connect(socket_path(mp))
-        except ConnectionRefusedError:  # (a socket left by a killed daemon: nobody listens)
-            return True
+            return "answers"
+        except ConnectionRefusedError:
+            return "dead"
         except OSError:
-            return False  # no socket of ours (another user's mount), or a slow daemon: not dead
-    return False
+            return "none"
 
 
 def _fusermount(mp: str, lazy: bool = False) -> subprocess.CompletedProcess:
@@ -175,21 +181,14 @@ def recover_stale(mp: str) -> bool:
 
 
 def _remove_dead_socket(mp: str) -> None:
-    """The control socket a killed daemon left: removed once nobody listens on it."""
+    """The control socket a killed daemon left: removed once nobody listens on it (a new
+    mount's daemon may answer there already)."""
     from .control import socket_path
-    path = socket_path(mp)
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    if _control_socket(mp) == "dead":
         try:
-            s.connect(path)
-            return  # a daemon answers there (a new mount already): not ours to remove
-        except ConnectionRefusedError:
-            pass
+            os.unlink(socket_path(mp))
         except OSError:
-            return  # no socket there
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+            pass
 
 
 # -- mount ------------------------------------------------------------------------------
