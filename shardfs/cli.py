@@ -171,7 +171,7 @@ def cmd_node_serve(args):
 
 def cmd_put(args):
     from .connect import home
-    from .ingest import open_source, put_file, summary
+    from .ingest import PutSession, open_source, put_file, summary
     if not os.path.isdir(args.file):
         open_source(args.file).close()  # a bad FILE is reported before any service is started
     if args.encrypt and not args.key_file:
@@ -184,45 +184,49 @@ def cmd_put(args):
         name += os.path.basename(os.path.abspath(args.file))
     name = name.rstrip("/") or name
     default_node = "file://" + os.path.join(home(), "nodes", "local")
+    progress = None if not args.no_progress else False
     from .names import check_name
-    files = _folder_files(args.file) if folder else {None: args.file}
-    names = {rel: check_name(name if rel is None else f"{name}/{rel}") for rel in files}
+    if not folder:
+        res = put_file(idx, args.file, check_name(name), replicas=args.replicas, chunk_size=args.chunk_size,
+                       force=args.force, progress=progress, default_node_url=default_node, keyring=keyring)
+        print(summary(res))
+        return
+    files = _folder_files(args.file)
+    names = {rel: check_name(f"{name}/{rel}") for rel in files}
+    # --force replaces a folder whole: what the old one had and the new one has not goes too
+    # (a stale single-file checkpoint left beside a new sharded one would load instead of it),
+    # in the same publish as the new files
+    leftovers = sorted(n for n in idx.models() if n.startswith(name + "/") and n not in names.values()) \
+        if args.force else []
     # every name, clash and file checked before anything is uploaded
     for full in names.values():
-        conflict = idx.path_conflict(full)
+        conflict = idx.path_conflict(full, ignore=set(leftovers))
         if conflict:
             raise UsageError(conflict)
-    if folder:
-        for path in files.values():
-            open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
-        clashes = [full for full in names.values() if idx.current_vid(full) is not None]
-        if clashes and not args.force:
-            raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "
-                             f"use --force to replace them")
-    # --force replaces a folder whole: what the old one had and the new one has not goes too
-    # (a stale single-file checkpoint left beside a new sharded one would load instead of it)
-    leftovers = sorted(n for n in idx.models() if n.startswith(name + "/") and n not in names.values()) \
-        if folder and args.force else []
-    done = 0
+    for path in files.values():
+        open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
+    clashes = [full for full in names.values() if idx.current_vid(full) is not None]
+    if clashes and not args.force:
+        raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "
+                         f"use --force to replace them")
     try:
-        for rel, path in files.items():
-            res = put_file(idx, path, names[rel], replicas=args.replicas,
-                           chunk_size=args.chunk_size, force=args.force,
-                           progress=None if not args.no_progress else False, default_node_url=default_node,
-                           keyring=keyring)
-            print(summary(res))
-            done += 1
-        for old in leftovers:
-            idx.remove(old)  # (a mount reading it keeps it until closed: Index.remove)
-            print(f"removed {old}: not in the new {name}/")
+        with PutSession(idx, replicas=args.replicas, default_node_url=default_node, keyring=keyring) as put:
+            stored = []
+            for rel, path in files.items():
+                with open_source(path) as src:
+                    stored.append(put.store(src, names[rel], args.chunk_size, progress))
+            results = put.publish(stored, args.force, remove=leftovers)
     except (KeyboardInterrupt, ShardfsError) as e:
-        if not done:
-            raise
         what, code = _stopped(e) if isinstance(e, KeyboardInterrupt) else (str(e), e.exit_code)
-        err = ShardfsError(f"{what}; {done} of {len(files)} files under {name}/ were published before it, the "
-                           f"rest were not: put the folder again with --force to finish")
+        if "nothing was published" not in what:
+            what += f"; nothing under {name}/ was published"
+        err = ShardfsError(what)
         err.exit_code = code
         raise err from None
+    for res in results:
+        print(summary(res))
+    for old in leftovers:
+        print(f"removed {old}: not in the new {name}/")
 
 
 def _folder_files(root: str) -> dict[str, str]:
@@ -233,7 +237,10 @@ def _folder_files(root: str) -> dict[str, str]:
         raise UsageError(f"cannot read folder {e.filename}: {e.strerror}; nothing was put")
 
     for d, dirs, files in os.walk(root, onerror=unreadable, followlinks=True):
-        st = os.stat(d)
+        try:
+            st = os.stat(d)
+        except OSError as e:  # (removed or changed since its parent was listed)
+            unreadable(e)
         if (st.st_dev, st.st_ino) in seen:  # a symbolic link back up the tree
             raise UsageError(f"{d} is a folder already seen under {root} (a symbolic link loop); nothing was put")
         seen.add((st.st_dev, st.st_ino))

@@ -284,57 +284,75 @@ class Index:
         epoch, iid = self.r.mget(K_EPOCH, K_INDEX_ID)
         return int(epoch or 0), _s(iid) if iid is not None else None
 
-    def path_conflict(self, name: str, r=None) -> str | None:
+    def path_conflict(self, name: str, r=None, ignore=()) -> str | None:
         """Why `name` cannot be a model next to the existing ones, or None: in the mount a
         name is a file and each of its prefixes a folder, so no model may be a prefix folder
-        of another (`org/m` and `org/m/x` cannot both exist)."""
+        of another (`org/m` and `org/m/x` cannot both exist). Models in `ignore` are about
+        to be removed and do not count."""
         r = r if r is not None else self.r
         parts = name.split("/")
         for i in range(1, len(parts)):
             folder = "/".join(parts[:i])
-            if r.hexists(K_MODELS, folder):
+            if folder not in ignore and r.hexists(K_MODELS, folder):
                 return f"model {folder!r} exists, so {name!r} cannot make it a folder; choose another name"
         pattern = "".join("\\" + c if c in "*?[]\\" else c for c in name) + "/*"
         for inside, _vid in r.hscan_iter(K_MODELS, match=pattern, count=1000):
-            return f"folder {name + '/'!r} holds model {_s(inside)!r}, so {name!r} cannot be a file; choose another name"
+            if _s(inside) not in ignore:
+                return (f"folder {name + '/'!r} holds model {_s(inside)!r}, so {name!r} cannot be a file; "
+                        "choose another name")
         return None
 
     def publish(self, name: str, manifest: Manifest, size: int, sha256: str, chunk_size: int,
                 replicas: int, stats: dict, force: bool, put_id: str | None = None,
                 lease_margin: float = 0.0) -> int:
-        """Make a version visible under `name` in one MULTI/EXEC; returns its id.
+        """Make a version visible under `name` in one MULTI/EXEC; returns its id."""
+        return self.publish_all([(name, manifest, size, sha256, chunk_size, replicas, stats)], force,
+                                put_id=put_id, lease_margin=lease_margin)[0]
+
+    def publish_all(self, entries, force: bool, put_id: str | None = None, lease_margin: float = 0.0,
+                    remove=()) -> list[int]:
+        """Make a version visible for each entry (name, manifest, size, sha256, chunk_size,
+        replicas, stats), and remove the models named in `remove` (as `remove` does), all
+        in one MULTI/EXEC: readers see all of it or none of it. Returns the version ids.
 
         With put_id, refuses to publish unless that put's lease is still live for at least
         lease_margin seconds: a lease that lapsed may have let gc take chunks it relied on."""
-        unique = set(manifest.ids)
-        vid = self.r.incr(K_VSEQ)
+        entries = list(entries)
+        remove = set(remove) - {e[0] for e in entries}
+        last = self.r.incrby(K_VSEQ, len(entries))
+        vids = list(range(last - len(entries) + 1, last + 1))
         with self.r.pipeline() as p:
             while True:
                 try:
-                    p.watch(K_MODELS, K_PUTS)
+                    p.watch(K_MODELS, K_PUTS, K_READING, *(k_model_versions(n) for n in sorted(remove)))
                     if put_id is not None:
                         expiry = p.zscore(K_PUTS, put_id)
                         if expiry is None or expiry < (time.time() + lease_margin) * 1000:
                             raise ShardfsError("this put's lease on its chunks lapsed (Redis was unreachable "
                                                "too long); nothing was published, run put again")
-                    if p.hexists(K_MODELS, name) and not force:
-                        raise NameClash(f"model {name!r} already exists; use --force to replace it")
-                    conflict = self.path_conflict(name, p)
-                    if conflict:
-                        raise NameClash(conflict)
+                    for name, *_ in entries:
+                        if p.hexists(K_MODELS, name) and not force:
+                            raise NameClash(f"model {name!r} already exists; use --force to replace it")
+                        conflict = self.path_conflict(name, p, ignore=remove)
+                        if conflict:
+                            raise NameClash(conflict)
+                    removals = [self._removal(p, n) for n in sorted(remove) if p.hexists(K_MODELS, n)]
                     p.multi()
-                    p.hset(k_version(vid), mapping={
-                        "name": name, "manifest": manifest.encode(), "size": size, "sha256": sha256,
-                        "created": time.time(), "chunk_size": chunk_size, "replicas": replicas,
-                        "stats": json.dumps(stats)})
-                    p.hset(K_MODELS, name, vid)
-                    p.rpush(k_model_versions(name), vid)
-                    for cid in unique:
-                        p.hincrby(k_chunk(cid.hex()), "refs", 1)
+                    for removal in removals:
+                        self._queue_removal(p, *removal)
+                    for vid, (name, manifest, size, sha256, chunk_size, replicas, stats) in zip(vids, entries):
+                        p.hset(k_version(vid), mapping={
+                            "name": name, "manifest": manifest.encode(), "size": size, "sha256": sha256,
+                            "created": time.time(), "chunk_size": chunk_size, "replicas": replicas,
+                            "stats": json.dumps(stats)})
+                        p.hset(K_MODELS, name, vid)
+                        p.rpush(k_model_versions(name), vid)
+                        for cid in set(manifest.ids):
+                            p.hincrby(k_chunk(cid.hex()), "refs", 1)
                     p.incr(K_EPOCH)
                     p.setnx(K_INDEX_ID, secrets.token_hex(8))
                     p.execute()
-                    return vid
+                    return vids
                 except redis.WatchError:
                     continue
 
@@ -353,27 +371,37 @@ class Index:
                     p.watch(K_MODELS, k_model_versions(name), K_READING)
                     if not p.hexists(K_MODELS, name):
                         raise NotFound(f"no model named {name!r}; see `shardfs ls`")
-                    vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
-                    leased = self._leased(p, int(time.time() * 1000))
-                    kept = [v for v in vids if v in leased]
-                    chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
-                                  if p.exists(k_version(v)) else set() for v in vids]
+                    removal = self._removal(p, name)
                     p.multi()
-                    p.hdel(K_MODELS, name)
-                    p.delete(k_model_versions(name))
-                    for vid, ids in zip(vids, chunk_sets):
-                        if vid in kept:
-                            p.sadd(K_REMOVED, vid)
-                            continue
-                        p.delete(k_version(vid))
-                        for cid in ids:
-                            p.hincrby(k_chunk(cid.hex()), "refs", -1)
+                    self._queue_removal(p, *removal)
                     p.incr(K_EPOCH)
                     p.setnx(K_INDEX_ID, secrets.token_hex(8))
                     p.execute()
-                    return vids, kept
+                    return removal[1], removal[2]
                 except redis.WatchError:
                     continue
+
+    def _removal(self, p, name: str):
+        """Read what removing `name` takes (p watches the keys): (name, version ids, those
+        kept for a reading mount, each version's chunk ids)."""
+        vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
+        leased = self._leased(p, int(time.time() * 1000))
+        kept = [v for v in vids if v in leased]
+        chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
+                      if p.exists(k_version(v)) else set() for v in vids]
+        return name, vids, kept, chunk_sets
+
+    @staticmethod
+    def _queue_removal(p, name: str, vids, kept, chunk_sets) -> None:
+        p.hdel(K_MODELS, name)
+        p.delete(k_model_versions(name))
+        for vid, ids in zip(vids, chunk_sets):
+            if vid in kept:
+                p.sadd(K_REMOVED, vid)
+                continue
+            p.delete(k_version(vid))
+            for cid in ids:
+                p.hincrby(k_chunk(cid.hex()), "refs", -1)
 
     def lease_versions(self, holder: str, vids, ttl: float) -> None:
         """A mount (`holder`) reads these versions: prune_versions keeps them for ttl seconds."""

@@ -3,8 +3,8 @@
 The main thread reads the file in order and feeds the whole-file SHA-256; worker
 threads hash, encode and upload chunks (BLAKE3, lz4 and socket/file I/O release the
 GIL). At most `inflight` chunks are in memory at once. Nothing becomes visible until
-every chunk is on R nodes; then Index.publish makes the version visible in one
-MULTI/EXEC. If anything fails or the user interrupts, the lease is dropped and the
+every chunk is on R nodes; then Index.publish_all makes the version visible in one
+MULTI/EXEC (a folder put: every file's version at once, see PutSession). If anything fails or the user interrupts, the lease is dropped and the
 uploaded chunks are left for `shardfs gc`.
 """
 
@@ -150,16 +150,28 @@ class Uploader:
         return cid, len(blob), codec, False
 
 
-def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
-             chunk_size: int = DEFAULT_CHUNK, force: bool = False, progress: bool | None = None,
-             default_node_url: str | None = None, keyring=None) -> PutResult:
-    check_name(name)
-    check_chunk_size(chunk_size)
-    src = open_source(path)
-    with src:
-        size = os.fstat(src.fileno()).st_size
-        if idx.current_vid(name) is not None and not force:
-            raise UsageError(f"model {name!r} already exists; use --force to replace it")
+@dataclass
+class Stored:
+    """A file whose chunks are all on their nodes, ready to publish under `name`."""
+    name: str
+    manifest: Manifest
+    size: int
+    sha256: str
+    chunk_size: int
+    stats: dict
+    result: PutResult  # vid 0 until published
+
+
+class PutSession:
+    """One put: its nodes, its lease on the chunks it stores, and its publish.
+
+    A folder put stores every file under one lease and then publishes them all, and
+    removes what the new folder no longer has, in one MULTI/EXEC (Index.publish_all): a
+    put that fails part-way publishes nothing, never a folder of old and new files."""
+
+    def __init__(self, idx: Index, *, replicas: int | None = None, default_node_url: str | None = None,
+                 keyring=None):
+        self.idx, self.keyring = idx, keyring
         nodes = idx.nodes()
         # the embedded default node, when it is (or is about to be) used: recreate its
         # directory if it is gone; other setups never get one made
@@ -171,17 +183,65 @@ def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
             nodes = idx.nodes()
         if not nodes:
             raise NoNodes("no nodes registered; add one with `shardfs node add URL`")
-        pool = NodePool(nodes)
+        self.pool = NodePool(nodes)
         try:
-            live = live_nodes(pool)
-            r = replicas if replicas is not None else min(2, len(live))
-            if r < 1:
+            live = live_nodes(self.pool)
+            self.replicas = replicas if replicas is not None else min(2, len(live))
+            if self.replicas < 1:
                 raise UsageError("--replicas must be at least 1")
-            if r > len(live):
-                raise NoNodes(f"{r} replicas asked for but only {len(live)} live node(s)")
-            return _ingest(idx, pool, live, src, size, name, r, chunk_size, force, progress, keyring)
+            if self.replicas > len(live):
+                raise NoNodes(f"{self.replicas} replicas asked for but only {len(live)} live node(s)")
+            self.put_id = uuid.uuid4().hex
+            idx.start_put(self.put_id, LEASE_TTL)
+        except BaseException:
+            self.pool.close()
+            raise
+        self.uploader = Uploader(idx, self.pool, live, self.replicas, self.put_id, keyring)
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(LEASE_TTL / 3):
+            try:
+                self.idx.renew_put(self.put_id, LEASE_TTL)
+            except Exception:  # noqa: BLE001 - a Redis blip: retry; publish checks the lease is live
+                continue
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        try:
+            self.idx.end_put(self.put_id)  # (unpublished chunks are left for gc)
         finally:
-            pool.close()
+            self.pool.close()
+
+    def store(self, src, name: str, chunk_size: int, progress: bool | None) -> Stored:
+        """Store an open file's chunks on their nodes; nothing is published yet."""
+        size = os.fstat(src.fileno()).st_size
+        return _ingest(self, src, size, name, chunk_size, progress)
+
+    def publish(self, stored: list[Stored], force: bool, remove=()) -> list[PutResult]:
+        """Publish every stored file, and remove the models named in `remove`, at once."""
+        vids = self.idx.publish_all(
+            [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
+            force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove)
+        for s, vid in zip(stored, vids):
+            s.result.vid = vid
+        return [s.result for s in stored]
+
+
+def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
+             chunk_size: int = DEFAULT_CHUNK, force: bool = False, progress: bool | None = None,
+             default_node_url: str | None = None, keyring=None) -> PutResult:
+    check_name(name)
+    check_chunk_size(chunk_size)
+    with open_source(path) as src:
+        if idx.current_vid(name) is not None and not force:
+            raise UsageError(f"model {name!r} already exists; use --force to replace it")
+        with PutSession(idx, replicas=replicas, default_node_url=default_node_url, keyring=keyring) as put:
+            return put.publish([put.store(src, name, chunk_size, progress)], force)[0]
 
 
 def _changed(before: os.stat_result, after: os.stat_result) -> bool:
@@ -191,23 +251,10 @@ def _changed(before: os.stat_result, after: os.stat_result) -> bool:
                                                                        after.st_ctime_ns)
 
 
-def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progress, keyring) -> PutResult:
+def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
     t0 = time.monotonic()
     before = os.fstat(src.fileno())
-    put_id = uuid.uuid4().hex
-    idx.start_put(put_id, LEASE_TTL)
-    stop_heartbeat = threading.Event()
-
-    def heartbeat():
-        while not stop_heartbeat.wait(LEASE_TTL / 3):
-            try:
-                idx.renew_put(put_id, LEASE_TTL)
-            except Exception:  # noqa: BLE001 - a Redis blip: retry; publish checks the lease is live
-                continue
-
-    hb = threading.Thread(target=heartbeat, daemon=True)
-    hb.start()
-    uploader = Uploader(idx, pool, live, replicas, put_id, keyring)
+    idx, uploader, keyring = put.idx, put.uploader, put.keyring
     sha = keyring.file_hash() if keyring else hashlib.sha256()  # (crypto.py: keyed for sealed models)
     # Each worker spends much of a chunk's time waiting on fsync and Redis, so more workers
     # than cores keep the CPUs busy (2 cores, 4 MiB chunks: 4 workers 5.6-6.8 s for 2 GiB,
@@ -285,20 +332,17 @@ def _ingest(idx, pool, live, src, size, name, replicas, chunk_size, force, progr
                  "file_hash": "hmac-sha256" if keyring else "sha256",
                  "dtypes": {k: {"raw": r, "stored": s} for k, (r, s) in sorted(by_dtype.items())},
                  "stored": _stored_total(idx, manifest)}
-        vid = idx.publish(name, manifest, size, sha.hexdigest(), chunk_size, replicas, stats, force,
-                          put_id=put_id, lease_margin=LEASE_TTL / 3)
     except BaseException:
         for f in futures:
             f.cancel()
         raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
-        stop_heartbeat.set()
-        idx.end_put(put_id)
         if bar:
             bar.close()
-    return PutResult(vid, name, size, stored_new, len(manifest), deduped, replicas,
-                     time.monotonic() - t0, codecs)
+    result = PutResult(0, name, size, stored_new, len(manifest), deduped, put.replicas,
+                       time.monotonic() - t0, codecs)
+    return Stored(name, manifest, size, sha.hexdigest(), chunk_size, stats, result)
 
 
 def read_full(src, view) -> int:

@@ -534,6 +534,50 @@ def test_folder_put_force_replaces_the_folder_whole(cli, nodes, tmp_path):
                                     "org/mx/config.json"]
 
 
+def test_a_folder_put_that_fails_part_way_publishes_nothing(cli, nodes, tmp_path):
+    """A folder is published in one MULTI/EXEC: a put --force whose last file fails leaves
+    the old folder as it was. It used to publish the files before the failure, so the
+    folder held new files beside old ones, and a loader read a mix of two checkpoints."""
+    add_nodes(cli, nodes, 1)
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "a.bin").write_bytes(os.urandom(10_000))
+    (d / "old.bin").write_bytes(os.urandom(10_000))
+    cli("put", d, "--name", "org/m")
+    before = ls_rows(cli)
+    (d / "a.bin").write_bytes(os.urandom(20_000))
+    (d / "old.bin").unlink()
+    (d / "z.bin").symlink_to("/proc/self/mem")  # opens like a regular file; its read fails
+    r = cli("put", d, "--name", "org/m", "--force", check=False)
+    assert_one_line_error(r, "z.bin: read failed", "nothing under org/m/ was published")
+    assert "put org/m" not in r.stdout and "removed" not in r.stdout, r.stdout
+    assert ls_rows(cli) == before  # the same versions: nothing new, nothing removed
+    (d / "z.bin").unlink()
+    r = cli("put", d, "--name", "org/m", "--force")
+    assert "removed org/m/old.bin: not in the new org/m/" in r.stdout, r.stdout
+    assert sorted(ls_rows(cli)) == ["org/m/a.bin"]
+    get_and_compare(cli, "org/m/a.bin", d / "a.bin", tmp_path)
+
+
+def test_folder_put_force_replaces_a_file_by_a_folder(cli, nodes, tmp_path):
+    """The new folder has a folder `x/` where the old one had a file `x`: removing `x` and
+    publishing `x/...` happen together, so the name is free for the new tree (was refused
+    as a clash)."""
+    add_nodes(cli, nodes, 1)
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "x").write_bytes(os.urandom(5_000))
+    cli("put", d, "--name", "org/m")
+    (d / "x").unlink()
+    (d / "x").mkdir()
+    (d / "x" / "y.bin").write_bytes(os.urandom(5_000))
+    assert_one_line_error(cli("put", d, "--name", "org/m", check=False), "cannot make it a folder")
+    r = cli("put", d, "--name", "org/m", "--force")
+    assert "removed org/m/x: not in the new org/m/" in r.stdout, r.stdout
+    assert sorted(ls_rows(cli)) == ["org/m/x/y.bin"]
+    get_and_compare(cli, "org/m/x/y.bin", d / "x" / "y.bin", tmp_path)
+
+
 def test_no_usable_nodes(cli, nodes, model_small):
     procs = add_nodes(cli, nodes, 2)
     for p in procs:
