@@ -88,6 +88,7 @@ class Uploader:
         self.keyring = keyring
         self.idx, self.pool, self.live, self.replicas, self.put_id = idx, pool, dict(live), replicas, put_id
         self.failed: dict[str, str] = {}
+        self.lacking: set[str] = set()  # nodes found without a chunk the index lists there
         self._lock = threading.Lock()
         self._storing: dict[str, threading.Event] = {}  # chunk -> set once its first store ends
 
@@ -118,7 +119,10 @@ class Uploader:
             time.sleep(0.2)
         have = set()
         if state == "ok":
-            have = {n for n in self.idx.locations(hex_id) if n in self.live and n not in self.failed}
+            listed = [n for n in self.idx.locations(hex_id) if n in self.live and n not in self.failed]
+            # Dedup checks that the copies the index lists are there: one deleted behind the
+            # index's back is stored again, not trusted (a stat on a file node, a HEAD on HTTP)
+            have = {n for n in listed if self._holds(n, hex_id)}
             if len(have) >= self.replicas:
                 return cid, 0, None, True
         _, blob, codec = envelope.encode(raw, codec, cid=cid, keyring=self.keyring, aligned=True)
@@ -148,6 +152,27 @@ class Uploader:
                           f"(stored on {len(have)}): " + "; ".join(errors or ["not enough live nodes"]))
         self.idx.record_chunk(hex_id, len(raw), len(blob), codec, [])
         return cid, len(blob), codec, False
+
+    def _holds(self, nid: str, hex_id: str) -> bool:
+        """Whether node nid still has a chunk the index lists there. A node that cannot tell
+        (a disk not mounted under its directory?) is skipped for the rest of the put, as a
+        failed one is: writing there could hide chunks under a mountpoint."""
+        try:
+            if self.pool.store(nid).has(hex_id):
+                return True
+        except NodeError as e:
+            with self._lock:
+                if nid not in self.failed:
+                    self.failed[nid] = str(e)
+                    sys.stderr.write(f"shardfs: warning: skipping node {nid} for the rest of this put: {e}\n")
+            return False
+        with self._lock:
+            if nid not in self.lacking:
+                self.lacking.add(nid)
+                sys.stderr.write(f"shardfs: warning: node {nid} lacks chunks the index lists there (deleted "
+                                 "behind its back?); this put stores them again (`shardfs verify` checks "
+                                 "every model)\n")
+        return False
 
 
 @dataclass

@@ -179,7 +179,9 @@ class NodeStore(ABC):
         """Store an envelope durably; NodeError(full=True) when out of space."""
 
     @abstractmethod
-    def has(self, hex_id: str) -> bool: ...
+    def has(self, hex_id: str) -> bool:
+        """Whether the node holds the chunk; NodeError when it cannot tell (unreachable, or
+        a root that is not the node's directory: see MARKER)."""
 
     @abstractmethod
     def delete(self, hex_id: str) -> None:
@@ -235,7 +237,12 @@ class FileStore(NodeStore):
             self._marked = True
 
     def has(self, hex_id):
-        return os.path.exists(self._path(hex_id))
+        if os.path.exists(self._path(hex_id)):
+            return True
+        why = not_found_why(self.root)
+        if why:
+            raise NodeError(self.url, f"chunk {hex_id[:16]} not found, but {why}")
+        return False
 
     def delete(self, hex_id):
         try:
@@ -366,7 +373,7 @@ class HttpStore(NodeStore):
         r = self._request("HEAD", "/chunks/" + hex_id)
         if r.status in (200, 404):
             return r.status == 200
-        raise NodeError(self.url, f"HEAD chunk: HTTP {r.status}")
+        raise NodeError(self.url, f"HEAD chunk {hex_id[:16]}: HTTP {r.status}")
 
     def delete(self, hex_id):
         r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth)

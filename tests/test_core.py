@@ -289,6 +289,23 @@ def test_a_lost_chunk_is_restored_by_putting_the_file_again_after_repair(cli, no
     get_and_compare(cli, "m", model_small, tmp_path)
 
 
+def test_a_chunk_deleted_behind_the_index_is_stored_again_not_deduplicated(cli, nodes, model_small, tmp_path):
+    """Dedup used to trust the index: a chunk file removed from a node (by hand, a bad
+    disk) was never uploaded again by a new put of the same bytes, which then published a
+    model one chunk short of being readable."""
+    procs = add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "m", *SMALL)
+    lost = sorted(procs[0].chunk_files())[3]
+    os.unlink(lost)
+    r = cli("put", model_small, "--name", "m2", *SMALL)
+    assert "(24 already stored)" in r.stdout, r.stdout  # one chunk of 25 stored again
+    assert r.stderr.count("lacks chunks the index lists there") == 1, r.stderr
+    assert os.path.exists(lost)
+    r = cli("verify")
+    assert " 0 lost" in r.stdout and " 0 bad copies" in r.stdout, r.stdout
+    get_and_compare(cli, "m", model_small, tmp_path)
+
+
 # -- 4. dedup across names --------------------------------------------------------------
 
 def test_a_chunk_repeated_within_one_file_is_stored_and_counted_once(cli, nodes, redis_proc, tmp_path):
@@ -1199,6 +1216,12 @@ def test_a_node_directory_that_is_not_the_one_its_chunks_went_to_never_calls_the
     assert "missing cop" not in r.stdout.replace("0 missing copies", ""), r.stdout
     assert "repair:" not in r.stdout and "repaired:" not in r.stdout, r.stdout
     assert r.stdout.count("has no .shardfs-node") == 2 * 25, r.stdout  # each chunk on each node
+    # a put of the same bytes cannot tell whether those copies are there: it writes nothing
+    # into such a directory (the chunks would be hidden under the disk once it mounts)
+    r = cli("put", model_small, "--name", "m3", "--replicas", 2, *SMALL, check=False)
+    assert r.returncode != 0 and r.stderr.count("skipping node") == 2, r.stderr
+    assert "Traceback" not in r.stderr and "m3" not in cli("ls").stdout
+    assert not all_files(froot) and not all_files(srv.root)
     for root in (froot, srv.root):  # the disks are back
         os.rmdir(root)
         os.rename(root + ".away", root)
