@@ -200,7 +200,7 @@ def _encode_grouped(raw, k: int, mode: int = STREAM_LZ4) -> list | None:
             heads.append(_STREAM.pack(STREAM_RAW, len(s)))
             parts.append(s)
         total += len(parts[-1])
-    if total >= len(raw) * (1 - MIN_SAVING):
+    if total + _STREAM.size * k >= len(raw) * (1 - MIN_SAVING):  # (the stream table counts too)
         return None
     return heads + parts + [raw[len(streams[0]) * k:]]
 
