@@ -74,8 +74,10 @@ class NodeServer:
     def _authorize(self, request) -> None:
         if self.token is None:
             return
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, f"Bearer {self.token}".encode()):
+        # "Bearer" is a scheme name, so any case (RFC 9110 11.1); the token itself is exact
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self.token.encode()):
             raise web.HTTPUnauthorized(text="missing or wrong token\n")
 
     def _root_ok(self) -> None:

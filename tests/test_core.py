@@ -1267,6 +1267,11 @@ def test_node_server_routes_head_keeps_sealed_chunks_and_refuses_odd_tokens(node
     assert conn.getresponse().status == 401
     conn.close()
     assert os.path.exists(path)
+    for wrong in ("Bearer S3CRET", "Basic s3cret", "Bearer", "s3cret", "Bearer s3cret x"):
+        assert urllib3.request("DELETE", url, headers={"Authorization": wrong}).status == 401, wrong
+    assert os.path.exists(path)
+    assert urllib3.request("DELETE", url, headers={"Authorization": "bearer  s3cret"}).status in (200, 204)
+    assert not os.path.exists(path)  # the scheme's name in any case, as HTTP has it
 
 
 def test_a_hung_replica_is_raced_once_then_asked_last(cli, nodes, redis_proc, model_small):
