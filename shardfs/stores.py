@@ -326,7 +326,7 @@ def dir_usage(root: str) -> int:
 
 def _why(r) -> str:
     """The first line of an error answer's text, as ": text" (or "" without one)."""
-    text = r.data[:200].decode("utf-8", "replace").strip().splitlines()
+    text = r.data[:500].decode("utf-8", "replace").strip().splitlines()
     return f": {text[0]}" if text and text[0].isprintable() else ""
 
 

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import ROOT, free_port, needs_fuse, wait_for
+from shardfs.stores import MARKER
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 
@@ -18,6 +19,7 @@ def nginx_node(tmp_path):
     root.mkdir()
     state.mkdir()
     (root / ".tmp").mkdir()
+    (root / MARKER).touch()  # (the config's setup step: nginx cannot make it)
     port = free_port()
     token = "n6inx-t0ken"
     conf = open(os.path.join(ROOT, "examples", "nginx-node.conf")).read()
@@ -58,6 +60,33 @@ def test_put_get_through_nginx(cli, nginx_node, model_small, tmp_path):
     cli("get", "m.safetensors", tmp_path / "out")
     assert (tmp_path / "out").read_bytes() == model_small.read_bytes()
     cli("verify")
+
+
+def test_an_nginx_node_without_its_marker_answers_503_never_404(cli, nginx_node, model_small, tmp_path):
+    """A disk that did not mount leaves an empty mountpoint: nginx answered 404 for every
+    chunk there, and `verify --repair` dropped every copy it listed on that node."""
+    cli("node", "add", nginx_node["url"], "--token-file", nginx_node["token_file"])
+    cli("put", model_small, "--name", "m", "--chunk-size", "1MiB")
+    root = str(nginx_node["root"])
+    os.rename(root, root + ".away")  # the disk is not mounted: an empty directory instead
+    os.makedirs(os.path.join(root, ".tmp"))
+    try:
+        r = cli("verify", "--repair", check=False)
+        assert r.returncode != 0 and "missing cop" not in r.stdout.replace("0 missing copies", ""), r.stdout
+        assert "repair:" not in r.stdout and "repaired:" not in r.stdout, r.stdout
+        assert "no .shardfs-node in" in r.stdout + r.stderr, r.stdout + r.stderr
+        r = cli("put", model_small, "--name", "m2", "--chunk-size", "1MiB", check=False)
+        assert r.returncode != 0 and "no .shardfs-node in" in r.stderr, r.stderr
+        assert chunk_files(root) == []  # nothing written where the disk should be
+        r = cli("node", "add", nginx_node["url"] + "/", "--token-file", nginx_node["token_file"], check=False)
+        assert r.returncode != 0 and "touch " + os.path.join(root, MARKER) in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(root)
+        os.rename(root + ".away", root)
+    r = cli("verify")
+    assert " 0 lost" in r.stdout and " 0 missing" in r.stdout, r.stdout
+    cli("get", "m", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == model_small.read_bytes()
 
 
 def test_nginx_refuses_writes_without_the_token(nginx_node):
