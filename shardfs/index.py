@@ -67,6 +67,9 @@ K_INDEX_ID = P + "id"
 LEASE_PREFIX = P + "put:"
 K_READING = P + "reading"  # zset "<vid>:<mount id>" -> lease expiry (ms): versions a mount has open
 K_REMOVED = P + "removed"  # set of version ids of removed models that a mount still reads
+K_GC = P + "gc"  # the running gc's token (SET NX PX): one gc at a time
+LAPSED = ("this put's lease on its chunks lapsed (Redis was unreachable, or the put paused, too long) "
+          "and gc may have taken them; nothing was published, run put again")
 
 # KEYS: node-urls, nodes; ARGV: url, node id, node record. Claims the url and records the
 # node in one step; returns the id already holding the url, or nil when registered.
@@ -107,7 +110,11 @@ if st == 'pending' then return 'absent' end
 return st
 """
 
+# Every change gc makes to a chunk's record is a script that first checks gc's token in
+# KEYS[3]: a gc that paused past its lock's expiry (and so may run beside another) changes
+# nothing more.
 CLAIM_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return -1 end
 local refs = tonumber(redis.call('HGET', KEYS[1], 'refs') or '0')
 if refs > 0 then return 0 end
 if redis.call('HGET', KEYS[1], 'state') == 'deleting' then return 1 end
@@ -116,6 +123,37 @@ for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
 end
 redis.call('HSET', KEYS[1], 'state', 'deleting')
 return 1
+"""
+
+FORGET_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+redis.call('DEL', KEYS[1], KEYS[2])
+return 1
+"""
+
+# gc could not delete every copy: forget the copies it did delete (ARGV[2..]) and mark the
+# chunk "ok" again (refs stay 0, so the next gc claims it again). Only a chunk whose upload
+# finished (record_chunk wrote its sizes) is "ok"; a killed put's chunk stays "pending", so no
+# later put trusts copies that may never have landed.
+RELEASE_LUA = """
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
+for i = 2, #ARGV do redis.call('SREM', KEYS[2], ARGV[i]) end
+if redis.call('HEXISTS', KEYS[1], 'raw') == 1 then
+  redis.call('HSET', KEYS[1], 'state', 'ok')
+else
+  redis.call('HSET', KEYS[1], 'state', 'pending')
+end
+return 1
+"""
+
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+RELOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
 """
 
 
@@ -160,9 +198,20 @@ class Index:
         self.url = url
         self._lease = client.register_script(LEASE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
+        self._forget = client.register_script(FORGET_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+        self._unlock = client.register_script(UNLOCK_LUA)
+        self._relock = client.register_script(RELOCK_LUA)
+        self.gc_token: str | None = None  # set while this client holds the gc lock (gc_lock)
         self._add_node = client.register_script(ADD_NODE_LUA)
 
     # -- connection -----------------------------------------------------------------
+
+    def now_ms(self) -> int:
+        """Redis's clock, in ms. Every lease expiry is set and compared on it, so hosts whose
+        clocks disagree still agree on which leases are live."""
+        sec, usec = self.r.time()
+        return sec * 1000 + usec // 1000
 
     def ping(self) -> None:
         try:
@@ -327,9 +376,8 @@ class Index:
                     p.watch(K_MODELS, K_PUTS, K_READING, *(k_model_versions(n) for n in sorted(remove)))
                     if put_id is not None:
                         expiry = p.zscore(K_PUTS, put_id)
-                        if expiry is None or expiry < (time.time() + lease_margin) * 1000:
-                            raise ShardfsError("this put's lease on its chunks lapsed (Redis was unreachable "
-                                               "too long); nothing was published, run put again")
+                        if expiry is None or expiry < self.now_ms() + lease_margin * 1000:
+                            raise ShardfsError(LAPSED)
                     for name, *_ in entries:
                         if p.hexists(K_MODELS, name) and not force:
                             raise NameClash(f"model {name!r} already exists; use --force to replace it")
@@ -340,10 +388,11 @@ class Index:
                     p.multi()
                     for removal in removals:
                         self._queue_removal(p, *removal)
+                    created = self.now_ms() / 1000  # (Redis's clock, as for leases: see prune_versions)
                     for vid, (name, manifest, size, sha256, chunk_size, replicas, stats) in zip(vids, entries):
                         p.hset(k_version(vid), mapping={
                             "name": name, "manifest": manifest.encode(), "size": size, "sha256": sha256,
-                            "created": time.time(), "chunk_size": chunk_size, "replicas": replicas,
+                            "created": created, "chunk_size": chunk_size, "replicas": replicas,
                             "stats": json.dumps(stats)})
                         p.hset(K_MODELS, name, vid)
                         p.rpush(k_model_versions(name), vid)
@@ -385,7 +434,7 @@ class Index:
         """Read what removing `name` takes (p watches the keys): (name, version ids, those
         kept for a reading mount, each version's chunk ids)."""
         vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
-        leased = self._leased(p, int(time.time() * 1000))
+        leased = self._leased(p, self.now_ms())
         kept = [v for v in vids if v in leased]
         chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
                       if p.exists(k_version(v)) else set() for v in vids]
@@ -405,7 +454,7 @@ class Index:
 
     def lease_versions(self, holder: str, vids, ttl: float) -> None:
         """A mount (`holder`) reads these versions: prune_versions keeps them for ttl seconds."""
-        exp = int((time.time() + ttl) * 1000)
+        exp = self.now_ms() + int(ttl * 1000)
         if vids:
             self.r.zadd(K_READING, {f"{vid}:{holder}": exp for vid in vids})
 
@@ -455,7 +504,7 @@ class Index:
         The check and the drop are one MULTI/EXEC watching the model and the leases, so a
         mount that leases a version meanwhile keeps it; a mount that opens a version after it
         was dropped finds it gone (ENOENT), never a half-deleted model."""
-        now = time.time() if now is None else now
+        now = self.now_ms() / 1000 if now is None else now
         now_ms = int(now * 1000)
         self.r.zremrangebyscore(K_READING, "-inf", now_ms)  # lapsed leases
         pruned = []
@@ -497,7 +546,7 @@ class Index:
 
     def prune_removed(self, now_ms: int | None = None) -> list[tuple[str, int]]:
         """Drop the kept versions of removed models that no mount reads any more."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        now_ms = self.now_ms() if now_ms is None else now_ms
         with self.r.pipeline() as p:
             while True:
                 try:
@@ -529,13 +578,19 @@ class Index:
         return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id]))
 
     def start_put(self, put_id: str, ttl: float) -> None:
-        self.renew_put(put_id, ttl)
-
-    def renew_put(self, put_id: str, ttl: float) -> None:
         p = self.r.pipeline()
-        p.zadd(K_PUTS, {put_id: int((time.time() + ttl) * 1000)})
+        p.zadd(K_PUTS, {put_id: self.now_ms() + int(ttl * 1000)})
         p.expire(LEASE_PREFIX + put_id, int(ttl) + 60)
         p.execute()
+
+    def renew_put(self, put_id: str, ttl: float) -> bool:
+        """Extend a running put's lease; False if it had lapsed and gc ended it (then its
+        chunks may be gone: the put must not publish, and publish refuses)."""
+        p = self.r.pipeline()
+        p.zadd(K_PUTS, {put_id: self.now_ms() + int(ttl * 1000)}, xx=True)  # never revive an ended put
+        p.expire(LEASE_PREFIX + put_id, int(ttl) + 60)
+        p.zscore(K_PUTS, put_id)
+        return p.execute()[2] is not None
 
     def end_put(self, put_id: str) -> None:
         p = self.r.pipeline()
@@ -583,26 +638,59 @@ class Index:
         for key in self.r.scan_iter(match=P + "c:*", count=1000):
             yield _s(key)[len(P) + 2:]
 
+    @contextlib.contextmanager
+    def gc_lock(self, ttl: float = 60.0):
+        """Hold the gc lock for the block: one gc at a time. Two at once could interleave a
+        claim, a put re-uploading the chunk, and the other's forget, leaving a published
+        chunk with no record. Renewed from a thread every ttl/3; a gc that pauses past it
+        (SIGSTOP, a VM pause) loses it, and the scripts it runs then change nothing."""
+        token = f"{lease_holder()}:{secrets.token_hex(4)}"
+        if not self.r.set(K_GC, token, nx=True, px=int(ttl * 1000)):
+            holder = _s(self.r.get(K_GC) or b"?").rsplit(":", 1)[0]
+            raise ShardfsError(f"another gc is running ({holder}); run gc again once it has ended")
+        self.gc_token = token
+        stop = threading.Event()
+
+        def renew():
+            while not stop.wait(ttl / 3):
+                try:
+                    if not self._relock(keys=[K_GC], args=[token, int(ttl * 1000)]):
+                        return  # lost: the scripts refuse from now on
+                except redis.RedisError:
+                    continue
+
+        t = threading.Thread(target=renew, daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self.gc_token = None
+            try:
+                self._unlock(keys=[K_GC], args=[token])
+            except redis.RedisError:
+                pass  # it expires by itself
+
+    def _gc_checked(self, result) -> int:
+        if result == -1:
+            raise ShardfsError("this gc lost its lock (it paused longer than the lock lasts, or Redis "
+                               "restarted); it stopped, run gc again")
+        return result
+
     def claim_for_gc(self, hex_id: str) -> bool:
-        now_ms = int(time.time() * 1000)
-        return bool(self._claim(keys=[k_chunk(hex_id), K_PUTS], args=[hex_id, now_ms, LEASE_PREFIX]))
+        """Mark an unreferenced chunk that no running put leases "deleting" (needs gc_lock)."""
+        return bool(self._gc_checked(self._claim(keys=[k_chunk(hex_id), K_PUTS, K_GC],
+                                                 args=[hex_id, self.now_ms(), LEASE_PREFIX, self.gc_token or ""])))
 
     def release_gc_claim(self, hex_id: str, deleted_from) -> None:
-        """gc could not delete every copy: forget the copies it did delete, mark the chunk
-        "ok" again (refs stay 0, so the next gc claims it again)."""
-        p = self.r.pipeline()
-        if deleted_from:
-            p.srem(k_locs(hex_id), *deleted_from)
-        # only a chunk whose upload finished (record_chunk wrote its sizes) is "ok"; a killed
-        # put's chunk stays "pending", so no later put trusts copies that may never have landed
-        state = "ok" if self.r.hexists(k_chunk(hex_id), "raw") else "pending"
-        p.hset(k_chunk(hex_id), "state", state)
-        p.execute()
+        """gc could not delete every copy: see RELEASE_LUA."""
+        self._gc_checked(self._release(keys=[k_chunk(hex_id), k_locs(hex_id), K_GC],
+                                       args=[self.gc_token or "", *deleted_from]))
 
     def forget_chunk(self, hex_id: str) -> None:
-        self.r.delete(k_chunk(hex_id), k_locs(hex_id))
+        self._gc_checked(self._forget(keys=[k_chunk(hex_id), k_locs(hex_id), K_GC], args=[self.gc_token or ""]))
 
     def expire_puts(self) -> None:
-        now_ms = int(time.time() * 1000)
-        for pid in self.r.zrangebyscore(K_PUTS, 0, now_ms):
+        for pid in self.r.zrangebyscore(K_PUTS, 0, self.now_ms()):
             self.end_put(_s(pid))

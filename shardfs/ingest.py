@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from . import envelope
 from .chunker import DEFAULT_CHUNK, check_chunk_size, plan_spans
 from .errors import NoNodes, NodeError, ShardfsError, UsageError
-from .index import Index
+from .index import LAPSED, Index
 from .manifest import Manifest
 from .names import check_name
 from .placement import rank
@@ -89,6 +89,7 @@ class Uploader:
         self.idx, self.pool, self.live, self.replicas, self.put_id = idx, pool, dict(live), replicas, put_id
         self.failed: dict[str, str] = {}
         self.lacking: set[str] = set()  # nodes found without a chunk the index lists there
+        self.lapsed = False  # the put's lease lapsed and gc ended it (PutSession._heartbeat)
         self._lock = threading.Lock()
         self._storing: dict[str, threading.Event] = {}  # chunk -> set once its first store ends
 
@@ -112,6 +113,8 @@ class Uploader:
             self._storing[hex_id].set()
 
     def _store(self, cid: bytes, hex_id: str, raw, codec: str | None) -> tuple[bytes, int, int | None, bool]:
+        if self.lapsed:
+            raise ShardfsError(LAPSED)
         deadline = time.monotonic() + GC_WAIT
         while (state := self.idx.lease_chunk(self.put_id, hex_id)) == "deleting":
             if time.monotonic() > deadline:
@@ -228,7 +231,9 @@ class PutSession:
     def _heartbeat(self) -> None:
         while not self._stop.wait(LEASE_TTL / 3):
             try:
-                self.idx.renew_put(self.put_id, LEASE_TTL)
+                if not self.idx.renew_put(self.put_id, LEASE_TTL):
+                    self.uploader.lapsed = True  # gc ended this put: stop uploading for nothing
+                    return
             except Exception:  # noqa: BLE001 - a Redis blip: retry; publish checks the lease is live
                 continue
 

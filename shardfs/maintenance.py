@@ -325,16 +325,25 @@ def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> i
 def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
     """Delete every chunk no version references and no running put relies on.
 
-    Returns (chunks deleted, stored bytes freed per replica)."""
-    idx.expire_puts()
-    pool = NodePool(idx.nodes())
+    One gc runs at a time (Index.gc_lock). Returns (chunks deleted, stored bytes freed
+    per replica)."""
+    with idx.gc_lock():
+        idx.expire_puts()
+        pool = NodePool(idx.nodes())
+        try:
+            return _gc(idx, pool, out)
+        finally:
+            pool.close()
+
+
+def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
     deleted = freed = 0
-    try:
-        for h in list(idx.all_chunks()):
-            if not idx.claim_for_gc(h):
-                continue
+    for h in list(idx.all_chunks()):
+        if not idx.claim_for_gc(h):
+            continue
+        gone, failed = [], []
+        try:
             info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
-            gone, failed = [], []
             for nid in info["locs"]:
                 if nid not in pool.nodes:
                     continue
@@ -344,23 +353,27 @@ def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
                 except NodeError as e:
                     failed.append(nid)
                     print(f"gc: could not delete chunk {h[:16]} from {nid}: {e}; will retry next gc", file=out)
-            if failed:
-                # give the claim back (state "ok", refs 0): a put needing the chunk re-uploads it
-                # instead of waiting on a gc that cannot finish while that node is down
-                idx.release_gc_claim(h, gone)
-            else:
-                idx.forget_chunk(h)
-                deleted += 1
-                freed += info["stored"]
-        for nid in pool.nodes:  # temp files of puts killed mid-write (file:// nodes; servers sweep their own)
+        except BaseException:  # interrupted, or Redis failed: a chunk left "deleting" would stall puts
             try:
-                swept = pool.store(nid).sweep_temps()
-            except (NodeError, OSError):
-                continue
-            if swept:
-                print(f"gc: removed {swept} temp file(s) that killed writers left on node {nid}", file=out)
-    finally:
-        pool.close()
+                idx.release_gc_claim(h, gone)
+            except Exception:  # noqa: BLE001 - the next gc takes the claim over
+                pass
+            raise
+        if failed:
+            # give the claim back (state "ok", refs 0): a put needing the chunk re-uploads it
+            # instead of waiting on a gc that cannot finish while that node is down
+            idx.release_gc_claim(h, gone)
+        else:
+            idx.forget_chunk(h)
+            deleted += 1
+            freed += info["stored"]
+    for nid in pool.nodes:  # temp files of puts killed mid-write (file:// nodes; servers sweep their own)
+        try:
+            swept = pool.store(nid).sweep_temps()
+        except (NodeError, OSError):
+            continue
+        if swept:
+            print(f"gc: removed {swept} temp file(s) that killed writers left on node {nid}", file=out)
     return deleted, freed
 
 

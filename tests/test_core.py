@@ -26,6 +26,7 @@ import urllib3
 
 from conftest import Cli, add_nodes, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
+from shardfs.errors import ShardfsError
 from shardfs.index import Index
 from shardfs.maintenance import gc as run_gc
 from shardfs.maintenance import get_model
@@ -1014,6 +1015,49 @@ def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
 
 
 # -- 9. node server under hostile input -------------------------------------------------
+
+
+def test_one_gc_at_a_time_and_a_gc_that_lost_its_lock_changes_nothing(cli, nodes, redis_proc, model_small):
+    """Two gcs at once could interleave one's claim, a put re-uploading the chunk and the
+    other's forget: a published chunk with no record and no locations."""
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "old", *SMALL)
+    cli("rm", "old")
+    idx = open_idx(redis_proc)
+    h = next(iter(idx.all_chunks()))
+    with idx.gc_lock():
+        assert_one_line_error(cli("gc", check=False), "another gc is running", "run gc again once it has ended")
+        assert idx.claim_for_gc(h)
+        idx.r.delete("shardfs:gc")  # the lock expired while this gc paused; another may run now
+        with pytest.raises(ShardfsError, match="lost its lock"):
+            idx.forget_chunk(h)
+        with pytest.raises(ShardfsError, match="lost its lock"):
+            idx.claim_for_gc(next(c for c in idx.all_chunks() if c != h))
+    assert idx.chunk_info([h])[0]["locs"], "the chunk's record and locations are still there"
+    assert "deleted 25 unreferenced chunk(s)" in cli("gc").stdout  # (the claim left "deleting" is taken over)
+
+
+def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
+    """A put paused past its lease (Ctrl-Z, a VM pause) used to revive it with its next
+    heartbeat, and then published although gc had taken its chunks meanwhile."""
+    from shardfs.index import K_PUTS
+    idx = open_idx(redis_proc)
+    idx.start_put("p1", 60)
+    idx.start_put("p2", 60)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # this host's clock runs an hour ahead
+    idx.expire_puts()  # leases are set and compared on Redis's clock: nothing expires
+    assert idx.r.zscore(K_PUTS, "p1") is not None and idx.r.zscore(K_PUTS, "p2") is not None
+    monkeypatch.setattr(time, "time", real)
+    idx.r.zadd(K_PUTS, {"p1": idx.now_ms() - 1})  # p1 stopped renewing: its lease lapsed
+    idx.expire_puts()  # gc ends it
+    assert not idx.renew_put("p1", 60), "the heartbeat must not bring an ended put back"
+    assert idx.r.zscore(K_PUTS, "p1") is None
+    assert idx.renew_put("p2", 60)
+    from shardfs.manifest import Manifest
+    with pytest.raises(ShardfsError, match="lease on its chunks lapsed"):
+        idx.publish("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {}, False, put_id="p1")
+    assert idx.models() == [] or "m" not in idx.models()
 
 def test_node_server_rejects_hostile_requests(nodes, tmp_path):
     token_file = tmp_path / "token"
