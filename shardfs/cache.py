@@ -36,6 +36,9 @@ from .errors import ShardfsError
 from .stores import chunk_relpath, disk_id
 from .units import human
 
+# read errors that say nothing about the entry: a miss this time, the entry stays
+TRANSIENT = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
+
 log = logging.getLogger("shardfs.cache")
 
 HIGH_WATER = 0.95
@@ -150,8 +153,9 @@ class ChunkCache:
             return None
         try:
             raw, direct = directio.read_whole(self.path(hex_id), self.direct, pin=True)  # verified below
-        except OSError:
-            self._forget(hex_id)
+        except OSError as e:
+            if e.errno not in TRANSIENT:  # gone, or unreadable for good: not counted any more
+                self.discard(hex_id)  # (the file too: kept, it was outside the byte count)
             self._count("misses")
             return None
         if self.direct and not direct:

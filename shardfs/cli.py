@@ -373,7 +373,7 @@ def cmd_verify(args):
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
           + (f", {rep.repaired} repaired" if args.repair else ""))
-    if rep.lost or (not rep.ok and not args.repair) or (args.repair and rep.repaired < len(rep.under)):
+    if rep.lost or (not rep.ok and not args.repair) or (args.repair and rep.unrepaired):
         sys.exit(1)
 
 

@@ -125,6 +125,15 @@ redis.call('HSET', KEYS[1], 'state', 'deleting')
 return 1
 """
 
+# verify --repair drops a broken copy's location only while no running put leases the chunk:
+# such a put may have just stored it again on that node (it leases before it looks).
+DROP_LUA = """
+for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
+  if redis.call('SISMEMBER', ARGV[3] .. p, ARGV[1]) == 1 then return -1 end
+end
+return redis.call('SREM', KEYS[1], ARGV[4])
+"""
+
 FORGET_LUA = """
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return -1 end
 redis.call('DEL', KEYS[1], KEYS[2])
@@ -199,6 +208,7 @@ class Index:
         self._lease = client.register_script(LEASE_LUA)
         self._claim = client.register_script(CLAIM_LUA)
         self._forget = client.register_script(FORGET_LUA)
+        self._drop = client.register_script(DROP_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._unlock = client.register_script(UNLOCK_LUA)
         self._relock = client.register_script(RELOCK_LUA)
@@ -629,6 +639,11 @@ class Index:
     def add_locations(self, hex_id: str, node_ids) -> None:
         if node_ids:
             self.r.sadd(k_locs(hex_id), *node_ids)
+
+    def drop_unleased(self, hex_id: str, node_id: str) -> bool:
+        """Drop one location unless a running put leases the chunk (DROP_LUA); whether the
+        node no longer counts as holding it."""
+        return self._drop(keys=[k_locs(hex_id), K_PUTS], args=[hex_id, self.now_ms(), LEASE_PREFIX, node_id]) != -1
 
     def drop_locations(self, hex_id: str, node_ids) -> None:
         if node_ids:

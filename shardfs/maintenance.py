@@ -187,7 +187,8 @@ class VerifyReport:
     missing: list = field(default_factory=list)     # (hex, node id)
     unreadable: list = field(default_factory=list)  # (hex, node id, reason): node errored, copy kept
     lost: list = field(default_factory=list)        # hex with no good copy
-    repaired: int = 0
+    repaired: int = 0  # chunks repair changed (copied, or dropped broken copies) and left with R good ones
+    unrepaired: list = field(default_factory=list)  # hex repair could not bring to R good copies
 
     @property
     def ok(self) -> bool:
@@ -270,9 +271,9 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
                     if repair and (bad or missing):
                         # no copy to repair from; drop the broken ones, so that putting a file
                         # with this chunk again uploads it instead of trusting them
-                        _drop_broken(idx, pool, h, [n for n, _ in bad + missing])
-                        print(f"repair: dropped the broken copies of chunk {h}; putting a file that "
-                              f"holds it again (with the same --chunk-size) restores it", file=out)
+                        if not _drop_broken(idx, pool, h, bad, missing, out):
+                            print(f"repair: dropped the broken copies of chunk {h}; putting a file that "
+                                  f"holds it again (with the same --chunk-size) restores it", file=out)
                     continue
                 if len(active_good) >= want[h] and not bad and not missing and not unreadable:
                     rep.healthy += 1
@@ -281,28 +282,48 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
                     rep.under.append((h, active_good, want[h]))
                     print(f"under-replicated: chunk {h} has {len(active_good)} of {want[h]} good copies "
                           f"({', '.join(active_good) or 'none live'})", file=out)
-                if repair:
-                    rep.repaired += _repair(idx, pool, live, h, raw, active_good, want[h],
-                                            [n for n, _ in bad + missing], out, keyrings.get(h))
+                if repair and (bad or missing or len(active_good) < want[h]):
+                    if _repair(idx, pool, live, h, raw, active_good, want[h], bad, missing, out, keyrings.get(h)):
+                        rep.repaired += 1
+                    else:
+                        rep.unrepaired.append(h)
     finally:
         pool.close()
     return rep
 
 
-def _drop_broken(idx, pool, h, broken) -> None:
-    for nid in broken:  # drop bad and missing copies from the index, then from the node
-        idx.drop_locations(h, [nid])
-        try:
-            pool.store(nid).delete(h)
-        except NodeError:
-            pass
+def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
+    """Drop bad and missing copies from the index, and bad ones from their node too; returns
+    the nodes whose copies were left listed. A running put that leases the chunk may be storing it again right now: its
+    copies are left alone (Index.drop_unleased), and so is a missing copy that is back."""
+    left = []
+    for nid, is_bad in [(n, True) for n, _ in bad] + [(n, False) for n, _ in missing]:
+        if not is_bad:
+            try:
+                if pool.store(nid).has(h):
+                    continue  # stored again since it was checked
+            except NodeError:
+                pass
+        if not idx.drop_unleased(h, nid):
+            print(f"repair: left chunk {h} on {nid} as it is: a running put is storing it; verify again "
+                  "once it ends", file=out)
+            left.append(nid)
+            continue
+        if is_bad:
+            try:
+                pool.store(nid).delete(h)
+            except NodeError:
+                pass
+    return left
 
 
-def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> int:
-    _drop_broken(idx, pool, h, broken)
+def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None) -> bool:
+    """Drop broken copies and copy the chunk until it has `want` good ones; whether it has
+    them, and no broken copy is left listed."""
+    left = _drop_broken(idx, pool, h, bad, missing, out)
     have = list(good)
     if len(have) >= want:
-        return 1
+        return not left
     _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h), keyring=keyring, aligned=True)
     for nid in rank(h, live):
         if len(have) >= want:
@@ -318,8 +339,8 @@ def _repair(idx, pool, live, h, raw, good, want, broken, out, keyring=None) -> i
             print(f"repair: could not copy chunk {h[:16]} to {nid}: {e}", file=out)
     if len(have) >= want:
         print(f"repaired: chunk {h} now on {', '.join(have)}", file=out)
-        return 1
-    return 0
+        return not set(left) - set(have)  # (a copy made again where a broken one was left is good)
+    return False
 
 
 def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
@@ -338,6 +359,15 @@ def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
 
 def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
     deleted = freed = 0
+    skip = {}  # nodes gc deletes nothing through this run, and why
+    for nid in pool.nodes:
+        try:
+            why = pool.store(nid).unsure()
+        except NodeError as e:
+            why = str(e)
+        if why:
+            skip[nid] = why
+            print(f"gc: could not delete anything on node {nid}: {why}; will retry next gc", file=out)
     for h in list(idx.all_chunks()):
         if not idx.claim_for_gc(h):
             continue
@@ -346,6 +376,9 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
             info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
             for nid in info["locs"]:
                 if nid not in pool.nodes:
+                    continue
+                if nid in skip:
+                    failed.append(nid)
                     continue
                 try:
                     pool.store(nid).delete(h)

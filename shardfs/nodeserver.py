@@ -89,7 +89,8 @@ class NodeServer:
         free = shutil.disk_usage(self.root).free
         return web.json_response({"used": self.used, "free": free, "chunks": self.chunks,
                                   "disk": disk_id(self.root), "root": root_id(self.root),
-                                  "writable": os.access(self.root, os.W_OK)})  # (False on a read-only mount)
+                                  "writable": os.access(self.root, os.W_OK),  # (False on a read-only mount)
+                                  "unsure": not_found_why(self.root)})  # (see stores.NodeStore.unsure)
 
     async def get(self, request):
         path = self._path(request)

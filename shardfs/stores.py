@@ -185,13 +185,20 @@ class NodeStore(ABC):
 
     @abstractmethod
     def delete(self, hex_id: str) -> None:
-        """Remove a chunk; removing an absent chunk is not an error."""
+        """Remove a chunk; removing an absent chunk is not an error, unless the node cannot
+        tell it is absent (NodeError: see MARKER)."""
 
     @abstractmethod
     def health(self, used: bool = True) -> dict:
         """{"used": bytes held, "free": bytes free, "disk": disk_id of its root (optional)};
         NodeError when unreachable. used=False: a liveness probe; "used" may be None where
         it is costly to count."""
+
+    def unsure(self) -> str | None:
+        """Why this node cannot tell that a chunk is absent (its directory lacks MARKER), or
+        None. gc deletes nothing through such a node: a delete of a chunk "not found" there
+        would forget a copy hidden under a disk that did not mount."""
+        return None
 
     @abstractmethod
     def probe_write(self) -> None:
@@ -248,12 +255,17 @@ class FileStore(NodeStore):
         try:
             os.unlink(self._path(hex_id))
         except FileNotFoundError:
-            pass
+            why = not_found_why(self.root)  # (gc would forget a copy hidden under an unmounted disk)
+            if why:
+                raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: not found, but {why}") from None
         except OSError as e:
             raise NodeError(self.url, f"cannot delete chunk {hex_id[:16]}: {e.strerror}") from None
 
     def sweep_temps(self):
         return sweep_temps(self.root)
+
+    def unsure(self):
+        return not_found_why(self.root)
 
     def probe_write(self):
         try:
@@ -379,6 +391,9 @@ class HttpStore(NodeStore):
         r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth)
         if r.status not in (200, 204, 404):
             raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}{_why(r)}")
+
+    def unsure(self):  # (a server says why; nginx answers 503 without the marker: a NodeError)
+        return self.health(used=False).get("unsure")
 
     def probe_write(self):  # deleting an id no chunk has: the server checks the token, changes nothing
         self.delete("0" * 64)

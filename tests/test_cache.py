@@ -160,3 +160,24 @@ def test_pins_that_cannot_be_saved_change_nothing(tmp_path):
         c.unpin("a")
     assert c.pins() == ["a"] and c.pinned("aa" * 32) and not c.pinned("bb" * 32)
     assert ChunkCache(str(tmp_path / "c"), 64 << 20).pins() == ["a"]  # and on disk
+
+
+def test_a_read_error_that_says_nothing_about_the_entry_keeps_it(tmp_path):
+    """A read error dropped the entry from the byte count but left its file: the cache
+    could outgrow its limit by such files until a restart. Out of file descriptors, the
+    entry is a miss this time and stays; an entry whose file went is forgotten."""
+    import resource
+    cache = ChunkCache(str(tmp_path / "c"), 64 << 20, free_floor=0)
+    h, data = decoded_chunk(512)
+    assert cache.put(h, data)
+    used = cache.used
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (0, hard))  # every open fails: EMFILE
+    try:
+        assert cache.get(h) is None  # EMFILE
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert cache.used == used and h in cache and os.path.exists(cache.path(h))
+    assert bytes(cache.get(h)) == bytes(data)
+    os.unlink(cache.path(h))
+    assert cache.get(h) is None and h not in cache and cache.used == used - len(data)

@@ -234,6 +234,30 @@ def test_node_loss_then_verify_and_repair(cli, nodes, redis_proc, model_small, t
     get_and_compare(cli, "m", model_small, tmp_path)
 
 
+def test_repair_leaves_alone_a_chunk_a_running_put_is_storing(cli, nodes, redis_proc, model_small):
+    """verify --repair checks every chunk first and drops broken copies later: a put that
+    stored the chunk again in between (what the LOST line advises) had its fresh copy
+    dropped from the index. The exit status says when a chunk is left unrepaired."""
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    idx = open_idx(redis_proc)
+    a = sorted(manifest_hexes(idx, "m"))[0]
+    os.unlink(next(f for f in procs[1].chunk_files() if os.path.basename(f) == a))
+    victim = id_of(idx, procs[1])
+    idx.start_put("racer", 60)  # a put holding the chunk's lease: it may be storing it again now
+    assert idx.lease_chunk("racer", a) == "ok"
+    r = cli("verify", "--repair")
+    assert f"repair: left chunk {a} on {victim} as it is: a running put is storing it" in r.stdout, r.stdout
+    assert f"repaired: chunk {a} now on " in r.stdout and "1 repaired" in r.stdout, r.stdout  # copied there again
+    assert victim in idx.locations(a)
+    idx.end_put("racer")
+    r = cli("verify")
+    assert "25 healthy" in r.stdout and " 0 lost" in r.stdout, r.stdout
+    procs[1].kill()  # nowhere to copy to: the exit status says a chunk was left under-replicated
+    r = cli("verify", "--repair", check=False)
+    assert r.returncode == 1 and "0 repaired" in r.stdout, r.stdout
+
+
 # -- 3. a corrupted copy ----------------------------------------------------------------
 
 def test_corrupt_copy_is_named_and_repaired(cli, nodes, redis_proc, model_small, tmp_path):
@@ -1285,6 +1309,31 @@ def test_a_node_directory_that_is_not_the_one_its_chunks_went_to_never_calls_the
     cli("put", other, "--name", "m2", "--replicas", 1, *SMALL)
     assert not os.path.exists(froot)
     get_and_compare(cli, "m2", other, tmp_path)
+
+
+def test_gc_deletes_nothing_through_a_node_directory_without_its_marker(cli, nodes, redis_proc, model_small,
+                                                                       tmp_path):
+    """gc took "not found" on an empty mountpoint for "already deleted" and forgot the chunks:
+    once the disk mounted again, their copies there were untracked for good."""
+    [srv] = nodes(1)
+    froot = str(tmp_path / "fnode")
+    cli("node", "add", f"file://{froot}")
+    cli("node", "add", srv.url)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    cli("rm", "m")
+    for root in (froot, srv.root):  # neither disk mounted
+        os.rename(root, root + ".away")
+        os.mkdir(root)
+    r = cli("gc")
+    assert r.stdout.count("could not delete anything on node") == 2 and "has no .shardfs-node" in r.stdout, r.stdout
+    assert "deleted 0 unreferenced chunk(s)" in r.stdout, r.stdout
+    idx = open_idx(redis_proc)
+    assert len(list(idx.all_chunks())) == 25
+    for root in (froot, srv.root):
+        os.rmdir(root)
+        os.rename(root + ".away", root)
+    assert "deleted 25 unreferenced chunk(s)" in cli("gc").stdout
+    assert not all_files(froot) and not all_files(srv.root)
 
 
 def test_node_server_routes_head_keeps_sealed_chunks_and_refuses_odd_tokens(nodes, tmp_path):
