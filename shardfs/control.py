@@ -41,15 +41,19 @@ def socket_path(mountpoint: str, uid: int | None = None) -> str:
 
 async def serve(daemon, task_status=trio.TASK_STATUS_IGNORED):
     path = daemon.control_path
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        await sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(16)
+    except OSError as e:
+        sock.close()
+        raise ShardfsError(f"cannot make the control socket {path}: {e.strerror or e}") from None
     task_status.started()
     try:
         await trio.serve_listeners(lambda stream: _handle(daemon, stream), [trio.SocketListener(sock)])

@@ -60,9 +60,12 @@ def sd_notify(message: str) -> None:
         return
     if addr.startswith("@"):
         addr = "\0" + addr[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-        s.connect(addr)
-        s.sendall(message.encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+    except OSError as e:  # (a socket inherited from elsewhere, e.g. in a container: the mount goes on)
+        log.warning("cannot tell systemd %r at NOTIFY_SOCKET=%s: %s", message.split("\n")[0], addr, e)
 
 
 class Daemon:

@@ -330,8 +330,11 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
     def tell(msg: str):
         nonlocal ready_file
         if ready_file:
-            ready_file.write(msg + "\n")
-            ready_file.close()
+            try:
+                ready_file.write(msg + "\n")
+                ready_file.close()
+            except OSError:  # the parent is gone (killed while waiting): nobody to tell
+                pass
             ready_file = None
 
     try:
@@ -364,14 +367,25 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
 
     try:
         trio.run(run, daemon, ready)
-    except RuntimeError as e:
+    except BaseException as group:
+        e = _single(group)  # (trio's nurseries wrap what is raised in them in exception groups)
+        if not isinstance(e, Exception):
+            raise  # KeyboardInterrupt, SystemExit
         if was_ready:  # not a mount failure: a bug in the running daemon; keep its traceback
             logging.getLogger("shardfs.daemon").exception("the mount daemon failed")
             raise ShardfsError(f"the mount daemon of {mp} failed: {e}") from None
-        tell(f"error: cannot mount {mp}: {e}")  # pyfuse3.init failures arrive as RuntimeError
+        # pyfuse3.init failures arrive as RuntimeError, the control socket's as ShardfsError
+        tell(f"error: cannot mount {mp}: {e}")
         raise ShardfsError(f"cannot mount {mp}: {e}") from None
     finally:
         tell("error: the mount daemon stopped before the mount was ready")
+
+
+def _single(e: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups, or e."""
+    while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e
 
 
 def cmd_umount(args) -> None:

@@ -409,6 +409,43 @@ def test_mount_refuses_clearly(cli, redis_proc, tmp_path, base_env):
     assert r.returncode != 0 and "127.0.0.1:1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_control_socket_that_cannot_be_made_fails_the_mount_in_one_line(store, cli, tmp_path):
+    """The error came out of trio's nursery inside an exception group, which the mount did
+    not unwrap: the parent said only that the daemon stopped, systemd got a traceback."""
+    from shardfs.control import socket_path
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    sp = socket_path(str(mp))
+    os.makedirs(sp)  # a non-empty directory where the socket goes: it cannot be replaced
+    open(os.path.join(sp, "x"), "w").close()
+    try:
+        r = cli("mount", mp, "--cache-dir", tmp_path / "c", check=False)
+        fg = cli("mount", mp, "--cache-dir", tmp_path / "c", "--foreground", check=False, timeout=60)
+    finally:
+        shutil.rmtree(sp)
+    for res in (r, fg):
+        assert res.returncode != 0 and "Traceback" not in res.stderr, res.stderr
+        assert f"cannot mount {mp}: cannot make the control socket {sp}" in res.stderr, res.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.ismount(mp)
+
+
+def test_an_unreachable_notify_socket_does_not_stop_the_mount(store, cli, tmp_path):
+    """sd_notify's OSError escaped into the daemon's nursery after the mount was reported
+    ready, and tore it down (NOTIFY_SOCKET inherited in a container, say)."""
+    from conftest import Cli
+    cli = Cli({**cli.env, "NOTIFY_SOCKET": str(tmp_path / "no-such.sock")})
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cli("mount", mp, "--cache-dir", tmp_path / "c")
+    try:
+        time.sleep(1)  # (the READY=1 notification follows the mount's readiness)
+        assert os.path.ismount(mp)
+        assert sha256_file(mp / "org" / "small.safetensors") == sha256_file(store["small"])
+    finally:
+        cli("umount", mp)
+
+
 def test_mounting_over_a_non_empty_directory_warns(store, cli, tmp_path):
     mp = tmp_path / "full"
     mp.mkdir()
