@@ -61,6 +61,7 @@ class ChunkCache:
         # 2 GiB cache disk would leave the cache no room at all)
         self.free_floor = free_floor if free_floor is not None else default_free_floor(self.root)
         self._lock = threading.Lock()
+        self._pins_lock = threading.Lock()  # one pins.json writer at a time (_change_pins)
         self._lru: OrderedDict[str, int] = OrderedDict()  # hex -> size, oldest first
         self._touched: dict[str, float] = {}
         self._pins: dict[str, list[str]] = {}
@@ -117,9 +118,24 @@ class ChunkCache:
             log.warning("ignoring unreadable pins file: %s", e)
         self._pinned = {h for hs in self._pins.values() for h in hs}
 
-    def _set_pins(self, pins: dict[str, list[str]]) -> None:
-        """Under the lock: save the pins, then use them; on a failed save (a full disk)
-        nothing changes, on disk or in memory, and the caller gets one ShardfsError."""
+    def _change_pins(self, change) -> bool:
+        """Save the pins `change` (a function of the current ones; None: no change) makes,
+        then use them; on a failed save (a full disk) nothing changes, on disk or in memory,
+        and the caller gets one ShardfsError. Whether anything changed. The file is written
+        outside the cache's lock (the pins of large models are megabytes of JSON: every
+        fill and lookup would wait), one writer at a time."""
+        with self._pins_lock:
+            with self._lock:
+                pins = change(dict(self._pins))
+            if pins is None:
+                return False
+            self._save_pins(pins)
+            with self._lock:
+                self._pins = pins
+                self._pinned = {h for hs in pins.values() for h in hs}
+            return True
+
+    def _save_pins(self, pins: dict[str, list[str]]) -> None:
         path = os.path.join(self.root, "pins.json")
         tmp = path + ".tmp"
         try:
@@ -132,8 +148,6 @@ class ChunkCache:
             except OSError:
                 pass
             raise ShardfsError(f"cannot save the pins in {self.root}: {e.strerror}; nothing changed") from None
-        self._pins = pins
-        self._pinned = {h for hs in pins.values() for h in hs}
 
     # -- entries ---------------------------------------------------------------------
 
@@ -360,14 +374,13 @@ class ChunkCache:
         return self.evict(hexes)
 
     def pin(self, name: str, hex_ids) -> None:
-        with self._lock:
-            self._set_pins({**self._pins, name: sorted(set(hex_ids))})
+        """(Blocking: writes the pins file. The daemon calls it from a worker thread.)"""
+        ids = sorted(set(hex_ids))
+        self._change_pins(lambda pins: {**pins, name: ids})
 
     def unpin(self, name: str) -> bool:
-        with self._lock:
-            found = name in self._pins
-            if found:
-                self._set_pins({k: v for k, v in self._pins.items() if k != name})
+        """(Blocking, as pin.) Whether `name` was pinned."""
+        found = self._change_pins(lambda pins: {k: v for k, v in pins.items() if k != name} if name in pins else None)
         if found:
             self._room_again()  # (the next fill checks again)
         return found

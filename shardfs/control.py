@@ -193,12 +193,22 @@ async def _dispatch(daemon, req, send):
                            f"raise --cache-size, warm fewer, or pin them")
     if op == "pin":
         ms = await _models(daemon, req)
-        for m in ms:
-            cache.pin(m.name, m.hexes)
+        for m in ms:  # (writes the pins file: not on this thread)
+            await trio.to_thread.run_sync(cache.pin, m.name, m.hexes, abandon_on_cancel=False)
         return {"pinned": [m.name for m in ms]}
     if op == "unpin":
-        names = req.get("names") or []
-        missing = [n for n in names if not cache.unpin(n)]
+        names, missing = [], []
+        pinned = cache.pins()
+        for name in req.get("names") or []:
+            if name.endswith("/"):  # a folder, as for pin: every pinned model under it
+                under = [n for n in pinned if n.startswith(name)]
+                names += under
+                missing += [] if under else [name]
+            else:
+                names.append(name)
+        for name in names:
+            if not await trio.to_thread.run_sync(cache.unpin, name, abandon_on_cancel=False):
+                missing.append(name)
         if missing:
             raise NotFound(f"not pinned: {', '.join(missing)}")
         return {"unpinned": names}

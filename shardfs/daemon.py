@@ -100,6 +100,7 @@ class Daemon:
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
         self._stale_snapshots: list[int] = []
+        self._bad_records: set[str] = set()  # malformed version records already logged
         self._prefetching: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -137,21 +138,41 @@ class Daemon:
         return self.idx
 
     def load_catalogue(self, force: bool = False) -> bool:
-        """Worker thread: refresh nodes and the model list if the epoch or the index id
-        moved. True if changed."""
+        """Refresh nodes and the model list if the epoch or the index id moved (at start-up,
+        before trio runs). True if changed."""
+        fetched = self.fetch_catalogue(force)
+        changed = self.apply_catalogue(fetched)
+        if changed:
+            self._save_catalogue(*fetched[1:], self._kept_snapshots())
+        return changed
+
+    def fetch_catalogue(self, force: bool = False):
+        """Worker thread: (epoch, nodes, models) from the index if the epoch or the index id
+        moved since the last one applied, else None. The tree is the trio thread's: handlers
+        read it between awaits, so only apply_catalogue changes it."""
         idx = self._index()
         epoch = idx.state()
         if epoch == self.epoch and not force:
-            return False
+            return None
         nodes = idx.nodes()
         models = idx.models()
-        vers = idx.versions(list(models.values()))
-        cat = {v.name: (v.vid, v.size, v.created, v.sha256) for v in vers}
+        bad = []
+        vers = idx.versions(list(models.values()), bad)
+        for e in bad:  # one damaged record must not hide every later change
+            if str(e) not in self._bad_records:
+                self._bad_records.add(str(e))
+                log.error("%s; that model is left out of the mount", e)
+        return epoch, nodes, {v.name: (v.vid, v.size, v.created, v.sha256) for v in vers}
+
+    def apply_catalogue(self, fetched) -> bool:
+        """Trio thread (or before trio runs): show a fetched catalogue. True if it changed."""
+        if fetched is None:
+            return False
+        epoch, nodes, cat = fetched
         self.epoch = epoch
         if not self._apply(cat):
             return False
         self.pool.update(nodes)
-        self._save_catalogue(nodes, cat)
         return True
 
     def _apply(self, cat) -> bool:
@@ -179,11 +200,11 @@ class Daemon:
             entry = self.tree.current.get(name)
             try:
                 if entry is None:
-                    self.cache.unpin(name)
+                    await trio.to_thread.run_sync(self.cache.unpin, name, abandon_on_cancel=False)
                     log.info("unpinned %s: it was removed", name)
                     continue
                 m = await self.open_model(entry)
-                self.cache.pin(name, m.hexes)
+                await trio.to_thread.run_sync(self.cache.pin, name, m.hexes, abandon_on_cancel=False)
             except (ShardfsError, OSError) as e:
                 self._changed.add(name)  # try again at the next poll
                 log.warning("cannot move the pin of %s to its current version yet: %s", name, e)
@@ -191,9 +212,26 @@ class Daemon:
             log.info("the pin of %s moved to its version %d; `shardfs cache warm %s` fetches it",
                      name, entry.vid, name)
 
-    def _save_catalogue(self, nodes, cat) -> None:
+    def _kept_snapshots(self) -> set[int]:
+        """Trio thread: the versions whose snapshots are worth keeping: current, or open here."""
+        return {e.vid for e in self.tree.current.values()} | set(self.models) | set(self._model_locks)
+
+    def _save_catalogue(self, nodes, cat, keep: set[int]) -> None:
+        """Worker thread: save the catalogue; delete the snapshots of other versions (replaced
+        while this mount was down, too: nothing else would)."""
         data = {"nodes": {k: vars(v) for k, v in nodes.items()}, "models": cat}
         _write_json(os.path.join(self.snap_dir, "catalogue.json"), data)
+        try:
+            names = os.listdir(self.snap_dir)
+        except OSError:
+            return
+        for name in names:
+            stem = name[:-len(".json")]
+            if name.endswith(".json") and stem.isdigit() and int(stem) not in keep:
+                try:
+                    os.unlink(os.path.join(self.snap_dir, name))
+                except OSError:
+                    pass
 
     def load_saved_catalogue(self) -> bool:
         try:
@@ -220,7 +258,10 @@ class Daemon:
             try:
                 reading = [vid for vid, n in self.open_count.items() if n > 0]
                 stale, self._stale_snapshots = self._stale_snapshots, []
-                await trio.to_thread.run_sync(self._poll_index, reading, stale, abandon_on_cancel=True)
+                fetched = await trio.to_thread.run_sync(self._poll_index, reading, stale, abandon_on_cancel=True)
+                if self.apply_catalogue(fetched):
+                    await trio.to_thread.run_sync(self._save_catalogue, *fetched[1:], self._kept_snapshots(),
+                                                  abandon_on_cancel=False)
                 await self.follow_pins()
                 if not self.redis_ok:
                     log.warning("Redis at %s is back", self._index().url)
@@ -246,9 +287,9 @@ class Daemon:
             self._model_locks.pop(vid, None)
         return gone
 
-    def _poll_index(self, reading: list[int], stale: list[int]) -> None:
+    def _poll_index(self, reading: list[int], stale: list[int]):
         """Worker thread: delete the snapshots of forgotten versions, renew the leases of the
-        versions open here, reload the catalogue."""
+        versions open here, fetch the catalogue if it changed (fetch_catalogue)."""
         for vid in stale:
             if vid in self.models:
                 continue  # opened again meanwhile
@@ -258,7 +299,7 @@ class Daemon:
                 pass
         if reading:
             self._index().lease_versions(self.holder, reading, READ_LEASE_TTL)
-        self.load_catalogue()
+        return self.fetch_catalogue()
 
     # -- models ----------------------------------------------------------------------
 
@@ -297,11 +338,15 @@ class Daemon:
         if m is not None:
             return m
         lock = self._model_locks.setdefault(entry.vid, trio.Lock())
-        async with lock:
-            m = self.models.get(entry.vid)
-            if m is None:
-                m = await trio.to_thread.run_sync(self._load_model, entry, abandon_on_cancel=True)
-                self.models[entry.vid] = m
+        try:
+            async with lock:
+                m = self.models.get(entry.vid)
+                if m is None:
+                    m = await trio.to_thread.run_sync(self._load_model, entry, abandon_on_cancel=True)
+                    self.models[entry.vid] = m
+        finally:  # a load that failed leaves no lock behind (forget_unused drops the others)
+            if entry.vid not in self.models and not lock.locked() and self._model_locks.get(entry.vid) is lock:
+                del self._model_locks[entry.vid]
         return m
 
     def _snap_path(self, vid: int) -> str:
@@ -338,10 +383,13 @@ class Daemon:
             if (snap.get("name"), snap.get("size"), snap.get("sha256")) != (entry.name, entry.size, entry.sha256):
                 raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): {e}; its local "
                                        f"snapshot is of another version") from None
+            try:
+                manifest = Manifest.decode(base64.b64decode(snap["manifest"]))
+                locs, key = dict(snap["locs"]), snap.get("key")
+            except (KeyError, TypeError, ValueError, CorruptChunk) as bad:
+                raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): {e}; its local "
+                                       f"snapshot is damaged ({bad})") from None
             log.info("loaded %s from its local snapshot (index: %s)", entry.name, e)
-            manifest = Manifest.decode(base64.b64decode(snap["manifest"]))
-            locs = snap["locs"]
-            key = snap.get("key")
         if manifest.size != entry.size:
             raise IndexUnavailable(f"{entry.name}: manifest covers {manifest.size} bytes, "
                                    f"version says {entry.size}")
@@ -351,10 +399,6 @@ class Daemon:
                               + (f"key {kr.fingerprint}" if kr else "no --key-file"))
         return OpenModel(entry.vid, entry.inode, entry.name, entry.size, entry.sha256, manifest, locs,
                          keyring=kr if key else None)
-
-    async def cached_bytes(self, entry: FileEntry) -> int:
-        m = await self.open_model(entry)
-        return self.cache.cached_bytes(m.hexes)
 
     def _notify_store(self, inode: int, offset: int, data: bytes) -> bool:
         try:
@@ -392,9 +436,11 @@ class Daemon:
 
 
 def _write_json(path: str, data) -> None:
+    """Write a snapshot, readable by this account only: the catalogue holds node tokens."""
     tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # (a .tmp left by an older version may be 0644)
             json.dump(data, f)
         os.rename(tmp, path)
     except OSError as e:

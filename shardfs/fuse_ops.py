@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 
 import pyfuse3
 
@@ -73,6 +74,7 @@ class ShardOps(pyfuse3.Operations):
         self.tree = daemon.tree
         self._fh = 0
         self._handles: dict[int, tuple] = {}
+        self._dirs: dict[int, tuple] = {}  # open directory handle -> (inode, its listing at offset 0)
 
     def _attrs(self, inode: int) -> pyfuse3.EntryAttributes:
         a = self.tree.attrs(inode)
@@ -89,7 +91,7 @@ class ShardOps(pyfuse3.Operations):
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = ns
         e.st_blksize = 1 << 20
         e.st_blocks = (a.size + 511) // 512
-        is_file = inode != ROOT and inode not in self.tree.children
+        is_file = stat.S_ISREG(a.mode)
         e.attr_timeout = ATTR_TIMEOUT if is_file else ENTRY_TIMEOUT
         e.entry_timeout = ENTRY_TIMEOUT
         e.generation = 0
@@ -111,20 +113,31 @@ class ShardOps(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        if self.tree.listdir(inode) is None:
+        listing = self.tree.listdir(inode)
+        if listing is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        self._fh += 1
+        self._dirs[self._fh] = (inode, listing)
+        return self._fh
 
     @_errors
     async def readdir(self, fh, start_id, token):
-        entries = self.tree.listdir(fh) or []
-        # offsets are positions in the sorted listing (stable while the tree is unchanged)
-        for i, (name, ino) in enumerate(entries[start_id:], start_id):
+        # The listing is taken at offset 0 (opendir, rewinddir) and kept: offsets are positions
+        # in it, so a model published between two readdir calls of a large folder cannot make
+        # a name skipped or listed twice.
+        inode, listing = self._dirs.get(fh, (None, []))
+        if start_id == 0 and inode is not None:
+            listing = self.tree.listdir(inode) or []
+            self._dirs[fh] = (inode, listing)
+        for i, (name, ino) in enumerate(listing[start_id:], start_id):
+            a = self.tree.attrs(ino)
+            if a is None:
+                continue  # removed since the listing was taken
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino), i + 1):
                 break
 
     async def releasedir(self, fh):
-        pass
+        self._dirs.pop(fh, None)
 
     @_errors
     async def open(self, inode, flags, ctx):
@@ -161,7 +174,12 @@ class ShardOps(pyfuse3.Operations):
         if name == b"user.shardfs.sha256":
             return entry.sha256.encode()
         if name == b"user.shardfs.cached_bytes":
-            return str(await self.d.cached_bytes(entry)).encode()
+            # without opening the model: `getfattr -R -d` over a large catalogue must not load
+            # and keep every manifest (cached_bytes_of); unknown while the index is away
+            got = (await self.d.cached_bytes_of([entry])).get(entry.vid)
+            if got is None:
+                raise pyfuse3.FUSEError(errno.EAGAIN)
+            return str(got).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors

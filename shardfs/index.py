@@ -312,12 +312,23 @@ class Index:
             raise NotFound(f"version {vid} does not exist")
         return self._version(vid, h)
 
-    def versions(self, vids) -> list[Version]:
-        """Several versions in one round trip (no manifests decoded); missing ones are skipped."""
+    def versions(self, vids, bad: list | None = None) -> list[Version]:
+        """Several versions in one round trip (no manifests decoded); missing ones are skipped.
+        With a `bad` list, malformed records are skipped too, and their errors added to it."""
         pipe = self.r.pipeline(transaction=False)
         for vid in vids:
             pipe.hgetall(k_version(vid))
-        return [self._version(vid, h) for vid, h in zip(vids, pipe.execute()) if h]
+        out = []
+        for vid, h in zip(vids, pipe.execute()):
+            if not h:
+                continue
+            try:
+                out.append(self._version(vid, h))
+            except CorruptChunk as e:
+                if bad is None:
+                    raise
+                bad.append(e)
+        return out
 
     def model(self, name: str) -> Version:
         vid = self.current_vid(name)

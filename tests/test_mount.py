@@ -44,6 +44,8 @@ def test_tree_sizes_modes_xattrs(store, mounts):
     assert os.getxattr(m.file("org/small.safetensors"), "user.shardfs.sha256").decode() == sha256_file(store["small"])
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.version")) >= 1
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.cached_bytes")) == 0
+    stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    assert stats["versions_in_memory"] == 0  # an xattr loads no model (`getfattr -R` over a catalogue)
     sv = os.statvfs(m.path)
     assert sv.f_blocks * sv.f_frsize >= os.path.getsize(store["small"])
 
@@ -161,6 +163,22 @@ def test_pin_keeps_a_model_through_lru_pressure(cli, nodes, tmp_path, mounts):
     assert r.returncode != 0 and "not pinned" in r.stderr
 
 
+def test_unpin_takes_a_folder_as_pin_does(store, mounts):
+    m = mounts()
+    m.cli("cache", "pin", "org/", "--mount", m.path)
+
+    def pinned():
+        stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+        return sorted(x["name"] for x in stats["models"] if x["pinned"])
+    assert pinned() == ["org/deep/other.bin", "org/small.safetensors"]
+    m.cli("cache", "unpin", "org/deep/", "--mount", m.path)  # was "not pinned: org/deep/"
+    assert pinned() == ["org/small.safetensors"]
+    m.cli("cache", "unpin", "org/", "--mount", m.path)
+    assert pinned() == []
+    r = m.cli("cache", "unpin", "org/", "--mount", m.path, check=False)
+    assert r.returncode != 0 and "not pinned: org/" in r.stderr
+
+
 def test_a_pin_follows_its_name_to_a_new_version_and_goes_with_a_removed_one(cli, nodes, tmp_path, mounts):
     m, a, b = pinned_a_beside_b(cli, nodes, tmp_path, mounts, 5 << 20)
     a.write_bytes(os.urandom(5 << 20))
@@ -227,9 +245,39 @@ def test_publish_replace_remove_while_mounted(store, mounts, cli, tmp_path):
     assert all(x["cached"] is not None for x in stats["models"]), stats["models"]
     wait_for(lambda: set(os.listdir(snaps)) == {"catalogue.json", f"{v2}.json"}, timeout=10,
              what="snapshot of the forgotten version deleted")
+    assert os.stat(os.path.join(snaps, "catalogue.json")).st_mode & 0o077 == 0  # it holds node tokens
     assert json.loads(cli("cache", "stats", "--json", "--mount", m.path).stdout)["versions_in_memory"] == 1
     cli("rm", "fresh/model.bin")
     wait_for(lambda: not os.path.exists(m.file("fresh/model.bin")), timeout=10, what="removed model")
+
+
+def test_a_damaged_version_record_hides_that_model_only(store, mounts, cli, redis_proc):
+    """One malformed version record failed every catalogue poll: no later model appeared,
+    and `cache stats` called a healthy Redis unreachable."""
+    m = mounts()
+    r = redis_proc.client()
+    vid = int(r.hget("shardfs:models", "org/deep/other.bin"))
+    r.hset(f"shardfs:v:{vid}", "size", "not a number")
+    cli("put", store["other"], "--name", "after.bin", "--chunk-size", "1MiB")
+    wait_for(lambda: os.path.exists(m.file("after.bin")), timeout=15, what="a model put after the damage")
+    assert not os.path.exists(m.file("org/deep/other.bin"))
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
+    assert json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"] is True
+    with open(m.log) as f:
+        assert f"malformed version record {vid}" in f.read()
+
+
+def test_snapshots_of_versions_replaced_while_unmounted_are_deleted(store, mounts, cli):
+    m = mounts()
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])  # loaded: a snapshot
+    snaps = os.path.join(m.cache_dir, "snapshots")
+    old = {n for n in os.listdir(snaps) if n != "catalogue.json"}
+    assert len(old) == 1
+    m.umount()
+    cli("put", store["small"], "--name", "org/deep/other.bin", "--force", "--chunk-size", "1MiB")
+    m.mount()
+    wait_for(lambda: not old & set(os.listdir(snaps)), timeout=10, what="the replaced version's snapshot deleted")
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["small"])
 
 
 def test_an_index_reset_under_the_mount_never_serves_another_versions_bytes(cli, nodes, mounts, redis_proc, tmp_path):

@@ -109,3 +109,40 @@ def test_operations_translate_and_refuse_writes():
         s = await ops.statfs(None)
         assert s.f_blocks == 1 and s.f_bfree == 0
     trio.run(main)
+
+
+def test_readdir_pages_through_the_listing_it_started_with(monkeypatch):
+    """Offsets were positions in the live listing: a model published between two readdir
+    calls of a folder shifted the rest, and `ls` skipped or repeated a name."""
+    from shardfs.fuse_ops import ShardOps
+    t = Tree()
+    t.update(cat({f"org/m{i:02d}": i for i in range(1, 11)}))
+    ops = ShardOps(_FakeDaemon(t))
+    got, room = [], [4]
+
+    def reply(token, name, attrs, next_id):  # the kernel's buffer holds 4 entries a call
+        if room[0] == 0:
+            return False
+        room[0] -= 1
+        got.append((name.decode(), next_id))
+        return True
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+
+    async def main():
+        org = (await ops.lookup(ROOT, b"org")).st_ino
+        fh = await ops.opendir(org, None)
+        await ops.readdir(fh, 0, None)
+        t.update(cat({"org/a-new": 20, **{f"org/m{i:02d}": i for i in range(1, 11) if i != 6}}))
+        while True:
+            before, room[0] = len(got), 4
+            await ops.readdir(fh, got[-1][1], None)
+            if len(got) == before:
+                break
+        names = [n for n, _ in got]
+        assert names == [f"m{i:02d}" for i in range(1, 11)]  # as when opened: none twice, none skipped
+        got.clear()
+        room[0] = 100
+        await ops.readdir(fh, 0, None)  # rewinddir: the folder as it is now
+        assert [n for n, _ in got] == ["a-new"] + [f"m{i:02d}" for i in range(1, 11) if i != 6]
+        await ops.releasedir(fh)
+    trio.run(main)
