@@ -136,6 +136,7 @@ class ShardOps(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, os.fsencode(name), self._attrs(ino), i + 1):
                 break
 
+    @_errors
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
 
@@ -157,6 +158,7 @@ class ShardOps(pyfuse3.Operations):
         model, state = self._handles[fh]
         return await self.d.reader.read(model, off, size, state)
 
+    @_errors
     async def release(self, fh):
         model, _ = self._handles.pop(fh, (None, None))
         if model is not None:
