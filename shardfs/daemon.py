@@ -464,7 +464,6 @@ def raise_read_ahead(mountpoint: str, kb: int) -> str:
 
 async def run(daemon: Daemon, ready) -> None:
     """Serve until SIGTERM/SIGINT or an unmount. `ready()` is called once mounted."""
-    from . import control
     from .fuse_ops import ShardOps
 
     cfg = daemon.cfg
@@ -472,32 +471,40 @@ async def run(daemon: Daemon, ready) -> None:
     opts = {"fsname=shardfs", "subtype=shardfs", "ro", "default_permissions", "noatime"}
     if cfg.allow_other:
         opts.add("allow_other")
-    pyfuse3.init(ops, cfg.mountpoint, opts)
-    try:
-        async with trio.open_nursery() as n:
-            daemon.reader.attach(n)
-            daemon._nursery = n
+    # Signals are caught from before the mount exists: a SIGTERM in between would kill the
+    # process with the kernel mount left behind, stale.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+        pyfuse3.init(ops, cfg.mountpoint, opts)
+        try:
+            await _serve(daemon, ready, sigs)
+            with trio.move_on_after(5):
+                await daemon.reader.idle()  # no notify_store thread may outlive the session
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", cfg.mountpoint)
 
-            async def fuse_main():
-                await pyfuse3.main()  # returns when the kernel unmounts us (fusermount3 -u)
-                n.cancel_scope.cancel()
-            n.start_soon(fuse_main)
-            n.start_soon(daemon.poll_loop)
-            await n.start(control.serve, daemon)
 
-            async def after_mount():
-                how = await trio.to_thread.run_sync(raise_read_ahead, cfg.mountpoint, 1024)
-                log.info("mounted %s (%s)", cfg.mountpoint, how)
-                ready()
-            n.start_soon(after_mount)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for sig in sigs:
-                    log.info("signal %d: unmounting", sig)
-                    sd_notify("STOPPING=1")
-                    break
+async def _serve(daemon: Daemon, ready, sigs) -> None:
+    from . import control
+    cfg = daemon.cfg
+    async with trio.open_nursery() as n:
+        daemon.reader.attach(n)
+        daemon._nursery = n
+
+        async def fuse_main():
+            await pyfuse3.main()  # returns when the kernel unmounts us (fusermount3 -u)
             n.cancel_scope.cancel()
-        with trio.move_on_after(5):
-            await daemon.reader.idle()  # no notify_store thread may outlive the session
-    finally:
-        pyfuse3.close(unmount=True)
-        log.info("unmounted %s", cfg.mountpoint)
+        n.start_soon(fuse_main)
+        n.start_soon(daemon.poll_loop)
+        await n.start(control.serve, daemon)
+
+        async def after_mount():
+            how = await trio.to_thread.run_sync(raise_read_ahead, cfg.mountpoint, 1024)
+            log.info("mounted %s (%s)", cfg.mountpoint, how)
+            ready()
+        n.start_soon(after_mount)
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            sd_notify("STOPPING=1")
+            break
+        n.cancel_scope.cancel()
