@@ -17,8 +17,9 @@ from . import __version__
 from .errors import NotFound, ShardfsError, UsageError
 
 EPILOG = """\
-Where the index lives: --redis URL, else $SHARDFS_REDIS, else an embedded redis-server
-that shardfs starts on a unix socket under $SHARDFS_HOME (default ~/.local/share/shardfs).
+Where the index lives: --redis URL, else $SHARDFS_REDIS, else the config file's `redis`,
+else an embedded redis-server that shardfs starts on a unix socket under $SHARDFS_HOME
+(default ~/.local/share/shardfs). `shardfs config show` says which one is used, and why.
 With no node registered, `put` registers the local node file://$SHARDFS_HOME/nodes/local.
 """
 
@@ -170,8 +171,12 @@ def cmd_node_serve(args):
 # -- models -----------------------------------------------------------------------------
 
 def cmd_put(args):
+    from .chunker import check_chunk_size
     from .connect import home
     from .ingest import PutSession, open_source, put_file, summary
+    check_chunk_size(args.chunk_size)  # (before anything is started or registered)
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
     if not os.path.isdir(args.file):
         open_source(args.file).close()  # a bad FILE is reported before any service is started
     if args.encrypt and not args.key_file:
@@ -352,12 +357,12 @@ def cmd_rm(args):
     from .names import check_name
     idx = _index(args)
     if args.name.endswith("/"):  # a model folder: every model under it
-        prefix = check_name(args.name.rstrip("/")) + "/"
+        prefix = check_name(args.name.rstrip("/"), new=False) + "/"
         names = sorted(n for n in idx.models() if n.startswith(prefix))
         if not names:
             raise NotFound(f"no models under {prefix!r}; see `shardfs ls`")
     else:
-        names = [check_name(args.name)]
+        names = [check_name(args.name, new=False)]
     for name in names:
         vids, kept = idx.remove(name)
         print(f"removed {name} ({len(vids)} version(s))"
@@ -417,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "read-only FUSE mount.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis", metavar="URL", help="Redis index URL (redis://, rediss://, unix://); "
-                   "default $SHARDFS_REDIS or the embedded server")
+                   "default $SHARDFS_REDIS, the config file's redis, or the embedded server")
     p.add_argument("--config", metavar="FILE", help="TOML config file (default $SHARDFS_CONFIG, "
                    "$SHARDFS_HOME/config.toml, /etc/shardfs/config.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -457,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("put", help="ingest a checkpoint file, or every file of a model folder")
     a.add_argument("file", help="a file, or a folder (Hugging Face style): each file becomes NAME/relative/path")
     a.add_argument("--name", help="model name, a relative path like org/model.safetensors (default: file name)")
-    a.add_argument("--replicas", type=int, help="copies of each chunk (default min(2, live nodes))")
+    a.add_argument("--replicas", type=int, help="copies of each chunk (default $SHARDFS_REPLICAS, the config "
+                   "file's replicas, or min(2, live nodes))")
     a.add_argument("--chunk-size", type=_size, default=4 << 20, help="64KiB..64MiB (default 4MiB)")
     a.add_argument("--force", action="store_true", help="replace an existing model of that name")
     a.add_argument("--encrypt", action="store_true", help="seal every chunk with AES-256-GCM under --key-file; "
@@ -502,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("action", choices=["show"], help="show: print every setting and its source")
     a.set_defaults(func=cmd_config)
     a = sub.add_parser("doctor", help="check FUSE, Redis, every node, the cache dir and read-ahead")
-    a.add_argument("--cache-dir", help="the cache dir a mount would use (default $SHARDFS_HOME/cache)")
+    a.add_argument("--cache-dir", help="the cache dir a mount would use (default $SHARDFS_CACHE_DIR, the "
+                   "config file's cache_dir, or $SHARDFS_HOME/cache)")
     a.set_defaults(func=cmd_doctor)
 
     try:
@@ -554,14 +561,11 @@ def main(argv=None) -> int:
         print(f"shardfs: error: {e}", file=sys.stderr)
         return e.exit_code
     except redis.RedisError as e:
-        from .connect import display_url, resolve_url
-        try:
-            url = display_url(resolve_url(args.redis))
-        except ShardfsError:
-            url = "the index"
+        from . import connect
+        url = connect.display_url(connect.last_url) if connect.last_url else "the index"
         print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:  # (a folder put that had published some files says so itself)
+    except KeyboardInterrupt as e:
         what, code = _stopped(e)
         print(f"shardfs: {what}; nothing was published (run `shardfs gc` to reclaim partial uploads)"
               if args.cmd == "put" else f"shardfs: {what}", file=sys.stderr)

@@ -26,6 +26,13 @@ def _home_cache():
     return os.path.join(home(), "cache")
 
 
+def _copies(v) -> int:
+    n = int(v)
+    if n < 1:
+        raise ValueError(f"{v!r}: must be at least 1")
+    return n
+
+
 # key -> (environment variable, parser, default or callable giving it, what it is)
 SETTINGS = {
     "redis": ("SHARDFS_REDIS", str, None, "Redis index URL (unset: embedded redis-server)"),
@@ -33,7 +40,7 @@ SETTINGS = {
     "cache_size": ("SHARDFS_CACHE_SIZE", parse_size, None, "mount cache bound (unset: 10% of its disk)"),
     "read_ahead": ("SHARDFS_READ_AHEAD", parse_size, 64 << 20, "largest readahead window"),
     "memory": ("SHARDFS_MEMORY", parse_size, 128 << 20, "mount in-memory chunk buffer"),
-    "replicas": ("SHARDFS_REPLICAS", int, None, "copies per chunk for put (unset: min(2, live nodes))"),
+    "replicas": ("SHARDFS_REPLICAS", _copies, None, "copies per chunk for put (unset: min(2, live nodes))"),
     "token_file": ("SHARDFS_TOKEN_FILE", str, None, "node write token file for `node add`"),
     "key_file": ("SHARDFS_KEY_FILE", str, None, "encryption key file (put --encrypt, get, verify, mount)"),
 }
@@ -81,7 +88,7 @@ class Config:
                 if isinstance(v, bool) or not isinstance(v, (str, int)) or (parse is str and not isinstance(v, str)) \
                         or (isinstance(v, int) and v < 0):
                     raise UsageError(f"{v!r} is not a valid value")
-                return parse(v) if isinstance(v, str) else v, f"file {self.path}"
+                return parse(v), f"file {self.path}"
         except (ValueError, UsageError) as e:
             raise UsageError(f"setting {key}: {e}") from None
         return (default() if callable(default) else default), "default"
@@ -100,5 +107,8 @@ def show(cfg: Config, args) -> None:
     lines = [f"config file: {cfg.path or '(none)'}"]  # every value read before any is printed
     for key, (_env, _p, _d, what) in SETTINGS.items():
         value, source = cfg.resolve(key, getattr(args, key, None) if key == "redis" else None)
+        if key == "redis" and value:
+            from .connect import display_url
+            value = display_url(value)  # (never a password on the screen)
         lines.append(f"{key:<11} = {value!s:<40} ({source})  # {what}")
     print("\n".join(lines))

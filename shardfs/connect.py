@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import redis
 
@@ -26,12 +26,23 @@ def home() -> str:
 
 
 def display_url(url: str) -> str:
-    """The URL with any password replaced, for messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
+    """The URL with any password replaced (in the authority and in a password= query
+    parameter), for messages. Never raises, whatever the URL."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            if ":" in userinfo:
+                netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+        query = "&".join("password=***" if q.lower().startswith("password=") else q for q in parts.query.split("&")) \
+            if parts.query else parts.query
+        out = url.replace(parts.netloc, netloc, 1) if netloc != parts.netloc else url
+        if query != parts.query:  # (by hand: urlunsplit turns unix:///path into unix:/path)
+            out = out.split("?", 1)[0] + "?" + query + (f"#{parts.fragment}" if parts.fragment else "")
+        return out
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
 
 
 def embedded_url(state_dir: str) -> str:
@@ -42,15 +53,32 @@ def _alive(url: str) -> bool:
     try:
         redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2).ping()
         return True
+    except redis.BusyLoadingError:
+        return True  # up, still loading its AOF
     except redis.RedisError:
         return False
+
+
+def _running(rdir: str, sock: str) -> int | None:
+    """The pid of an embedded redis-server still running for this socket (its pid file
+    names it), answering or not."""
+    try:
+        with open(os.path.join(rdir, "redis.pid")) as f:
+            pid = int(f.read().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (OSError, ValueError):
+        return None
+    return pid if b"redis-server" in cmdline and os.fsencode(sock) in cmdline else None
 
 
 def ensure_embedded(state_dir: str) -> str:
     rdir = os.path.join(state_dir, "redis")
     sock = os.path.join(rdir, "redis.sock")
     url = "unix://" + sock
-    if len(sock) > MAX_SOCKET_PATH:
+    if any(ord(c) < 32 or ord(c) == 127 for c in state_dir):
+        raise UsageError(f"SHARDFS_HOME {state_dir!r} holds a control character (a newline?); fix it")
+    if len(os.fsencode(sock)) > MAX_SOCKET_PATH:  # (the kernel's limit is in bytes)
         raise IndexUnavailable(f"SHARDFS_HOME path is too long for a unix socket ({sock}); use a shorter one")
     if os.path.exists(sock) and _alive(url):
         return url
@@ -67,6 +95,18 @@ def ensure_embedded(state_dir: str) -> str:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two CLIs starting at once start one server
         if os.path.exists(sock) and _alive(url):
             return url
+        pid = _running(rdir, sock)
+        if pid is not None:  # running but slow to answer (loading, busy, stopped): never start a second
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if _alive(url):
+                    return url
+                if _running(rdir, sock) is None:
+                    break  # it ended meanwhile: start one below
+                time.sleep(0.5)
+            else:
+                raise IndexUnavailable(f"the embedded redis-server (pid {pid}) does not answer on {sock}; "
+                                       f"see {rdir}/redis.log (stopped? out of memory?)")
         try:
             os.unlink(sock)
         except FileNotFoundError:
@@ -90,8 +130,12 @@ def resolve_url(flag: str | None = None) -> str:
     return flag or os.environ.get("SHARDFS_REDIS") or ensure_embedded(home())
 
 
+last_url: str | None = None  # the URL the last open_index used (for error messages)
+
+
 def open_index(flag: str | None = None, timeout: float = 5.0) -> Index:
-    url = resolve_url(flag)
+    global last_url
+    url = last_url = resolve_url(flag)
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
                                       health_check_interval=30)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -40,11 +41,16 @@ class Keyring:
 
     @classmethod
     def from_file(cls, path: str) -> "Keyring":
-        try:
-            with open(path, "rb") as f:
-                data = f.read(200)
+        try:  # (non-blocking: a FIFO or a device named by mistake must not hang the command)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise UsageError(f"key file {path} is not a regular file")
+                data = f.read(201)
         except OSError as e:
             raise UsageError(f"cannot read key file {path}: {e.strerror}") from None
+        if len(data) > 200:
+            raise UsageError(f"key file {path} must hold 32 bytes (raw or 64 hex digits); it holds more")
         text = data.strip()
         if len(text) == 64:
             try:

@@ -27,7 +27,8 @@ def add_mount_commands(sub) -> None:
     a = sub.add_parser("mount", help="mount every stored model as a read-only file",
                        epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     a.add_argument("mountpoint", help="an existing, preferably empty, directory")
-    a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_HOME/cache)")
+    a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_CACHE_DIR, the config file's "
+                   "cache_dir, or $SHARDFS_HOME/cache)")
     a.add_argument("--cache-size", type=_size,
                    help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB "
                    "but at most half the disk); the cache also leaves 1 GiB (5%% of a small disk) free")

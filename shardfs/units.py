@@ -13,7 +13,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise UsageError(f"cannot read size {text!r}; use e.g. 4MiB, 512K, 10G")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not n < 1 << 80:  # (a few hundred digits are infinity as a float)
+        raise UsageError(f"size {text.strip() if isinstance(text, str) else text!r} is too large")
+    return int(n)
 
 
 _SECONDS = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -26,7 +29,10 @@ def parse_duration(text: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _SECONDS:
         raise UsageError(f"cannot read duration {text!r}; use e.g. 90s, 15m, 2h, 1d or never")
-    return float(m.group(1)) * _SECONDS[m.group(2).lower()]
+    seconds = float(m.group(1)) * _SECONDS[m.group(2).lower()]
+    if seconds == float("inf"):
+        raise UsageError(f"duration {text!r} is too large; for no limit say never")
+    return seconds
 
 
 def human(n: float) -> str:

@@ -27,16 +27,28 @@ CASES = [
     (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
+    # (from an audit: tracebacks, or a bad value accepted)
+    (("put", "{tmp}", "--name", "f", "--chunk-size", "0"), "chunk size must be between"),  # a folder
+    (("put", "{tmp}", "--name", "f", "--chunk-size", "100MiB"), "chunk size must be between"),
+    (("put", "{f}", "--chunk-size", "9" * 400), "is too large"),
+    (("put", "{f}", "--replicas", "0"), "--replicas must be at least 1"),
+    (("gc", "--grace", "9" * 400), "is too large"),
+    (("--redis", "redis://:pw@host:abc", "ls"), "redis://:***@host:abc"),
+    (("--redis", "redis://[::1", "ls"), "redis://***"),
+    (("put", "{f}", "--name", "org/m "), "starts or ends with a space"),
+    (("put", "{f}", "--name", "x\u202egpj.exe"), "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    (("put", "{f}", "--encrypt", "--key-file", "{tmp}/fifo"), "is not a regular file"),
 ]
 
 
-@pytest.mark.parametrize("args,says", CASES, ids=[" ".join(a[:1] + a[2:]) for a, _ in CASES])
+@pytest.mark.parametrize("args,says", CASES, ids=[" ".join(a[:1] + a[2:])[:60] for a, _ in CASES])
 def test_bad_values_are_one_line(cli, tmp_path, args, says):
     f = tmp_path / "file"
     f.write_bytes(b"x" * 100)
     (tmp_path / "mp").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
-    args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path) for a in args]
+    os.mkfifo(tmp_path / "fifo")  # (a key file that is a FIFO hung the command)
+    args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path).replace("\\u202e", "\u202e") for a in args]
     says = says.format(tmp=tmp_path, f=f)
     r = cli(*args, check=False, timeout=60)
     errors = r.stderr.splitlines()  # usage errors too: one line, not argparse's usage block
@@ -119,3 +131,23 @@ def test_a_proc_file_that_says_it_is_empty_is_named_as_such(cli):
     assert r.stderr.strip().splitlines()[-1] == ("shardfs: error: /proc/cpuinfo reports a size of 0 but has data "
                                                  "(a /proc or /sys file?); copy it to a regular file and put that")
     assert cli("ls").stdout.strip() == "no models"
+
+
+def test_config_show_never_prints_a_redis_password(cli, redis_proc):
+    from conftest import Cli
+    url = f"redis://:hunter2@127.0.0.1:{redis_proc.port}/0?password=hunter2"
+    out = Cli({**cli.env, "SHARDFS_REDIS": url})("config", "show", check=False)
+    assert "hunter2" not in out.stdout + out.stderr and ":***@" in out.stdout, out.stdout
+
+
+def test_replicas_from_the_environment_or_the_config_file_are_checked(cli, tmp_path):
+    from conftest import Cli
+    f = tmp_path / "f"
+    f.write_bytes(b"x" * 100)
+    r = Cli({**cli.env, "SHARDFS_REPLICAS": "-3"})("put", f, check=False)
+    assert r.returncode == 2 and "setting replicas: '-3': must be at least 1" in r.stderr, r.stderr
+    conf = tmp_path / "c.toml"
+    conf.write_text("replicas = 0\n")
+    r = cli("--config", conf, "put", f, check=False)
+    assert r.returncode == 2 and "setting replicas: 0: must be at least 1" in r.stderr, r.stderr
+    assert "n1" not in cli("node", "ls").stdout  # refused before the local node was registered

@@ -428,6 +428,29 @@ def test_a_put_to_registered_nodes_makes_no_local_node_dir(embedded_home, model_
     assert len([f for f in all_files(tmp_path / "n1") if len(os.path.basename(f)) == 64]) == 25
 
 
+def test_a_slow_embedded_redis_is_waited_for_never_started_twice(embedded_home):
+    """A ping that took over 2 s (a server loading its AOF, busy or stopped) counted as no
+    server: its socket was removed and a second redis-server started on the same data."""
+    cli = Cli(embedded_home)
+    cli("ls")
+    rdir = os.path.join(embedded_home["SHARDFS_HOME"], "redis")
+    with open(os.path.join(rdir, "redis.pid")) as f:
+        pid = int(f.read())
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "shardfs", "ls"], env=cli.env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        time.sleep(4)  # past the 2 s ping: it used to start another server by now
+        assert p.poll() is None, p.communicate()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and "Traceback" not in err, err
+    servers = subprocess.run(["pgrep", "-f", f"redis-server unixsocket:{rdir}/redis.sock"],
+                             capture_output=True, text=True).stdout.split()
+    assert servers == [str(pid)], servers
+
+
 def test_zero_config_embedded_redis(embedded_home, model_small, tmp_path):
     env = embedded_home
     assert "SHARDFS_REDIS" not in env
