@@ -31,7 +31,8 @@ def checks(redis_flag: str | None, cache_dir: str):
         idx = open_index(redis_flag, timeout=3.0)
         yield True, "redis", f"{idx.url} answers", ""
     except ShardfsError as e:
-        yield False, "redis", str(e), "start Redis, or fix the URL (--redis, SHARDFS_REDIS or the config file: see `shardfs config show`)"
+        yield False, "redis", str(e), ("start Redis, or fix the URL (--redis, SHARDFS_REDIS or the config "
+                                       "file: see `shardfs config show`)")
         idx = None
     if idx is not None:
         from .pool import NodePool

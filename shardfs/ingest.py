@@ -4,8 +4,9 @@ The main thread reads the file in order and feeds the whole-file SHA-256; worker
 threads hash, encode and upload chunks (BLAKE3, lz4 and socket/file I/O release the
 GIL). At most `inflight` chunks are in memory at once. Nothing becomes visible until
 every chunk is on R nodes; then Index.publish_all makes the version visible in one
-MULTI/EXEC (a folder put: every file's version at once, see PutSession). If anything fails or the user interrupts, the lease is dropped and the
-uploaded chunks are left for `shardfs gc`.
+MULTI/EXEC (a folder put: every file's version at once, see PutSession). If anything
+fails or the user interrupts, the lease is dropped and the uploaded chunks are left for
+`shardfs gc`.
 """
 
 from __future__ import annotations

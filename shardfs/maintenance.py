@@ -294,8 +294,9 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
 
 def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
     """Drop bad and missing copies from the index, and bad ones from their node too; returns
-    the nodes whose copies were left listed. A running put that leases the chunk may be storing it again right now: its
-    copies are left alone (Index.drop_unleased), and so is a missing copy that is back."""
+    the nodes whose copies were left listed. A running put that leases the chunk may be
+    storing it again right now: its copies are left alone (Index.drop_unleased), and so is
+    a missing copy that is back."""
     left = []
     for nid, is_bad in [(n, True) for n, _ in bad] + [(n, False) for n, _ in missing]:
         if not is_bad:

@@ -440,7 +440,7 @@ def test_a_slow_embedded_redis_is_waited_for_never_started_twice(embedded_home):
     try:
         p = subprocess.Popen([sys.executable, "-m", "shardfs", "ls"], env=cli.env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-        time.sleep(7)  # past two 2 s pings: it used to start another server by now
+        time.sleep(5.5)  # past two 2 s pings: it used to start another server by now
         assert p.poll() is None, p.communicate()
         servers = subprocess.run(["pgrep", "-f", f"redis-server unixsocket:{rdir}/redis.sock"],
                                  capture_output=True, text=True).stdout.split()
