@@ -192,6 +192,26 @@ class Version:
         return Manifest.decode(self.manifest_blob)
 
 
+@contextlib.contextmanager
+def _every(period: float, step, name: str):
+    """Call step() every `period` seconds from a thread while the block runs (lease and
+    lock renewals); a step that returns False ends the calls."""
+    stop = threading.Event()
+
+    def loop():
+        while not stop.wait(period):
+            if step() is False:
+                return
+
+    t = threading.Thread(target=loop, name=name, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
 def lease_holder() -> str:
     """A unique name for one reader of versions (a mount, a get): host, pid, random."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -488,29 +508,25 @@ class Index:
         vids = list(vids)
         holder = lease_holder()
         self.lease_versions(holder, vids, ttl)
-        stop = threading.Event()
+        renewed = time.monotonic()
 
         def renew():
-            renewed = time.monotonic()
-            while not stop.wait(ttl / 3):
-                try:
-                    self.lease_versions(holder, vids, ttl)
-                    renewed = time.monotonic()
-                except redis.RedisError as e:  # the lease lapses only after ttl: retry until then
-                    if time.monotonic() - renewed > ttl:
-                        renewed = float("inf")  # say it once
-                        log.warning("the read lease on version(s) %s lapsed (Redis: %s): a `gc` now may "
-                                    "drop them, and this command then fails; it never returns wrong bytes",
-                                    ", ".join(map(str, vids[:5])) + (f" and {len(vids) - 5} more" if len(vids) > 5 else ""),
-                                    e)
+            nonlocal renewed
+            try:
+                self.lease_versions(holder, vids, ttl)
+                renewed = time.monotonic()
+            except redis.RedisError as e:  # the lease lapses only after ttl: retry until then
+                if time.monotonic() - renewed > ttl:
+                    renewed = float("inf")  # say it once
+                    log.warning("the read lease on version(s) %s lapsed (Redis: %s): a `gc` now may "
+                                "drop them, and this command then fails; it never returns wrong bytes",
+                                ", ".join(map(str, vids[:5])) + (f" and {len(vids) - 5} more" if len(vids) > 5 else ""),
+                                e)
 
-        t = threading.Thread(target=renew, name="shardfs-lease", daemon=True)
-        t.start()
         try:
-            yield
+            with _every(ttl / 3, renew, "shardfs-lease"):
+                yield
         finally:
-            stop.set()
-            t.join()
             if vids:
                 try:
                     self.r.zrem(K_READING, *(f"{vid}:{holder}" for vid in vids))
@@ -675,23 +691,17 @@ class Index:
             holder = _s(self.r.get(K_GC) or b"?").rsplit(":", 1)[0]
             raise ShardfsError(f"another gc is running ({holder}); run gc again once it has ended")
         self.gc_token = token
-        stop = threading.Event()
 
         def renew():
-            while not stop.wait(ttl / 3):
-                try:
-                    if not self._relock(keys=[K_GC], args=[token, int(ttl * 1000)]):
-                        return  # lost: the scripts refuse from now on
-                except redis.RedisError:
-                    continue
+            try:
+                return bool(self._relock(keys=[K_GC], args=[token, int(ttl * 1000)]))  # False: lost
+            except redis.RedisError:
+                return True  # a blip: try again
 
-        t = threading.Thread(target=renew, daemon=True)
-        t.start()
         try:
-            yield
+            with _every(ttl / 3, renew, "shardfs-gc-lock"):
+                yield
         finally:
-            stop.set()
-            t.join()
             self.gc_token = None
             try:
                 self._unlock(keys=[K_GC], args=[token])
