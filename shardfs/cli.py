@@ -38,11 +38,18 @@ def _size(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _keyring(args):
+def _key_file(args):
+    """The key file given or configured, read only when an encrypted model needs it (or None)."""
     if not getattr(args, "key_file", None):
         return None
-    from .crypto import Keyring
-    return Keyring.from_file(args.key_file)
+    from .crypto import KeyFile
+    return KeyFile(args.key_file, getattr(args, "sources", {}).get("key_file", "flag"))
+
+
+def _keyring(args):
+    """The key, read now (put --encrypt, mount): a broken key file is an error at once."""
+    key = _key_file(args)
+    return key.load() if key else None
 
 
 def _print_json(obj):
@@ -344,7 +351,7 @@ def cmd_get(args):
                    desc=f"get {args.name}", file=sys.stderr)
     try:
         say = bar.write if bar else print  # (a line, not through the progress bar)
-        ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_keyring(args), force=args.force,
+        ver, dest = get_model(idx, args.name, args.dest, bar, keyring=_key_file(args), force=args.force,
                               say=lambda line: say(line, file=sys.stderr))
     finally:
         if bar:
@@ -373,7 +380,7 @@ def cmd_rm(args):
 def cmd_verify(args):
     from .maintenance import verify
     idx = _index(args)
-    rep = verify(idx, [args.name] if args.name else None, repair=args.repair, keyring=_keyring(args))
+    rep = verify(idx, [args.name] if args.name else None, repair=args.repair, keyring=_key_file(args))
     print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"

@@ -97,9 +97,11 @@ class Config:
 def apply(args) -> Config:
     """Fill every setting the parsed command has (flag left None) from env, file or default."""
     cfg = Config(config_path(getattr(args, "config", None)))
+    args.sources = {}  # setting -> where its value came from (for error messages)
     for key in SETTINGS:
         if hasattr(args, key):
-            setattr(args, key, cfg.resolve(key, getattr(args, key))[0])
+            value, args.sources[key] = cfg.resolve(key, getattr(args, key))
+            setattr(args, key, value)
     return cfg
 
 

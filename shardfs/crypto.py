@@ -61,6 +61,9 @@ class Keyring:
             return cls(data)
         raise UsageError(f"key file {path} must hold 32 bytes (raw or 64 hex digits)")
 
+    def load(self) -> "Keyring":  # (a Keyring is its own key source; see KeyFile)
+        return self
+
     def file_hash(self):
         """A hashlib-like object: the keyed hash recorded for an encrypted file."""
         return hmac.new(self._file_key, digestmod=hashlib.sha256)
@@ -79,3 +82,25 @@ class Keyring:
             return self._aead.decrypt(sealed[:NONCE], sealed[NONCE:], cid)
         except (InvalidTag, ValueError):
             return None
+
+
+class KeyFile:
+    """A key file named by --key-file or the key_file setting, read the first time an
+    encrypted model needs it: a missing or broken key file then stops only commands that
+    touch encrypted models, and its error says where the path was set."""
+
+    def __init__(self, path: str, source: str = "flag"):
+        self.path = path
+        self.source = source  # "flag", "env SHARDFS_KEY_FILE", "file PATH" (config.resolve)
+        self._keyring: Keyring | None = None
+
+    def load(self) -> Keyring:
+        if self._keyring is None:
+            try:
+                self._keyring = Keyring.from_file(self.path)
+            except UsageError as e:
+                if self.source == "flag":
+                    raise
+                where = self.source.replace("env ", "the environment's ").replace("file ", "the config file ")
+                raise UsageError(f"{e} (the key_file setting, from {where})") from None
+        return self._keyring

@@ -25,14 +25,20 @@ WORKERS = 8
 TEMP_INFIX = ".shardfs-"  # get's partial file beside DEST: .DEST.shardfs-XXXXXXXX
 
 
-def check_key(ver: Version, keyring) -> None:
-    """A clear error, before any read, when the key given does not match the version's."""
+def key_for(ver: Version, key):
+    """The keyring to read `ver` with: None for a plain version, whatever `key` is (a
+    crypto.KeyFile or Keyring: the file is read only here, for an encrypted version);
+    a clear error, before any read, when no key or another key was given."""
     want = ver.stats.get("key")
-    if want and keyring is None:
+    if not want:
+        return None
+    if key is None:
         raise UsageError(f"{ver.name} is encrypted; give its key with --key-file (or the key_file setting)")
-    if want and keyring.fingerprint != want:
+    keyring = key.load()
+    if keyring.fingerprint != want:
         raise UsageError(f"{ver.name} is encrypted with another key (fingerprint {want}, "
                          f"given {keyring.fingerprint})")
+    return keyring
 
 
 def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS * 2, keyring=None):
@@ -130,8 +136,7 @@ def _remove_leftovers(d: str, base: str) -> list[str]:
 
 def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring,
                  force: bool, say=None) -> tuple[Version, str]:
-    check_key(ver, keyring)
-    keyring = keyring if ver.stats.get("key") else None  # a key given for plain models is not used
+    keyring = key_for(ver, keyring)  # (a key given for a plain model is neither read nor used)
     if os.path.isdir(dest):
         dest = os.path.join(dest, os.path.basename(name))
     d = os.path.dirname(os.path.abspath(dest))
@@ -215,15 +220,15 @@ def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> V
     keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
     for ver in idx.versions(vids):
         fp = ver.stats.get("key")
-        if fp and (keyring is None or keyring.fingerprint != fp):
+        if fp and (keyring is None or keyring.load().fingerprint != fp):  # (a broken key file: its error)
             if names:
-                check_key(ver, keyring)  # raises: the user asked for this model
+                key_for(ver, keyring)  # raises: the user asked for this model
             print(f"skipping {ver.name} (version {ver.vid}): encrypted with a key not given", file=out)
             continue
         for cid in ver.manifest.ids:
             want[cid.hex()] = max(want.get(cid.hex(), 0), ver.replicas)
             if fp:
-                keyrings[cid.hex()] = keyring
+                keyrings[cid.hex()] = keyring.load()
     pool = NodePool(idx.nodes())
     health = pool.probe()
     live = {nid: pool.nodes[nid].weight for nid, h in health.items()

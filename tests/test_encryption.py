@@ -59,6 +59,28 @@ def test_put_encrypt_get_verify(cli, nodes, tmp_path, keys):
     assert "skipping secret.bin" in cli("verify").stdout
 
 
+def test_a_broken_configured_key_file_stops_only_encrypted_models(cli, nodes, tmp_path, keys):
+    key, _ = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "w.bin"
+    src.write_bytes(PLAIN * 40)
+    cli("put", src, "--name", "plain.bin")
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key)
+    broken = {"SHARDFS_KEY_FILE": str(tmp_path / "no-such.key")}
+    # plain models do not need the key, so it is not read
+    cli("get", "plain.bin", tmp_path / "out", env=broken)
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    assert "0 bad copies" in cli("verify", "plain.bin", env=broken).stdout
+    # an encrypted one does: one line that names the file and where it was set
+    for args in (("get", "secret.bin", tmp_path / "out2"), ("verify", "secret.bin"), ("verify",)):
+        r = cli(*args, check=False, env=broken)
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "no-such.key" in r.stderr and "SHARDFS_KEY_FILE" in r.stderr
+    assert not (tmp_path / "out2").exists()
+    cli("get", "secret.bin", tmp_path / "out2", "--key-file", key, env=broken)  # the flag wins
+    assert (tmp_path / "out2").read_bytes() == src.read_bytes()
+
+
 def test_the_index_holds_no_plain_hash_of_an_encrypted_file(cli, nodes, tmp_path, keys):
     import hashlib
     key, other = keys
