@@ -360,7 +360,15 @@ class HttpStore(NodeStore):
 
     def _request(self, method, path, **kw):
         try:
-            return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+            try:
+                return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+            except urllib3.exceptions.ProtocolError:
+                # The connection dropped before an answer: most often a kept-alive one the
+                # node closed (its idle timeout) just as this request went out on it. Once
+                # more, on a new connection: every request here is idempotent (chunks are
+                # immutable and named by their hash). A node refusing connections is not
+                # retried (NewConnectionError), nor one that does not answer in time.
+                return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
         except urllib3.exceptions.ReadTimeoutError:
             waited = kw.get("timeout", self._pool.timeout).read_timeout
             raise NodeError(self.url, f"{method} {path}: no answer within {waited:g} s "

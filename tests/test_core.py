@@ -1446,3 +1446,54 @@ def test_temp_files_killed_writers_left_are_swept_old_ones_only(cli, nodes, tmp_
     srv.kill()
     srv.start()  # a node server sweeps its own root when it starts
     assert not os.path.exists(old_s) and os.path.exists(young_s)
+
+
+def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nodes):
+    """A node closes an idle kept-alive connection (its timeout) just as a request goes out
+    on it: the request is sent again on a new connection, not failed over (with one copy
+    of a chunk, that failure was EIO). Here a proxy in front of a real node server drops
+    every connection at its second request, unanswered."""
+    import socket
+    from shardfs.stores import open_store
+    [srv] = nodes(1)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    dropped = []
+
+    def pipe(src, dst):
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def serve(client):
+        up = socket.create_connection(("127.0.0.1", srv.port))
+        threading.Thread(target=pipe, args=(up, client), daemon=True).start()
+        try:
+            up.sendall(client.recv(1 << 16))  # the first request goes through
+            if client.recv(1 << 16):  # the second arrives: drop the connection unanswered
+                dropped.append(1)
+        finally:
+            for s in (client, up):
+                s.close()
+
+    def accept():
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    cid, blob, _ = envelope.encode(os.urandom(300_000))
+    open_store(srv.url).put(cid.hex(), blob)  # (no token file: writes are open)
+    store = open_store(f"http://127.0.0.1:{lsock.getsockname()[1]}")
+    try:
+        for _ in range(3):
+            assert store.get(cid.hex()) == blob
+            assert store.has(cid.hex())
+        assert dropped  # the fault did happen, and was ridden out
+    finally:
+        store.close()
+        lsock.close()
