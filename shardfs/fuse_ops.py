@@ -113,7 +113,7 @@ class ShardOps(pyfuse3.Operations):
 
     @_errors
     async def opendir(self, inode, ctx):
-        listing = self.tree.listdir(inode)
+        listing = self.tree.listdir(inode, dots=True)
         if listing is None:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         self._fh += 1
@@ -127,7 +127,7 @@ class ShardOps(pyfuse3.Operations):
         # a name skipped or listed twice.
         inode, listing = self._dirs.get(fh, (None, []))
         if start_id == 0 and inode is not None:
-            listing = self.tree.listdir(inode) or []
+            listing = self.tree.listdir(inode, dots=True) or []
             self._dirs[fh] = (inode, listing)
         for i, (name, ino) in enumerate(listing[start_id:], start_id):
             a = self.tree.attrs(ino)

@@ -54,6 +54,7 @@ class Tree:
         self._dir_inodes: dict[str, int] = {"": ROOT}
         self._next_dir = ROOT + 1
         self.children: dict[int, dict[str, int]] = {ROOT: {}}
+        self.parents: dict[int, int] = {ROOT: ROOT}
         self.dir_mtime: dict[int, float] = {ROOT: self.started}
         self.files: dict[int, FileEntry] = {}
         self.current: dict[str, FileEntry] = {}
@@ -74,6 +75,7 @@ class Tree:
         changed = {n for n in set(models) | set(self.current)
                    if n not in models or n not in self.current or self.current[n].vid != models[n][0]}
         children: dict[int, dict[str, int]] = {ROOT: {}}
+        parents: dict[int, int] = {ROOT: ROOT}  # directory -> its parent (for "..")
         mtimes: dict[int, float] = {ROOT: 0.0}  # a folder's: its newest model's (the same on every mount)
         current = {}
         dir_paths = {p.rstrip("/") for n in models for p in _parents(n)}
@@ -99,12 +101,13 @@ class Tree:
                     self._next_dir += 1
                 children.setdefault(parent, {})[part] = ino
                 children.setdefault(ino, {})
+                parents[ino] = parent
                 mtimes[parent] = max(mtimes.get(parent, 0), created)
                 parent = ino
             children.setdefault(parent, {})[parts[-1]] = entry.inode
             mtimes[parent] = max(mtimes.get(parent, 0), created)
         mtimes[ROOT] = mtimes[ROOT] or self.started  # (an empty catalogue: when the mount began)
-        self.children, self.dir_mtime, self.current = children, mtimes, current
+        self.children, self.parents, self.dir_mtime, self.current = children, parents, mtimes, current
         return changed
 
     def lookup(self, parent: int, name: str) -> int | None:
@@ -119,9 +122,14 @@ class Tree:
             return None
         return Attrs(inode, stat.S_IFREG | 0o444, f.size, f.created, 1)
 
-    def listdir(self, inode: int) -> list[tuple[str, int]] | None:
+    def listdir(self, inode: int, dots: bool = False) -> list[tuple[str, int]] | None:
+        """A directory's entries by name (with `dots`, "." and ".." first, as readdir gives
+        them: `ls -a`), or None if inode is not a directory."""
         kids = self.children.get(inode)
-        return None if kids is None else sorted(kids.items())
+        if kids is None:
+            return None
+        head = [(".", inode), ("..", self.parents.get(inode, ROOT))] if dots else []
+        return head + sorted(kids.items())
 
     def entry(self, inode: int) -> FileEntry | None:
         return self.files.get(inode)

@@ -41,6 +41,9 @@ def test_tree_sizes_modes_xattrs(store, mounts):
     assert sorted(os.listdir(m.file("org"))) == ["deep", "small.safetensors"]
     out = subprocess.run(["ls", "-l", m.file("org/deep")], capture_output=True, text=True).stdout
     assert f" {os.path.getsize(store['other'])} " in out
+    out = subprocess.run(["ls", "-a", m.file("org")], capture_output=True, text=True, check=True).stdout
+    assert out.split() == [".", "..", "deep", "small.safetensors"]  # (readdir gives "." and "..")
+    assert os.stat(m.file("org/deep/..")).st_ino == os.stat(m.file("org")).st_ino
     assert os.getxattr(m.file("org/small.safetensors"), "user.shardfs.sha256").decode() == sha256_file(store["small"])
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.version")) >= 1
     assert int(os.getxattr(m.file("org/small.safetensors"), "user.shardfs.cached_bytes")) == 0
