@@ -189,22 +189,27 @@ def cmd_put(args):
     if args.encrypt and not args.key_file:
         raise UsageError("--encrypt needs a key: --key-file FILE (32 random bytes, e.g. head -c32 /dev/urandom)")
     keyring = _keyring(args) if args.encrypt else None
-    idx = _index(args)
     name = args.name if args.name is not None else os.path.basename(os.path.abspath(args.file))
     folder = os.path.isdir(args.file)
     if name.endswith("/") and not folder:  # like cp FILE DIR/: the file's own name inside that folder
         name += os.path.basename(os.path.abspath(args.file))
     name = name.rstrip("/") or name
-    default_node = "file://" + os.path.join(home(), "nodes", "local")
-    progress = None if not args.no_progress else False
     from .names import check_name
     if not folder:
-        res = put_file(idx, args.file, check_name(name), replicas=args.replicas, chunk_size=args.chunk_size,
+        name = check_name(name)  # (before the index: a bad name starts no embedded Redis)
+    else:
+        files = _folder_files(args.file)
+        names = {rel: check_name(f"{name}/{rel}") for rel in files}
+        for path in files.values():
+            open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
+    idx = _index(args)
+    default_node = "file://" + os.path.join(home(), "nodes", "local")
+    progress = None if not args.no_progress else False
+    if not folder:
+        res = put_file(idx, args.file, name, replicas=args.replicas, chunk_size=args.chunk_size,
                        force=args.force, progress=progress, default_node_url=default_node, keyring=keyring)
         print(summary(res))
         return
-    files = _folder_files(args.file)
-    names = {rel: check_name(f"{name}/{rel}") for rel in files}
     # --force replaces a folder whole: what the old one had and the new one has not goes too
     # (a stale single-file checkpoint left beside a new sharded one would load instead of it),
     # in the same publish as the new files
@@ -215,8 +220,6 @@ def cmd_put(args):
         conflict = idx.path_conflict(full, ignore=set(leftovers))
         if conflict:
             raise UsageError(conflict)
-    for path in files.values():
-        open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
     clashes = [full for full in names.values() if idx.current_vid(full) is not None]
     if clashes and not args.force:
         raise UsageError(f"{len(clashes)} model(s) under {name}/ already exist (e.g. {clashes[0]}); "

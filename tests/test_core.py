@@ -428,6 +428,18 @@ def test_a_put_to_registered_nodes_makes_no_local_node_dir(embedded_home, model_
     assert len([f for f in all_files(tmp_path / "n1") if len(os.path.basename(f)) == 64]) == 25
 
 
+def test_a_put_refused_for_its_name_starts_no_embedded_redis(embedded_home, tmp_path):
+    cli = Cli(embedded_home)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "bad\u202ename").write_bytes(b"x")
+    (tmp_path / "f").write_bytes(b"x")
+    for args in (("put", tmp_path / "f", "--name", "a//b"), ("put", tmp_path / "f", "--name", " a"),
+                 ("put", tmp_path / "d", "--name", "folder")):
+        r = cli(*args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert os.listdir(embedded_home["SHARDFS_HOME"]) == []  # no redis-server, no node, nothing
+
+
 def test_a_slow_embedded_redis_is_waited_for_never_started_twice(embedded_home):
     """A ping that took over 2 s (a server loading its AOF, busy or stopped) counted as no
     server: its socket was removed and a second redis-server started on the same data."""
