@@ -127,11 +127,25 @@ return 1
 
 # verify --repair drops a broken copy's location only while no running put leases the chunk:
 # such a put may have just stored it again on that node (it leases before it looks).
+# (ARGV[5]: a put that drops a copy it failed to store is not stopped by its own lease)
 DROP_LUA = """
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
-  if redis.call('SISMEMBER', ARGV[3] .. p, ARGV[1]) == 1 then return -1 end
+  if p ~= ARGV[5] and redis.call('SISMEMBER', ARGV[3] .. p, ARGV[1]) == 1 then return -1 end
 end
 return redis.call('SREM', KEYS[1], ARGV[4])
+"""
+
+# A put's lease is renewed only while it is live: one that lapsed, even if no gc has ended
+# it yet, stays lapsed (a gc already scanning ignores it and may take its chunks).
+RENEW_LUA = """
+local at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not at or tonumber(at) < tonumber(ARGV[2]) then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 0
+end
+redis.call('ZADD', KEYS[1], 'XX', ARGV[3], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return 1
 """
 
 FORGET_LUA = """
@@ -229,6 +243,7 @@ class Index:
         self._claim = client.register_script(CLAIM_LUA)
         self._forget = client.register_script(FORGET_LUA)
         self._drop = client.register_script(DROP_LUA)
+        self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._unlock = client.register_script(UNLOCK_LUA)
         self._relock = client.register_script(RELOCK_LUA)
@@ -621,13 +636,11 @@ class Index:
         p.execute()
 
     def renew_put(self, put_id: str, ttl: float) -> bool:
-        """Extend a running put's lease; False if it had lapsed and gc ended it (then its
-        chunks may be gone: the put must not publish, and publish refuses)."""
-        p = self.r.pipeline()
-        p.zadd(K_PUTS, {put_id: self.now_ms() + int(ttl * 1000)}, xx=True)  # never revive an ended put
-        p.expire(LEASE_PREFIX + put_id, int(ttl) + 60)
-        p.zscore(K_PUTS, put_id)
-        return p.execute()[2] is not None
+        """Extend a running put's lease; False if it had lapsed (RENEW_LUA), ended by gc or
+        not: then its chunks may be gone, so the put must not publish, and publish refuses."""
+        now = self.now_ms()
+        return bool(self._renew(keys=[K_PUTS, LEASE_PREFIX + put_id],
+                                args=[put_id, now, now + int(ttl * 1000), int(ttl) + 60]))
 
     def end_put(self, put_id: str) -> None:
         p = self.r.pipeline()
@@ -667,14 +680,11 @@ class Index:
         if node_ids:
             self.r.sadd(k_locs(hex_id), *node_ids)
 
-    def drop_unleased(self, hex_id: str, node_id: str) -> bool:
-        """Drop one location unless a running put leases the chunk (DROP_LUA); whether the
-        node no longer counts as holding it."""
-        return self._drop(keys=[k_locs(hex_id), K_PUTS], args=[hex_id, self.now_ms(), LEASE_PREFIX, node_id]) != -1
-
-    def drop_locations(self, hex_id: str, node_ids) -> None:
-        if node_ids:
-            self.r.srem(k_locs(hex_id), *node_ids)
+    def drop_unleased(self, hex_id: str, node_id: str, put_id: str = "") -> bool:
+        """Drop one location unless a running put (other than put_id) leases the chunk
+        (DROP_LUA); whether the node no longer counts as holding it."""
+        return self._drop(keys=[k_locs(hex_id), K_PUTS],
+                          args=[hex_id, self.now_ms(), LEASE_PREFIX, node_id, put_id]) != -1
 
     def all_chunks(self):
         for key in self.r.scan_iter(match=P + "c:*", count=1000):

@@ -141,7 +141,8 @@ class Uploader:
                 self.pool.store(nid).put(hex_id, blob)
                 have.add(nid)
             except NodeError as e:
-                self.idx.drop_locations(hex_id, [nid])
+                # (unless another running put leases the chunk: it may have stored it there)
+                self.idx.drop_unleased(hex_id, nid, self.put_id)
                 with self._lock:  # workers run in parallel: say it once per node, one whole line
                     if nid not in self.failed:
                         self.failed[nid] = str(e)

@@ -341,7 +341,7 @@ def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None
             pool.store(nid).put(h, blob)
             have.append(nid)
         except NodeError as e:
-            idx.drop_locations(h, [nid])
+            idx.drop_unleased(h, nid)  # (a running put may have stored it there meanwhile)
             print(f"repair: could not copy chunk {h[:16]} to {nid}: {e}", file=out)
     if len(have) >= want:
         print(f"repaired: chunk {h} now on {', '.join(have)}", file=out)

@@ -1116,10 +1116,33 @@ def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
     assert not idx.renew_put("p1", 60), "the heartbeat must not bring an ended put back"
     assert idx.r.zscore(K_PUTS, "p1") is None
     assert idx.renew_put("p2", 60)
+    # lapsed, and no gc has ended it yet (one already scanning ignores it, and may be taking
+    # its chunks): the heartbeat must not revive it either
+    idx.start_put("p3", 60)
+    idx.r.zadd(K_PUTS, {"p3": idx.now_ms() - 1})
+    assert not idx.renew_put("p3", 60) and idx.r.zscore(K_PUTS, "p3") is None
     from shardfs.manifest import Manifest
-    with pytest.raises(ShardfsError, match="lease on its chunks lapsed"):
-        idx.publish("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {}, False, put_id="p1")
+    for pid in ("p1", "p3"):
+        with pytest.raises(ShardfsError, match="lease on its chunks lapsed"):
+            idx.publish("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {}, False, put_id=pid)
     assert idx.models() == [] or "m" not in idx.models()
+
+
+def test_a_failed_upload_leaves_a_copy_another_put_stored(redis_proc):
+    """Two puts share a chunk and the same node: one stores it, the other's upload fails
+    there and used to drop the node from the chunk's locations, which the first then
+    published without (a chunk with no listed copy: lost to readers and to repair)."""
+    idx = open_idx(redis_proc)
+    h = "ab" * 32
+    for pid in ("a", "b"):
+        idx.start_put(pid, 60)
+        assert idx.lease_chunk(pid, h) == "absent"
+    idx.add_locations(h, ["n1"])  # b stored it on n1
+    assert not idx.drop_unleased(h, "n1", "a")  # a's upload there failed: b's copy stays listed
+    assert idx.locations(h) == ["n1"]
+    idx.end_put("b")
+    assert idx.drop_unleased(h, "n1", "a")  # nobody else relies on it: a's failed copy goes
+    assert idx.locations(h) == []
 
 def test_node_server_rejects_hostile_requests(nodes, tmp_path):
     token_file = tmp_path / "token"
