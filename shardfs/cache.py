@@ -263,6 +263,7 @@ class ChunkCache:
     def _forget(self, hex_id: str) -> bool:
         with self._lock:
             size = self._lru.pop(hex_id, None)
+            self._touched.pop(hex_id, None)  # (one per chunk ever hit, on a long-lived mount)
             if size is None:
                 return False
             self.used -= size

@@ -130,15 +130,18 @@ def pinned_map(fd: int, size: int) -> memoryview | None:
     return memoryview(pages)
 
 
-def read_whole(path: str, direct: bool = True, pin: bool = False) -> tuple[memoryview, bool]:
+def read_whole(path: str, direct: bool = True, pin: bool = False,
+               max_size: int | None = None) -> tuple[memoryview, bool]:
     """The whole file as a read-only view of a page-aligned buffer, and whether O_DIRECT
     is still worth trying on this filesystem (False once it was refused here). With `pin`,
     a file that is all in the page cache comes as a locked mapping instead (pinned_map).
 
-    Raises OSError like open/read would."""
+    Raises OSError like open/read would; EFBIG for a file over max_size (nothing allocated)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
+        if max_size is not None and size > max_size:
+            raise OSError(errno.EFBIG, f"{size} bytes, more than the {max_size} a chunk can take")
         in_memory = size < ALIGN or not (direct or pin) or resident(fd, size)
         if pin and size >= ALIGN and in_memory:
             view = pinned_map(fd, size)

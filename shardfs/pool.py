@@ -25,6 +25,11 @@ log = logging.getLogger("shardfs.pool")
 COOLDOWN = 5.0  # seconds a node that failed is tried last
 DISK_RETRY = 60.0  # seconds before a node that did not say where its chunks live is asked again
 HEDGE_AFTER = float(os.environ.get("SHARDFS_HEDGE_AFTER", "1.0"))  # seconds before racing a 2nd replica
+# A read gives up (ChunkUnavailable) when no replica has answered for this long: a file://
+# node on a hung network filesystem blocks in the kernel with no timeout of its own, and an
+# HTTP node's timeout is per socket read, so one that trickles is never cut off by it.
+READ_DEADLINE = float(os.environ.get("SHARDFS_READ_DEADLINE", "120"))
+ATTEMPTS = 32  # requests to nodes running at once (threads); one node may hold half of them
 
 
 class NodePool:
@@ -38,7 +43,10 @@ class NodePool:
         self.corrupt_copies = 0
         self.failovers = 0
         self.hedges = 0
-        self._hedge_pool = ThreadPoolExecutor(32, thread_name_prefix="fetch")
+        self._hedge_pool = ThreadPoolExecutor(ATTEMPTS, thread_name_prefix="fetch")
+        # requests started per node and not yet answered: a hung node holds its threads until
+        # it answers, so it is not given more than half of them (the others are for the rest)
+        self._running: dict[str, int] = {}
 
     def store(self, nid: str) -> NodeStore:
         with self._lock:
@@ -76,7 +84,8 @@ class NodePool:
 
     def order(self, hex_id: str, locs) -> list[str]:
         """Replica preference: rendezvous order, recently failed nodes last, unknown nodes dropped."""
-        known = {n: self.nodes[n].weight for n in locs if n in self.nodes}
+        nodes = self.nodes  # (one snapshot: update() replaces it from other threads)
+        known = {n: nodes[n].weight for n in locs if n in nodes}
         ranked = rank(hex_id, known)
         now = time.monotonic()
         return sorted(ranked, key=lambda n: now - self._failed_at.get(n, -1e9) < COOLDOWN)
@@ -112,19 +121,35 @@ class NodePool:
 
         Replicas are tried in preference order; a replica that has not answered within
         HEDGE_AFTER seconds is raced by a request to the next one (a hung or slow node
-        costs that delay, not its full timeout). Errors, timeouts and bad copies fail over."""
+        costs that delay, not its full timeout). Errors, timeouts and bad copies fail over.
+        With no answer from any replica for READ_DEADLINE seconds: ChunkUnavailable."""
         cid = bytes.fromhex(hex_id)
         order = self.order(hex_id, locs)
         errors: list[str] = []
         pending: dict = {}
         nxt = 0
+        deadline = time.monotonic() + READ_DEADLINE
         try:
             while pending or nxt < len(order):
                 if nxt < len(order):
                     nid = order[nxt]
-                    pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid, keyring)] = nid
                     nxt += 1
-                timeout = HEDGE_AFTER if nxt < len(order) else None
+                    with self._lock:
+                        busy = self._running.get(nid, 0) >= ATTEMPTS // 2
+                        if not busy:
+                            self._running[nid] = self._running.get(nid, 0) + 1
+                    if busy:
+                        errors.append(f"{nid}: {ATTEMPTS // 2} requests to it are still unanswered")
+                        continue
+                    pending[self._hedge_pool.submit(self._attempt, nid, hex_id, cid, keyring)] = nid
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    for fut, nid in pending.items():
+                        if fut.running():
+                            self.mark_failed(nid)
+                        errors.append(f"{nid}: no answer within {READ_DEADLINE:g} s")
+                    break
+                timeout = min(HEDGE_AFTER, left) if nxt < len(order) else left
                 done, _ = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 for fut in done:
                     nid = pending.pop(fut)
@@ -138,14 +163,17 @@ class NodePool:
                     if nxt < len(order):
                         with self._lock:  # an error sends us on to the next replica
                             self.failovers += 1
-                if not done and pending:
+                if not done and pending and nxt < len(order):
                     with self._lock:
                         self.hedges += 1
-                    for nid in pending.values():  # no answer in HEDGE_AFTER: asked last for a while
-                        self.mark_failed(nid)
+                    for fut, nid in pending.items():  # no answer in HEDGE_AFTER: asked last for a while
+                        if fut.running():  # (not one still queued behind other requests)
+                            self.mark_failed(nid)
         finally:
-            for fut in pending:
-                fut.cancel()  # a hung request ends at its own timeout; nobody waits for it
+            for fut, nid in pending.items():  # a hung request ends when it ends; nobody waits for it
+                if fut.cancel():  # (never started: it holds no thread)
+                    with self._lock:
+                        self._running[nid] -= 1
         raise ChunkUnavailable(f"chunk {hex_id[:16]}: no replica could serve it: "
                                + "; ".join(errors or ["no locations"]))
 
@@ -158,6 +186,13 @@ class NodePool:
             if isinstance(e, NodeError) and not e.missing:
                 self.mark_failed(nid)  # here, not by the reader: nobody waits for a raced request
             raise
+        except Exception as e:  # noqa: BLE001 - (a URL the store refuses, MemoryError): that
+            NODE_ERRORS.labels(nid).inc()  # node fails, the next replica is still tried
+            self.mark_failed(nid)
+            raise NodeError(nid, f"{type(e).__name__}: {e}") from None
+        finally:
+            with self._lock:
+                self._running[nid] -= 1
         FETCH_SECONDS.labels(nid).observe(time.monotonic() - t0)
         return raw
 

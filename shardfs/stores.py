@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import urllib3
 
-from . import directio
+from . import directio, envelope
 from .errors import NodeError, UsageError
 
 HEX_ID = re.compile(r"[0-9a-f]{64}")
@@ -225,7 +225,7 @@ class FileStore(NodeStore):
 
     def get(self, hex_id):
         try:
-            blob, self.direct = directio.read_whole(self._path(hex_id), self.direct)
+            blob, self.direct = directio.read_whole(self._path(hex_id), self.direct, max_size=envelope.MAX_STORED)
             return blob
         except FileNotFoundError:
             why = not_found_why(self.root)
@@ -336,9 +336,10 @@ def dir_usage(root: str) -> int:
     return total
 
 
-def _why(r) -> str:
-    """The first line of an error answer's text, as ": text" (or "" without one)."""
-    text = r.data[:500].decode("utf-8", "replace").strip().splitlines()
+def _why(r, body: bytes | None = None) -> str:
+    """The first line of an error answer's text (r.data, or `body`), as ": text" (or "")."""
+    body = r.data if body is None else body
+    text = body[:500].decode("utf-8", "replace").strip().splitlines()
     return f": {text[0]}" if text and text[0].isprintable() else ""
 
 
@@ -358,17 +359,17 @@ class HttpStore(NodeStore):
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._connect_timeout = connect_timeout
 
-    def _request(self, method, path, **kw):
+    def _request(self, method, path, preload_content=True, **kw):
         try:
             try:
-                return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+                return self._pool.request(method, self._prefix + path, preload_content=preload_content, **kw)
             except urllib3.exceptions.ProtocolError:
                 # The connection dropped before an answer: most often a kept-alive one the
                 # node closed (its idle timeout) just as this request went out on it. Once
                 # more, on a new connection: every request here is idempotent (chunks are
                 # immutable and named by their hash). A node refusing connections is not
                 # retried (NewConnectionError), nor one that does not answer in time.
-                return self._pool.request(method, self._prefix + path, preload_content=True, **kw)
+                return self._pool.request(method, self._prefix + path, preload_content=preload_content, **kw)
         except urllib3.exceptions.ReadTimeoutError:
             waited = kw.get("timeout", self._pool.timeout).read_timeout
             raise NodeError(self.url, f"{method} {path}: no answer within {waited:g} s "
@@ -377,10 +378,32 @@ class HttpStore(NodeStore):
             raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}") from None
 
     def get(self, hex_id):
-        r = self._request("GET", "/chunks/" + hex_id)
-        if r.status == 200:
-            return r.data
-        raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r)}", missing=r.status == 404)
+        r = self._request("GET", "/chunks/" + hex_id, preload_content=False)
+        done = False
+        try:
+            if r.status != 200:
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r, r.read(500))}",
+                                missing=r.status == 404)
+            # No body larger than any envelope is read into memory: a node (or a proxy in
+            # front of it) answering with an endless or huge body is a failed node, not an
+            # out-of-memory mount.
+            length = r.headers.get("Content-Length")
+            if length is None or not length.isdigit() or int(length) > envelope.MAX_STORED:
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of "
+                                f"{'unknown' if length is None else length} bytes is not a chunk")
+            try:
+                data = r.read(decode_content=False)  # (Content-Length bytes, into one buffer)
+            except urllib3.exceptions.ReadTimeoutError:
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: the answer stopped for over "
+                                f"{self._pool.timeout.read_timeout:g} s") from None
+            except urllib3.exceptions.HTTPError as e:
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: {type(e).__name__}: {e}") from None
+            done = True
+            return data
+        finally:
+            if not done:
+                r.close()  # (a body left unread: the connection is not used again)
+            r.release_conn()
 
     def put(self, hex_id, blob):
         r = self._request("PUT", "/chunks/" + hex_id, body=blob,

@@ -1532,3 +1532,124 @@ def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nod
     finally:
         store.close()
         lsock.close()
+
+
+def _answering_server(answer):
+    """A loopback TCP server whose every connection is handed to answer(sock) in a thread:
+    a node that misbehaves on purpose. Returns (url, close)."""
+    import socket
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def accept():
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{lsock.getsockname()[1]}", lsock.close
+
+
+def test_a_node_that_never_finishes_an_answer_cannot_hang_a_read(tmp_path, monkeypatch):
+    """A node that trickles its answer (a byte every half second) never trips the per-read
+    socket timeout, and a file:// node on a hung network filesystem has none: the read
+    waited for it without end. It now gives up after READ_DEADLINE, as on any dead replica."""
+    from shardfs import pool as poolmod
+    from shardfs.errors import ChunkUnavailable
+    from shardfs.index import Node
+    stop = threading.Event()
+
+    def trickle(c):
+        try:
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+            while not stop.wait(0.5):
+                c.sendall(b"x")
+        except OSError:
+            pass
+        finally:
+            c.close()
+    url, close = _answering_server(trickle)
+    monkeypatch.setattr(poolmod, "READ_DEADLINE", 2.0)
+    p = poolmod.NodePool({"slow": Node("slow", url)})
+    result = []
+
+    def read():
+        try:
+            p.read("ab" * 32, ["slow"])
+        except ChunkUnavailable as e:
+            result.append(str(e))
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(60)  # (liveness, not speed: without the deadline it waits 100000 half-seconds)
+    stop.set()
+    close()
+    p.close()
+    assert not t.is_alive() and result and "no answer within 2 s" in result[0], result
+
+
+def test_a_node_holding_half_the_request_threads_is_passed_over(tmp_path):
+    from shardfs.errors import ChunkUnavailable
+    from shardfs.index import Node
+    from shardfs.pool import ATTEMPTS, NodePool
+    from shardfs.stores import open_store
+    (tmp_path / "good").mkdir()
+    (tmp_path / "stuck").mkdir()
+    cid, blob, _ = envelope.encode(os.urandom(50_000))
+    for d in ("good", "stuck"):
+        open_store(f"file://{tmp_path / d}").put(cid.hex(), blob)
+    p = NodePool({"stuck": Node("stuck", f"file://{tmp_path / 'stuck'}"),
+                  "good": Node("good", f"file://{tmp_path / 'good'}")})
+    p._running["stuck"] = ATTEMPTS // 2  # as if that many requests to it hung in the kernel
+    try:
+        with pytest.raises(ChunkUnavailable, match="still unanswered"):
+            p.read(cid.hex(), ["stuck"])
+        data, nid = p.read_from(cid.hex(), ["stuck", "good"])
+        assert bytes(data) == envelope.decode(blob, cid) and nid == "good"
+        assert p._running == {"stuck": ATTEMPTS // 2, "good": 0}  # (every request counted out)
+    finally:
+        p.close()
+
+
+def test_an_oversized_answer_or_file_is_a_failed_node_not_a_huge_allocation(tmp_path):
+    """A chunk is at most MAX_STORED bytes: a node answering with more (a proxy's endless
+    body, a stray huge file at a chunk's path) fails over before anything is allocated."""
+    from shardfs.errors import NodeError
+    from shardfs.index import Node
+    from shardfs.pool import NodePool
+    from shardfs.stores import open_store
+
+    def huge(c):
+        try:
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (envelope.MAX_STORED + 1))
+            c.sendall(b"x" * 65536)
+        except OSError:
+            pass
+        finally:
+            c.close()
+    url, close = _answering_server(huge)
+    cid, blob, _ = envelope.encode(os.urandom(50_000))
+    h = cid.hex()
+    (tmp_path / "big").mkdir()
+    store = open_store(f"file://{tmp_path / 'big'}")
+    store.put(h, blob)
+    path = next(f for f in all_files(tmp_path / "big") if os.path.basename(f) == h)
+    os.truncate(path, envelope.MAX_STORED + 1)  # sparse: no disk used
+    (tmp_path / "good").mkdir()
+    open_store(f"file://{tmp_path / 'good'}").put(h, blob)
+    try:
+        for s in (open_store(url), store):
+            with pytest.raises(NodeError, match="is not a chunk|more than"):
+                s.get(h)
+        p = NodePool({"http": Node("http", url), "big": Node("big", f"file://{tmp_path / 'big'}"),
+                      "ftp": Node("ftp", "ftp://127.0.0.1/x"),  # a URL the stores refuse
+                      "good": Node("good", f"file://{tmp_path / 'good'}")})
+        try:
+            data, nid = p.read_from(h, ["http", "big", "ftp", "good"])
+            assert nid == "good" and bytes(data) == envelope.decode(blob, cid)
+        finally:
+            p.close()
+    finally:
+        close()
