@@ -388,11 +388,20 @@ class HttpStore(NodeStore):
             # front of it) answering with an endless or huge body is a failed node, not an
             # out-of-memory mount.
             length = r.headers.get("Content-Length")
-            if length is None or not length.isdigit() or int(length) > envelope.MAX_STORED:
-                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of "
-                                f"{'unknown' if length is None else length} bytes is not a chunk")
+            if length is not None and (not length.isdigit() or int(length) > envelope.MAX_STORED):
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of {length} bytes is not a chunk")
             try:
-                data = r.read(decode_content=False)  # (Content-Length bytes, into one buffer)
+                if length is not None:
+                    data = r.read(decode_content=False)  # (Content-Length bytes, into one buffer)
+                else:  # chunked: read up to the bound
+                    parts, n = [], 0
+                    for part in r.stream(1 << 20, decode_content=False):
+                        n += len(part)
+                        if n > envelope.MAX_STORED:
+                            raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of over "
+                                            f"{envelope.MAX_STORED} bytes is not a chunk")
+                        parts.append(part)
+                    data = b"".join(parts)
             except urllib3.exceptions.ReadTimeoutError:
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: the answer stopped for over "
                                 f"{self._pool.timeout.read_timeout:g} s") from None

@@ -1629,7 +1629,18 @@ def test_an_oversized_answer_or_file_is_a_failed_node_not_a_huge_allocation(tmp_
             pass
         finally:
             c.close()
+    def endless(c):  # chunked: no length to refuse up front
+        try:
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            while True:
+                c.sendall(b"100000\r\n" + b"x" * 0x100000 + b"\r\n")
+        except OSError:
+            pass
+        finally:
+            c.close()
     url, close = _answering_server(huge)
+    url2, close2 = _answering_server(endless)
     cid, blob, _ = envelope.encode(os.urandom(50_000))
     h = cid.hex()
     (tmp_path / "big").mkdir()
@@ -1640,9 +1651,25 @@ def test_an_oversized_answer_or_file_is_a_failed_node_not_a_huge_allocation(tmp_
     (tmp_path / "good").mkdir()
     open_store(f"file://{tmp_path / 'good'}").put(h, blob)
     try:
-        for s in (open_store(url), store):
+        for s in (open_store(url), open_store(url2), store):
             with pytest.raises(NodeError, match="is not a chunk|more than"):
                 s.get(h)
+
+        def chunked(c):  # a proxy that re-chunks a good answer: read as it is
+            try:
+                c.recv(65536)
+                c.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+                for at in range(0, len(blob), 7000):
+                    part = blob[at:at + 7000]
+                    c.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
+                c.sendall(b"0\r\n\r\n")
+            finally:
+                c.close()
+        url3, close3 = _answering_server(chunked)
+        try:
+            assert open_store(url3).get(h) == blob
+        finally:
+            close3()
         p = NodePool({"http": Node("http", url), "big": Node("big", f"file://{tmp_path / 'big'}"),
                       "ftp": Node("ftp", "ftp://127.0.0.1/x"),  # a URL the stores refuse
                       "good": Node("good", f"file://{tmp_path / 'good'}")})
@@ -1653,3 +1680,4 @@ def test_an_oversized_answer_or_file_is_a_failed_node_not_a_huge_allocation(tmp_
             p.close()
     finally:
         close()
+        close2()
