@@ -415,25 +415,34 @@ class Index:
                                 put_id=put_id, lease_margin=lease_margin)[0]
 
     def publish_all(self, entries, force: bool, put_id: str | None = None, lease_margin: float = 0.0,
-                    remove=()) -> list[int]:
+                    remove=(), nodes=()) -> list[int]:
         """Make a version visible for each entry (name, manifest, size, sha256, chunk_size,
         replicas, stats), and remove the models named in `remove` (as `remove` does), all
         in one MULTI/EXEC: readers see all of it or none of it. Returns the version ids.
 
         With put_id, refuses to publish unless that put's lease is still live for at least
-        lease_margin seconds: a lease that lapsed may have let gc take chunks it relied on."""
+        lease_margin seconds: a lease that lapsed may have let gc take chunks it relied on.
+        Refuses, too, if one of `nodes` (those holding the copies the put relies on) was
+        removed meanwhile: `node rm` checks only published chunks for sole copies."""
         entries = list(entries)
         remove = set(remove) - {e[0] for e in entries}
         last = self.r.incrby(K_VSEQ, len(entries))
         vids = list(range(last - len(entries) + 1, last + 1))
+        # (reading leases matter only to removals; mounts renew them every few seconds, and
+        # watching them for every publish would make a busy index retry for nothing)
+        watched = [K_MODELS, K_PUTS, K_NODES] + ([K_READING] if remove else [])
         with self.r.pipeline() as p:
             while True:
                 try:
-                    p.watch(K_MODELS, K_PUTS, K_READING, *(k_model_versions(n) for n in sorted(remove)))
+                    p.watch(*watched, *(k_model_versions(n) for n in sorted(remove)))
                     if put_id is not None:
                         expiry = p.zscore(K_PUTS, put_id)
                         if expiry is None or expiry < self.now_ms() + lease_margin * 1000:
                             raise ShardfsError(LAPSED)
+                    gone = sorted(n for n in nodes if not p.hexists(K_NODES, n))
+                    if gone:
+                        raise ShardfsError(f"node {gone[0]} was removed while this put stored chunks on it; "
+                                           "nothing was published: put again")
                     for name, *_ in entries:
                         if p.hexists(K_MODELS, name) and not force:
                             raise NameClash(f"model {name!r} already exists; use --force to replace it")

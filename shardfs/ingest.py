@@ -91,6 +91,7 @@ class Uploader:
         self.failed: dict[str, str] = {}
         self.lacking: set[str] = set()  # nodes found without a chunk the index lists there
         self.lapsed = False  # the put's lease lapsed and gc ended it (PutSession._heartbeat)
+        self.used: set[str] = set()  # nodes holding copies this put relies on (see publish_all)
         self._lock = threading.Lock()
         self._storing: dict[str, threading.Event] = {}  # chunk -> set once its first store ends
 
@@ -128,6 +129,8 @@ class Uploader:
             # index's back is stored again, not trusted (a stat on a file node, a HEAD on HTTP)
             have = {n for n in listed if self._holds(n, hex_id)}
             if len(have) >= self.replicas:
+                with self._lock:
+                    self.used |= have
                 return cid, 0, None, True
         _, blob, codec = envelope.encode(raw, codec, cid=cid, keyring=self.keyring, aligned=True)
         errors, failed_here = [], set()
@@ -155,6 +158,8 @@ class Uploader:
                            if nid not in failed_here]
             raise NoNodes(f"could not store chunk {hex_id[:16]} on {self.replicas} nodes "
                           f"(stored on {len(have)}): " + "; ".join(errors or ["not enough live nodes"]))
+        with self._lock:
+            self.used |= have
         self.idx.record_chunk(hex_id, len(raw), len(blob), codec, [])
         return cid, len(blob), codec, False
 
@@ -258,7 +263,7 @@ class PutSession:
         """Publish every stored file, and remove the models named in `remove`, at once."""
         vids = self.idx.publish_all(
             [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
-            force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove)
+            force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
         for s, vid in zip(stored, vids):
             s.result.vid = vid
         return [s.result for s in stored]

@@ -1128,6 +1128,23 @@ def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
     assert idx.models() == [] or "m" not in idx.models()
 
 
+def test_a_put_whose_node_was_removed_meanwhile_publishes_nothing(redis_proc, tmp_path):
+    """`node rm` checks published chunks for sole copies; a running put's chunks are not
+    published yet, so removing the node they went to passed, and the put then published a
+    model whose chunks were listed only on a node no longer registered."""
+    from shardfs.manifest import Manifest
+    idx = open_idx(redis_proc)
+    a, b = idx.add_node(f"file://{tmp_path}/a"), idx.add_node(f"file://{tmp_path}/b")
+    idx.start_put("p", 60)
+    idx.remove_node(b.id)  # while the put is storing on it
+    with pytest.raises(ShardfsError, match=f"node {b.id} was removed while this put"):
+        idx.publish_all([("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {})], False, put_id="p",
+                        nodes={a.id, b.id})
+    assert "m" not in idx.models()
+    idx.publish_all([("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {})], False, put_id="p", nodes={a.id})
+    assert "m" in idx.models()
+
+
 def test_a_failed_upload_leaves_a_copy_another_put_stored(redis_proc):
     """Two puts share a chunk and the same node: one stores it, the other's upload fails
     there and used to drop the node from the chunk's locations, which the first then
