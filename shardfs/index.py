@@ -174,6 +174,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+# gc, right before it deletes a claimed chunk's copy: its lock is still its own and the
+# chunk still "deleting" (a gc that paused past its lock may find both taken over meanwhile)
+CLAIMED_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call('HGET', KEYS[1], 'state') == 'deleting' then return 1 end
+return 0
+"""
+
 RELOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
@@ -244,6 +252,7 @@ class Index:
         self._forget = client.register_script(FORGET_LUA)
         self._drop = client.register_script(DROP_LUA)
         self._renew = client.register_script(RENEW_LUA)
+        self._claimed = client.register_script(CLAIMED_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._unlock = client.register_script(UNLOCK_LUA)
         self._relock = client.register_script(RELOCK_LUA)
@@ -737,6 +746,11 @@ class Index:
         """Mark an unreferenced chunk that no running put leases "deleting" (needs gc_lock)."""
         return bool(self._gc_checked(self._claim(keys=[k_chunk(hex_id), K_PUTS, K_GC],
                                                  args=[hex_id, self.now_ms(), LEASE_PREFIX, self.gc_token or ""])))
+
+    def still_claimed(self, hex_id: str) -> bool:
+        """Whether this gc still holds its lock and its claim on the chunk (CLAIMED_LUA);
+        raises if the lock is lost."""
+        return bool(self._gc_checked(self._claimed(keys=[k_chunk(hex_id), K_GC], args=[self.gc_token or ""])))
 
     def release_gc_claim(self, hex_id: str, deleted_from) -> None:
         """gc could not delete every copy: see RELEASE_LUA."""

@@ -377,7 +377,7 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
     for h in list(idx.all_chunks()):
         if not idx.claim_for_gc(h):
             continue
-        gone, failed = [], []
+        gone, failed, lost = [], [], False
         try:
             info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
             for nid in info["locs"]:
@@ -386,6 +386,9 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
                 if nid in skip:
                     failed.append(nid)
                     continue
+                if not idx.still_claimed(h):  # (raises if this gc lost its lock while deleting)
+                    lost = True  # no longer this gc's to delete: leave the chunk as it is now
+                    break
                 try:
                     pool.store(nid).delete(h)
                     gone.append(nid)
@@ -398,6 +401,8 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
             except Exception:  # noqa: BLE001 - the next gc takes the claim over
                 pass
             raise
+        if lost:
+            continue
         if failed:
             # give the claim back (state "ok", refs 0): a put needing the chunk re-uploads it
             # instead of waiting on a gc that cannot finish while that node is down

@@ -1090,7 +1090,10 @@ def test_one_gc_at_a_time_and_a_gc_that_lost_its_lock_changes_nothing(cli, nodes
     with idx.gc_lock():
         assert_one_line_error(cli("gc", check=False), "another gc is running", "run gc again once it has ended")
         assert idx.claim_for_gc(h)
+        assert idx.still_claimed(h)  # (asked before each copy it deletes)
         idx.r.delete("shardfs:gc")  # the lock expired while this gc paused; another may run now
+        with pytest.raises(ShardfsError, match="lost its lock"):
+            idx.still_claimed(h)  # so it deletes no copy a put may have stored again
         with pytest.raises(ShardfsError, match="lost its lock"):
             idx.forget_chunk(h)
         with pytest.raises(ShardfsError, match="lost its lock"):
