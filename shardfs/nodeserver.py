@@ -23,12 +23,13 @@ import shutil
 import signal
 import time
 
+import blake3
 from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import (HEX_ID, chunk_relpath, disk_id, make_dir, mark_root, not_found_why, read_token, remove_stale_temp,
-                     root_id, write_atomic)
+from .stores import (HEX_ID, SEALED_HASH, chunk_relpath, disk_id, make_dir, mark_root, not_found_why, read_token,
+                     remove_stale_temp, root_id, write_atomic)
 
 log = logging.getLogger("shardfs.node")
 
@@ -122,20 +123,29 @@ class NodeServer:
         body = await request.read()  # bounded by client_max_size
         cid = bytes.fromhex(request.match_info["cid"])
         try:
+            sealed_checked = False
             if envelope.is_sealed(body):
                 # encrypted: the node holds no key, so it checks the envelope, not the content;
                 # readers verify the content against the keyed id
                 if envelope.read_header(body)[3] != cid:
                     raise CorruptChunk("envelope carries another chunk id")
+                sent = request.headers.get(SEALED_HASH)
+                if sent is not None:
+                    got = await asyncio.get_running_loop().run_in_executor(
+                        None, lambda: blake3.blake3(body, max_threads=1).hexdigest())
+                    if not hmac.compare_digest(sent.lower(), got):
+                        raise CorruptChunk(f"body does not match its {SEALED_HASH}")
+                    sealed_checked = True
             else:
                 await asyncio.get_running_loop().run_in_executor(None, envelope.decode, body, cid)
         except CorruptChunk as e:
             raise web.HTTPUnprocessableEntity(text=f"body does not hash to its id: {e}\n")
         self._root_ok()
         existed = os.path.exists(path)
-        if existed and envelope.is_sealed(body):
-            # Objects are immutable, and a sealed body can only be checked against its id's
-            # header: a second PUT must not replace a good copy with anything else.
+        if existed and envelope.is_sealed(body) and not sealed_checked:
+            # A sealed body can only be checked against its id's header, and against the
+            # hash the client sent of it (stores.SEALED_HASH): without that, a second PUT must
+            # not replace a copy that may be good with one that may have been damaged on its way.
             return web.Response(status=201)
         try:
             await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)

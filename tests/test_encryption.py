@@ -113,3 +113,31 @@ def test_mount_decrypts_with_the_key_and_refuses_without(cli, nodes, tmp_path, k
         open(plain.file("secret.bin"), "rb")
     assert e.value.errno == errno.EACCES
     assert os.path.ismount(plain.path)
+
+
+def test_a_node_replaces_a_damaged_sealed_copy_only_with_a_body_that_arrived_intact(nodes):
+    """A node keeps an existing sealed copy on a second PUT (it cannot check ciphertext), so a
+    damaged copy that verify could not delete stayed, and was reported stored again. With the
+    body's hash sent along, an intact body replaces it; a body damaged on its way is refused."""
+    import urllib3
+    from shardfs.stores import SEALED_HASH, open_store
+    [srv] = nodes(1)
+    k = Keyring(os.urandom(32))
+    cid, blob, _ = envelope.encode(PLAIN, keyring=k)
+    h = cid.hex()
+    store = open_store(srv.url)
+    store.put(h, blob)
+    [path] = [f for f in srv.chunk_files() if os.path.basename(f) == h]
+    damaged = bytearray(blob)
+    damaged[-5] ^= 0x40  # bit rot in the ciphertext: the header still says all is well
+    with open(path, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(CorruptChunk):
+        envelope.decode(store.get(h), cid, k)
+    store.put(h, blob)  # (what put and verify --repair send)
+    assert envelope.decode(store.get(h), cid, k) == PLAIN
+    http = urllib3.PoolManager()
+    for headers, status in (({SEALED_HASH: "00" * 32}, 422), ({}, 201)):
+        r = http.request("PUT", f"{srv.url}/chunks/{h}", body=bytes(damaged), headers=headers)
+        assert r.status == status, (headers, r.status, r.data)
+    assert open(path, "rb").read() == blob  # neither replaced the good copy
