@@ -202,6 +202,57 @@ def page_in_dir(root: str) -> int:
     return total
 
 
+# Proactive reclaim in the guest: a DAMON scheme that pages out memory it samples as idle
+# (found here: action "pageout" on physical memory, up to 128 MiB/s). It takes page cache
+# pages a few seconds after they were read, so "in the page cache" is a state that has to be
+# made right before it is measured, and checked: resident_fraction before and after the read.
+RECLAIM = "/sys/kernel/mm/damon/admin/kdamonds"
+
+
+def reclaim_note() -> str:
+    """What the bench found of the guest's proactive reclaim, as one line (or "")."""
+    try:
+        for k in sorted(os.listdir(RECLAIM)):
+            d = os.path.join(RECLAIM, k)
+            if not k.isdigit() or open(os.path.join(d, "state")).read().strip() != "on":
+                continue
+            schemes = os.path.join(d, "contexts", "0", "schemes")
+            actions = [open(os.path.join(schemes, x, "action")).read().strip()
+                       for x in sorted(os.listdir(schemes)) if x.isdigit()]
+            if "pageout" in actions:
+                return "DAMON proactive reclaim (pageout) is on: page cache is paged out within seconds"
+    except OSError:
+        pass
+    return ""
+
+
+def resident_fraction(root: str) -> float:
+    """Share of the bytes of the files under root that are in the page cache (cachestat)."""
+    from shardfs import directio
+    total = resident = 0
+    for d, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                total += size
+                resident += resident_bytes(directio, fd, size)
+            finally:
+                os.close(fd)
+    return resident / total if total else 0.0
+
+
+def resident_bytes(directio, fd: int, size: int) -> int:
+    import ctypes
+    span, stat = directio._CachestatRange(0, size), directio._Cachestat()
+    if directio._libc.syscall(451, ctypes.c_uint(fd), ctypes.byref(span), ctypes.byref(stat), ctypes.c_uint(0)):
+        return size if directio.resident(fd, size) else 0  # (no cachestat: all or nothing)
+    return min(size, stat.nr_cache * directio.PAGE)
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     buf = bytearray(BUF)
@@ -520,6 +571,8 @@ class Bench:
             b = base_fn(warm)
             label = "warm-up" if warm else f"rep {rep}"
             extra = ""
+            if res.get("resident"):
+                extra += ", cache files resident {:.0%} before, {:.0%} after".format(*res["resident"])
             if res.get("hwm"):
                 extra += f", daemon VmHWM {human(res['hwm'])}"
             if res.get("rss_max"):
@@ -583,13 +636,19 @@ class Bench:
 
     def shard_warm(self, cache_dir: str):
         def fn(warm):
-            if warm:  # the daemon reads and writes entries with O_DIRECT: load them here
-                n = page_in_dir(cache_dir)
-                print(f"    cache files read into the page cache: {human(n)}", flush=True)
             try:
                 self.mount(0, cache_dir)
+                # Loaded on every pass, right before the read: the daemon reads and writes
+                # entries with O_DIRECT, and this VM's proactive reclaim (DAMON pageout, see
+                # RECLAIM) pages cache files out within seconds of their last read.
+                n = page_in_dir(cache_dir)
+                before = resident_fraction(cache_dir)
                 res = self.run_child("read", self.mnt_path())
+                after = resident_fraction(cache_dir)
                 res["stats"] = self.cache_stats()
+                res["resident"] = (before, after)
+                if warm:
+                    print(f"    cache files read into the page cache before each read: {human(n)}", flush=True)
                 return res
             finally:
                 self.umount()
@@ -784,6 +843,8 @@ def main() -> int:
 
     try:
         print(f"workdir: {b.dir}")
+        if reclaim_note():
+            print(f"machine: {reclaim_note()} (warm state: loaded before each read, residency printed)")
         b.build_model()
         b.check_drop()
         b.start_redis()
