@@ -388,7 +388,11 @@ class HttpStore(NodeStore):
         done = False
         try:
             if r.status != 200:
-                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r, r.read(500))}",
+                try:
+                    text = r.read(500)
+                except urllib3.exceptions.HTTPError:
+                    text = b""
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r, text)}",
                                 missing=r.status == 404)
             # No body larger than any envelope is read into memory: a node (or a proxy in
             # front of it) answering with an endless or huge body is a failed node, not an
