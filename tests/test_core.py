@@ -1503,6 +1503,23 @@ def test_temp_files_killed_writers_left_are_swept_old_ones_only(cli, nodes, tmp_
     assert not os.path.exists(old_s) and os.path.exists(young_s)
 
 
+def _answering_server(answer):
+    """A loopback TCP server whose every connection is handed to answer(sock) in a thread:
+    a node that misbehaves on purpose. Returns (url, close)."""
+    import socket
+    lsock = socket.create_server(("127.0.0.1", 0))
+
+    def accept():
+        while True:
+            try:
+                c, _ = lsock.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(c,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    return f"http://127.0.0.1:{lsock.getsockname()[1]}", lsock.close
+
+
 def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nodes):
     """A node closes an idle kept-alive connection (its timeout) just as a request goes out
     on it: the request is sent again on a new connection, not failed over (with one copy
@@ -1511,7 +1528,6 @@ def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nod
     import socket
     from shardfs.stores import open_store
     [srv] = nodes(1)
-    lsock = socket.create_server(("127.0.0.1", 0))
     dropped = []
 
     def pipe(src, dst):
@@ -1532,18 +1548,10 @@ def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nod
             for s in (client, up):
                 s.close()
 
-    def accept():
-        while True:
-            try:
-                c, _ = lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(c,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    url, close = _answering_server(serve)
     cid, blob, _ = envelope.encode(os.urandom(300_000))
     open_store(srv.url).put(cid.hex(), blob)  # (no token file: writes are open)
-    store = open_store(f"http://127.0.0.1:{lsock.getsockname()[1]}")
+    store = open_store(url)
     try:
         for _ in range(3):
             assert store.get(cid.hex()) == blob
@@ -1551,24 +1559,7 @@ def test_http_store_retries_once_on_a_kept_alive_connection_the_node_dropped(nod
         assert dropped  # the fault did happen, and was ridden out
     finally:
         store.close()
-        lsock.close()
-
-
-def _answering_server(answer):
-    """A loopback TCP server whose every connection is handed to answer(sock) in a thread:
-    a node that misbehaves on purpose. Returns (url, close)."""
-    import socket
-    lsock = socket.create_server(("127.0.0.1", 0))
-
-    def accept():
-        while True:
-            try:
-                c, _ = lsock.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(c,), daemon=True).start()
-    threading.Thread(target=accept, daemon=True).start()
-    return f"http://127.0.0.1:{lsock.getsockname()[1]}", lsock.close
+        close()
 
 
 def test_a_node_that_never_finishes_an_answer_cannot_hang_a_read(tmp_path, monkeypatch):
