@@ -26,6 +26,23 @@ def test_units_verify(tmp_path, template, instance):
     assert "Unknown key" not in r.stderr and "Unknown section" not in r.stderr, r.stderr
 
 
+# options with which systemd runs a service in a mount namespace of its own (systemd.exec(5))
+NAMESPACING = ("ProtectHome", "ProtectSystem", "ProtectKernelModules", "ProtectKernelTunables",
+               "ProtectKernelLogs", "ProtectControlGroups", "ProtectClock", "ProtectHostname", "PrivateTmp",
+               "PrivateDevices", "PrivateMounts", "ProtectProc", "ProcSubset", "ReadOnlyPaths", "ReadWritePaths",
+               "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths", "RootDirectory",
+               "RootImage", "MountAPIVFS", "PrivateNetwork", "PrivateUsers", "MountFlags")
+
+
+def test_the_mount_unit_mounts_in_the_hosts_namespace():
+    """With any of these, the FUSE mount is made in the service's own mount namespace and
+    never shows on the host (the unit had ProtectHome=, ProtectKernelModules= and
+    ProtectControlGroups=)."""
+    lines = open(os.path.join(ROOT, "systemd", "shardfs-mount@.service")).read().splitlines()
+    keys = {ln.split("=", 1)[0].strip() for ln in lines if "=" in ln and not ln.lstrip().startswith("#")}
+    assert not keys & set(NAMESPACING), keys & set(NAMESPACING)
+
+
 @needs_fuse
 def test_foreground_mount_sends_ready_and_stopping(cli, tmp_path, nodes):
     n = nodes(1)[0]
