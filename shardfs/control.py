@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import struct
 import tempfile
 
@@ -37,6 +38,19 @@ def socket_path(mountpoint: str, uid: int | None = None) -> str:
     return os.path.join(tempfile.gettempdir(), f"shardfs-{uid}", f"{key}.sock")
 
 
+def private_dir(d: str, uid: int | None = None) -> bool:
+    """Whether d is a real directory of uid (this process's by default) that nobody else
+    may write to or list. The socket directory sits in /tmp: one another user made first
+    could swap our socket for theirs, or leave one nobody listens on, which makes a live
+    mount look like a killed one."""
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == (os.geteuid() if uid is None else uid) \
+        and not st.st_mode & 0o077
+
+
 # -- daemon side ------------------------------------------------------------------------
 
 async def serve(daemon, task_status=trio.TASK_STATUS_IGNORED):
@@ -44,6 +58,10 @@ async def serve(daemon, task_status=trio.TASK_STATUS_IGNORED):
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        if not private_dir(os.path.dirname(path)):
+            sock.close()
+            raise ShardfsError(f"cannot make the control socket {path}: its directory is not private to "
+                               f"this user (another user's, a link, or open to others); remove it and mount again")
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -219,6 +237,9 @@ async def _dispatch(daemon, req, send):
 
 def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None = 30.0):
     path = socket_path(mountpoint)
+    if os.path.exists(path) and not private_dir(os.path.dirname(path)):
+        raise ShardfsError(f"{os.path.dirname(path)} is not private to this user: not trusting the control "
+                           "socket in it")
     if not os.path.exists(path):
         try:  # a mount started by another user (root) names its socket in an xattr
             path = os.fsdecode(os.getxattr(mountpoint, "user.shardfs.control"))
@@ -231,7 +252,10 @@ def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None 
         s.sendall((json.dumps(req) + "\n").encode())
         f = s.makefile("rb")
         for line in f:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # (a daemon killed mid-answer)
+                raise ShardfsError(f"the mount at {mountpoint} sent a garbled answer") from None
             if "progress" in msg:
                 if on_progress:
                     on_progress(msg)

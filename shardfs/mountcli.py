@@ -122,7 +122,9 @@ def _is_stale(mp: str) -> bool:
 def _control_socket(mp: str) -> str:
     """The mount's control socket: "answers"; "dead", a socket left by a killed daemon that
     nobody listens on; or "none", no socket of ours (another user's mount) or a slow daemon."""
-    from .control import socket_path
+    from .control import private_dir, socket_path
+    if not private_dir(os.path.dirname(socket_path(mp))):
+        return "none"  # (not ours to judge by: a socket there may be anyone's)
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(2)
         try:

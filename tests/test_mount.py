@@ -481,6 +481,30 @@ def test_a_control_socket_that_cannot_be_made_fails_the_mount_in_one_line(store,
     assert not os.path.ismount(mp)
 
 
+def test_a_control_socket_directory_others_can_write_is_refused(cli, tmp_path):
+    """The socket directory sits in the temp dir: one another user made first (or left open)
+    let them swap the socket for theirs, or leave a dead one that makes a live mount look
+    killed. Here its mode is opened up; a link or another owner is refused the same way."""
+    from shardfs.control import private_dir
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    d = tmp / f"shardfs-{os.geteuid()}"
+    d.mkdir(mode=0o700)
+    os.chmod(d, 0o777)
+    env = {"TMPDIR": str(tmp)}
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = cli("mount", mp, "--cache-dir", tmp_path / "c", check=False, env=env)
+    assert r.returncode != 0 and "not private to this user" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.ismount(mp)
+    assert not private_dir(str(d))
+    os.chmod(d, 0o700)
+    assert private_dir(str(d))
+    (tmp_path / "link").symlink_to(d)
+    assert not private_dir(str(tmp_path / "link"))
+    assert not private_dir(str(d), uid=os.geteuid() + 1)
+
+
 def test_an_unreachable_notify_socket_does_not_stop_the_mount(store, cli, tmp_path):
     """sd_notify's OSError escaped into the daemon's nursery after the mount was reported
     ready, and tore it down (NOTIFY_SOCKET inherited in a container, say)."""
