@@ -309,8 +309,16 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                                 start_new_session=True, cwd="/")
     os.close(w)
-    with os.fdopen(r) as ready:
-        line = ready.readline().strip()
+    try:
+        with os.fdopen(r) as ready:
+            line = ready.readline().strip()
+    except BaseException:  # interrupted while the daemon starts: it must not mount after we said no
+        proc.terminate()  # (it unmounts cleanly on SIGTERM, caught from before the mount exists)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     if line == "ok":
         print(f"mounted {mp} (daemon pid {proc.pid}, log {log_path})")
         return
