@@ -103,6 +103,8 @@ async def _handle(daemon, stream) -> None:
                 await _send(stream, {"ok": False, "error": "request too large"})
                 return
         req = json.loads(buf.split(b"\n", 1)[0])
+        if not isinstance(req, dict):
+            raise UsageError("a control request is one JSON object")
         result = await _dispatch(daemon, req, lambda obj: _send(stream, obj))
         await _send(stream, {"ok": True, "result": result})
     except (ShardfsError, ValueError, KeyError, TypeError) as e:
@@ -112,8 +114,15 @@ async def _handle(daemon, stream) -> None:
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went away (Ctrl-C on `cache warm`): nothing to answer
-    except Exception:
+    except Exception as e:  # noqa: BLE001 - a bug: logged, and the client is told, not left hanging
         log.exception("control request failed")
+        while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
+            e = e.exceptions[0]  # (a warm's error comes out of its nursery wrapped)
+        try:
+            await _send(stream, {"ok": False, "error": f"the mount failed to answer: {e}" if isinstance(e, ShardfsError)
+                                 else f"the mount failed to answer: internal error {e!r} (see its log)"})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
     finally:
         await stream.aclose()
 

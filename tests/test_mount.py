@@ -809,3 +809,11 @@ def test_mount_and_control_socket_are_private_to_the_owner(store, mounts):
         r = subprocess.run(as_nobody + [py, "-c", probe, socket_path(m.path, uid=0)], capture_output=True, text=True)
         assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr  # refused at connect
     assert open(m.file("org/small.safetensors"), "rb").read(8)  # the owner still reads
+    import socket
+    for bad, words in ((b"[1]\n", "one JSON object"), (b"{\"op\": 1\n", "")):  # answered, never left hanging
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(socket_path(m.path))
+            s.sendall(bad)
+            answer = json.loads(s.makefile("rb").readline())
+            assert answer["ok"] is False and words in answer["error"], answer
