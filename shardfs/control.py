@@ -118,9 +118,9 @@ async def _handle(daemon, stream) -> None:
         log.exception("control request failed")
         while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
             e = e.exceptions[0]  # (a warm's error comes out of its nursery wrapped)
+        why = str(e) if isinstance(e, ShardfsError) else f"internal error {e!r} (see its log)"
         try:
-            await _send(stream, {"ok": False, "error": f"the mount failed to answer: {e}" if isinstance(e, ShardfsError)
-                                 else f"the mount failed to answer: internal error {e!r} (see its log)"})
+            await _send(stream, {"ok": False, "error": f"the mount failed to answer: {why}"})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
     finally:
