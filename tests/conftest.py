@@ -370,3 +370,10 @@ def small_fs(tmp_path):
     yield make
     for d in made:
         subprocess.run(["umount", "-l", str(d)], capture_output=True)
+
+
+def ctrl_c_default():
+    # A shell that starts a job in the background without job control (as CI runners may)
+    # sets SIGINT to ignored, children inherit that and Python then installs no Ctrl-C
+    # handler: the child gets SIGINT back as a terminal would deliver it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -24,7 +24,7 @@ import pytest
 import redis
 import urllib3
 
-from conftest import Cli, add_nodes, free_port, gone, sha256_file, wait_for
+from conftest import Cli, add_nodes, ctrl_c_default, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.errors import ShardfsError
 from shardfs.index import Index
@@ -123,17 +123,10 @@ def assert_one_line_error(r, *needles):
     return lines[0]
 
 
-def _ctrl_c_default():
-    # A shell that starts a job in the background without job control (as CI runners may)
-    # sets SIGINT to ignored, children inherit that and Python then installs no Ctrl-C
-    # handler: the child gets SIGINT back as a terminal would deliver it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def spawn(cli, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "shardfs", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**cli.env, **(env or {})},
-                            preexec_fn=_ctrl_c_default)
+                            preexec_fn=ctrl_c_default)
 
 
 def get_and_compare(cli, name, model, tmp_path):

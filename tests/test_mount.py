@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import CACHE_LOCAL, add_nodes, gone, needs_fuse, sha256_file, wait_for
+from conftest import CACHE_LOCAL, add_nodes, ctrl_c_default, gone, needs_fuse, sha256_file, wait_for
 
 pytestmark = needs_fuse
 
@@ -496,7 +496,8 @@ def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_pa
         "    time.sleep(3)\n")
     env = {**cli.env, "PYTHONPATH": f"{slow}{os.pathsep}{cli.env['PYTHONPATH']}"}
     proc = subprocess.Popen([sys.executable, "-m", "shardfs", "mount", str(mp), "--cache-dir", str(tmp_path / "c")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=ctrl_c_default)
 
     def daemons():
         return subprocess.run(["pgrep", "-f", f"mount {mp} --foreground"], capture_output=True,
