@@ -25,6 +25,7 @@ import tempfile
 import trio
 
 from .errors import ChunkUnavailable, NotFound, ShardfsError, UsageError
+from .mounttab import resolve
 from .units import human
 
 log = logging.getLogger("shardfs.control")
@@ -34,7 +35,8 @@ MAX_REQUEST = 1 << 20
 
 def socket_path(mountpoint: str, uid: int | None = None) -> str:
     uid = os.getuid() if uid is None else uid
-    key = hashlib.sha256(os.fsencode(os.path.realpath(mountpoint))).hexdigest()[:16]
+    # (not realpath: it stats the mount's root, which never returns if the daemon is hung)
+    key = hashlib.sha256(os.fsencode(resolve(mountpoint))).hexdigest()[:16]
     return os.path.join(tempfile.gettempdir(), f"shardfs-{uid}", f"{key}.sock")
 
 

@@ -6,7 +6,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +13,7 @@ import sys
 import time
 
 from .errors import IndexUnavailable, ShardfsError, UsageError
+from .mounttab import abort_connection, daemon_pids, mounts, resolve, stat_within
 
 MOUNT_EPILOG = """\
 By default `mount` returns once the filesystem is ready; the daemon keeps running in the
@@ -52,8 +52,14 @@ def add_mount_commands(sub) -> None:
     a.add_argument("--ready-fd", type=int, help=__import__("argparse").SUPPRESS)
     a.set_defaults(func=cmd_mount)
 
-    a = sub.add_parser("umount", help="unmount (also recovers a mountpoint left stale by a killed daemon)")
+    a = sub.add_parser("umount", help="unmount (also recovers a mountpoint left stale by a killed daemon)",
+                       description="Unmount a shardfs mount. One that files are open on is refused, "
+                       "naming the processes; one whose daemon was killed is cleaned up; one whose "
+                       "daemon does not answer (stopped or stuck) needs --force.")
     a.add_argument("mountpoint", help="where a shardfs mount is (or was, if its daemon was killed)")
+    a.add_argument("--force", action="store_true",
+                   help="unmount even if busy or its daemon does not answer: reads in progress fail "
+                        "(ECONNABORTED), the mount goes at once and the daemon is stopped")
     a.set_defaults(func=cmd_umount)
 
     cache = sub.add_parser("cache", help="inspect and manage a running mount's cache").add_subparsers(
@@ -76,47 +82,31 @@ def add_mount_commands(sub) -> None:
 
 # -- helpers ----------------------------------------------------------------------------
 
-def _mount_types() -> dict[str, str]:
-    """Mountpoint -> filesystem type, from /proc/self/mounts (the last mount on a path wins)."""
-    out = {}
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) < 3:
-                    continue
-                # the kernel escapes space, tab, newline and backslash in paths as \ooo
-                path = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[1])
-                out[path] = "fuse.shardfs" if parts[0] == "shardfs" and parts[2] == "fuse" else parts[2]
-    except OSError:
-        pass
-    return out
-
-
 def shardfs_mounts() -> list[str]:
-    return [p for p, t in _mount_types().items() if t == "fuse.shardfs"]
+    return [p for p, (kind, _dev) in mounts().items() if kind == "fuse.shardfs"]
 
 
 def _not_ours(mp: str) -> str | None:
     """What else is mounted at mp ('a tmpfs mount'), or None if it is a shardfs mount."""
-    types = _mount_types()
-    kind = types.get(os.path.realpath(mp)) or types.get(mp)
+    kind = mounts().get(mp, ("",))[0]
     return None if kind == "fuse.shardfs" else f"a {kind or 'non-shardfs'} mount"
 
 
-def _is_stale(mp: str) -> bool:
-    """A mount whose daemon is gone ("Transport endpoint is not connected")."""
-    try:
-        os.stat(mp)
-    except OSError as e:
+def _condition(mp: str) -> str:
+    """A mount at mp (resolved): "live"; "stale", its daemon gone ("Transport endpoint is not
+    connected"); or "hung", its daemon does not answer (stopped, or stuck)."""
+    st = stat_within(mp)
+    if st is None:
+        return "hung"
+    if isinstance(st, OSError):
         # ENOTCONN once the kernel has let the dead daemon's connection go; ECONNABORTED
         # while it is still tearing it down, right after the daemon died
-        return e.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        return "stale" if st.errno in (errno.ENOTCONN, errno.ECONNABORTED) else "live"
     # For a second after the daemon died the kernel may still answer stat from the root's
     # cached attributes; a shardfs mount's control socket refuses connections at once.
-    if os.path.realpath(mp) not in shardfs_mounts():
-        return False
-    return _control_socket(mp) == "dead"
+    if mp in shardfs_mounts() and _control_socket(mp) == "dead":
+        return "stale"
+    return "live"
 
 
 def _control_socket(mp: str) -> str:
@@ -144,8 +134,8 @@ def _fusermount(mp: str, lazy: bool = False) -> subprocess.CompletedProcess:
 
 
 def _users_of(mp: str) -> list[str]:
-    """Processes with an open file, a memory map or the cwd under the mountpoint, as 'pid (name)'."""
-    mp = os.path.realpath(mp)
+    """Processes with an open file, a memory map or the cwd under the mountpoint (resolved),
+    as 'pid (name)'."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -168,19 +158,53 @@ def _users_of(mp: str) -> list[str]:
     return found
 
 
-def recover_stale(mp: str) -> bool:
-    if not _is_stale(mp):
-        return False
+def recover_stale(mp: str) -> None:
     other = _not_ours(mp)
     if other:
         raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) of {other}, not "
                            f"shardfs; unmount it with the tool that made it (e.g. fusermount3 -u {mp})")
     r = _fusermount(mp, lazy=True)
-    if _is_stale(mp):
+    if mp in mounts() and _condition(mp) == "stale":
         raise ShardfsError(f"{mp} is a stale mount (transport endpoint is not connected) and could not be "
                            f"cleaned up: {r.stderr.strip()}")
     _remove_dead_socket(mp)
-    return True
+
+
+def _force_unmount(mp: str) -> None:
+    """Cut a mount's daemon off (every read waiting on it fails at once), unmount, and stop
+    the daemon: for a daemon that is stopped or stuck, which a plain unmount cannot reach."""
+    import signal
+    _kind, dev = mounts()[mp]
+    aborted = abort_connection(dev)
+    pids = daemon_pids(mp)
+    for pid in pids:  # (a stopped daemon acts on SIGTERM once continued; an aborted one exits anyway)
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    r = _fusermount(mp, lazy=True)
+    deadline = time.monotonic() + 10
+    while pids and time.monotonic() < deadline:
+        pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+        time.sleep(0.05)
+    for pid in pids:  # (a stuck daemon: its connection is aborted, so nothing is left to lose)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if mp in mounts():
+        raise ShardfsError(f"cannot unmount {mp}: {r.stderr.strip() or 'still mounted'}"
+                           + ("" if aborted or pids else "; its daemon could not be found or cut off"))
+    _remove_dead_socket(mp)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove_dead_socket(mp: str) -> None:
@@ -197,15 +221,22 @@ def _remove_dead_socket(mp: str) -> None:
 # -- mount ------------------------------------------------------------------------------
 
 def _preflight(mp: str) -> None:
-    if recover_stale(mp):
-        print(f"shardfs: recovered stale mountpoint {mp}", file=sys.stderr)
+    """mp: resolved. Checked in this order so that a mount whose daemon is hung is never
+    stat'ed outside a thread (that stat would never return)."""
+    if mp in mounts():
+        state = _condition(mp)
+        if state == "stale":
+            recover_stale(mp)
+            print(f"shardfs: recovered stale mountpoint {mp}", file=sys.stderr)
+        else:
+            what = "a shardfs mount" if mp in shardfs_mounts() else "in use"
+            hung = " whose daemon does not answer (stopped or stuck)" if state == "hung" else ""
+            fix = f"`shardfs umount {'--force ' if hung else ''}{mp}`" if mp in shardfs_mounts() else "unmount it"
+            raise ShardfsError(f"mountpoint {mp} is busy: already {what}{hung}; {fix} first")
     if not os.path.exists(mp):
         raise UsageError(f"mountpoint {mp} does not exist")
     if not os.path.isdir(mp):
         raise UsageError(f"mountpoint {mp} is not a directory")
-    if os.path.ismount(mp):
-        what = "a shardfs mount" if os.path.realpath(mp) in map(os.path.realpath, shardfs_mounts()) else "in use"
-        raise ShardfsError(f"mountpoint {mp} is busy: already {what}; `shardfs umount {mp}` first")
     if not os.path.exists("/dev/fuse"):
         raise ShardfsError("/dev/fuse does not exist: load the fuse module (modprobe fuse) or, in a "
                            "container, pass --device /dev/fuse")
@@ -254,7 +285,7 @@ def _check_cache_dir(cache_dir: str) -> None:
 
 def cmd_mount(args) -> None:
     from .connect import open_index
-    mp = os.path.abspath(args.mountpoint)
+    mp = resolve(args.mountpoint)
     _check_sizes(args)
     _preflight(mp)
     cache_dir = os.path.abspath(args.cache_dir)
@@ -400,26 +431,36 @@ def _single(e: BaseException) -> BaseException:
 
 
 def cmd_umount(args) -> None:
-    mp = os.path.realpath(args.mountpoint)  # (a symlink to a mountpoint names that mount)
-    if _is_stale(mp):
-        recover_stale(mp)
+    mp = resolve(args.mountpoint)  # (a symlink to a mountpoint names that mount)
+    if mp not in mounts():
+        raise UsageError(f"{mp} is not mounted")
+    state = _condition(mp)
+    if state == "stale":
+        recover_stale(mp)  # (refuses another tool's stale mount)
         print(f"recovered stale mountpoint {mp}")
         return
-    if not os.path.ismount(mp):
-        raise UsageError(f"{mp} is not mounted")
     other = _not_ours(mp)
     if other:
         raise UsageError(f"{mp} is {other}, not a shardfs mount; shardfs umount only unmounts shardfs")
+    if args.force:
+        _force_unmount(mp)
+        print(f"unmounted {mp} (forced)")
+        return
+    if state == "hung":
+        pids = daemon_pids(mp)
+        who = f" (pid {', '.join(map(str, pids))})" if pids else ""
+        raise ShardfsError(f"the daemon of {mp}{who} does not answer: it is stopped or stuck; "
+                           f"`shardfs umount --force {mp}` cuts it off (reads waiting on it fail) and unmounts")
     r = _fusermount(mp)
     if r.returncode != 0:
         err = r.stderr.strip()
         if "busy" in err.lower():
             users = _users_of(mp)
             raise ShardfsError(f"{mp} is busy: in use by " + (", ".join(users) if users else "some process")
-                               + "; close those files or stop those processes first")
+                               + "; close those files or stop those processes first (--force makes their reads fail)")
         raise ShardfsError(f"cannot unmount {mp}: {err}")
     deadline = time.monotonic() + 10
-    while os.path.ismount(mp) and time.monotonic() < deadline:
+    while mp in mounts() and time.monotonic() < deadline:
         time.sleep(0.05)
     print(f"unmounted {mp}")
 
@@ -428,13 +469,13 @@ def cmd_umount(args) -> None:
 
 def _pick_mount(args) -> str:
     if args.mount:
-        return os.path.abspath(args.mount)
-    mounts = shardfs_mounts()
-    if len(mounts) == 1:
-        return mounts[0]
-    if not mounts:
+        return resolve(args.mount)
+    found = shardfs_mounts()
+    if len(found) == 1:
+        return found[0]
+    if not found:
         raise ShardfsError("no shardfs mount is running; start one with `shardfs mount DIR`")
-    raise UsageError(f"several shardfs mounts ({', '.join(mounts)}); choose one with --mount")
+    raise UsageError(f"several shardfs mounts ({', '.join(found)}); choose one with --mount")
 
 
 def cmd_cache(args) -> None:

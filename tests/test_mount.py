@@ -434,6 +434,37 @@ def test_umount_busy_says_why_and_stale_mount_recovers(store, mounts, cli):
     assert not os.path.ismount(m.path)
 
 
+def test_a_mount_whose_daemon_does_not_answer_is_named_and_force_unmounted(store, mounts, cli):
+    """A stopped (or stuck) daemon made `shardfs umount`, and a new `mount` there, hang for
+    ever in a stat of the mount's root. They now say so, and `umount --force` cuts the daemon
+    off: a read waiting on it fails instead of hanging, the mountpoint is free again."""
+    from shardfs.mounttab import mounts as mount_table
+    m = mounts()
+    path = m.file("org/small.safetensors")
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.5)  # past the root's attribute timeout: a stat now has to ask the daemon
+        reader = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read()", path],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        r = cli("umount", m.path, check=False, timeout=60)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert f"pid {m.pid}) does not answer" in r.stderr and "umount --force" in r.stderr, r.stderr
+        r = cli("mount", m.path, "--cache-dir", m.cache_dir, check=False, timeout=60)
+        assert r.returncode == 1 and "does not answer" in r.stderr and "umount --force" in r.stderr, r.stderr
+        assert reader.poll() is None  # (still waiting on the stopped daemon)
+        r = cli("umount", "--force", m.path, timeout=60)
+        assert "forced" in r.stdout
+        _, err = reader.communicate(timeout=30)
+        assert reader.returncode != 0 and "ConnectionAbortedError" in err.splitlines()[-1], err
+        wait_for(lambda: gone(m.pid), what="the daemon to stop")
+        assert str(m.path) not in mount_table()
+    finally:
+        if not gone(m.pid):
+            os.kill(m.pid, signal.SIGCONT)
+    m.mount()  # the mountpoint is free, and the cache the killed daemon left serves exact bytes
+    assert sha256_file(path) == sha256_file(store["small"])
+
+
 def test_a_daemon_killed_a_moment_ago_is_recovered_at_once(store, mounts, cli, tmp_path):
     """Right after the kill the kernel still answers stat from cached attributes; the control
     socket that nobody listens on any more says the mount is stale. (Through a symlink too.)"""
@@ -485,6 +516,7 @@ def test_a_control_socket_that_cannot_be_made_fails_the_mount_in_one_line(store,
 def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_path):
     """Ctrl-C while `mount` waited for its daemon said "interrupted", and the daemon (in a
     session of its own) mounted anyway, behind the user's back."""
+    from shardfs.mounttab import mounts as mount_table
     mp = tmp_path / "mp"
     mp.mkdir()
     # the daemon (only it: "--foreground") starts 3 s late, so the interrupt surely comes first
@@ -507,7 +539,7 @@ def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_pa
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, out, err)
     time.sleep(5)  # (long enough for a daemon left running to have mounted)
-    assert not os.path.ismount(mp) and not daemons()
+    assert str(mp) not in mount_table() and not daemons()  # (ismount says False on a stale mount)
 
 
 def test_a_control_socket_directory_others_can_write_is_refused(cli, tmp_path):
