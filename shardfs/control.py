@@ -31,6 +31,9 @@ from .units import human
 log = logging.getLogger("shardfs.control")
 
 MAX_REQUEST = 1 << 20
+# The longest a client waits for a word from the daemon. A warm sends progress every 0.2 s,
+# so this bounds a stopped or stuck daemon, not a long warm.
+ANSWER_WAIT = float(os.environ.get("SHARDFS_CONTROL_WAIT", "120"))
 
 
 def socket_path(mountpoint: str, uid: int | None = None) -> str:
@@ -189,10 +192,10 @@ async def _dispatch(daemon, req, send):
 
             async def ticker(m=m, state=state):
                 try:
-                    while True:
+                    while True:  # (also before the first chunk lands: the client waits for a word)
                         await trio.sleep(0.2)
-                        if "done" in state:
-                            await send({"progress": state["done"], "total": state["size"], "name": m.name})
+                        await send({"progress": state.get("done", 0), "total": state.get("size", m.size),
+                                    "name": m.name})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the client left; the warm goes on
 
@@ -246,7 +249,10 @@ async def _dispatch(daemon, req, send):
 
 # -- client side ------------------------------------------------------------------------
 
-def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None = 30.0):
+def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None = None):
+    """Send req, pass progress lines to on_progress, return the result. timeout: the longest
+    wait for any line (default ANSWER_WAIT)."""
+    timeout = ANSWER_WAIT if timeout is None else timeout
     path = socket_path(mountpoint)
     if os.path.exists(path) and not private_dir(os.path.dirname(path)):
         raise ShardfsError(f"{os.path.dirname(path)} is not private to this user: not trusting the control "
@@ -275,6 +281,9 @@ def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None 
                 raise ShardfsError(msg.get("error", "control request failed"))
             return msg.get("result")
         raise ShardfsError("the mount closed the control connection without an answer")
+    except TimeoutError:
+        raise ShardfsError(f"the mount at {mountpoint} has not answered for {timeout:g} s: its daemon is stopped "
+                           f"or stuck (`shardfs umount --force {mountpoint}` stops it)") from None
     except OSError as e:
         raise ShardfsError(f"cannot talk to the mount at {mountpoint}: {e}") from None
     finally:

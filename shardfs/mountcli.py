@@ -484,7 +484,7 @@ def cmd_cache(args) -> None:
     mp = _pick_mount(args)
     op = args.cache_cmd
     if op == "stats":
-        res = request(mp, {"op": "stats"}, timeout=120)
+        res = request(mp, {"op": "stats"})
         if args.json:
             print(json.dumps(res, indent=2, sort_keys=True))
             return
@@ -509,7 +509,7 @@ def cmd_cache(args) -> None:
     if op == "evict":
         if not args.all and not args.names:
             raise UsageError("name models to evict, or --all")
-        res = request(mp, {"op": "evict", "names": args.names, "all": args.all}, timeout=300)
+        res = request(mp, {"op": "evict", "names": args.names, "all": args.all})
         print(f"evicted {human(res['freed'])}")
         return
     if not args.names:
@@ -528,7 +528,7 @@ def cmd_cache(args) -> None:
                                                desc=f"warm {msg['name']}", file=sys.stderr)
             bar.update(msg["progress"] - bar.n)
         try:
-            res = request(mp, {"op": "warm", "names": args.names}, progress, timeout=None)
+            res = request(mp, {"op": "warm", "names": args.names}, progress)
         finally:
             for bar in bars.values():
                 bar.close()

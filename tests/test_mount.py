@@ -451,6 +451,10 @@ def test_a_mount_whose_daemon_does_not_answer_is_named_and_force_unmounted(store
         assert f"pid {m.pid}) does not answer" in r.stderr and "umount --force" in r.stderr, r.stderr
         r = cli("mount", m.path, "--cache-dir", m.cache_dir, check=False, timeout=60)
         assert r.returncode == 1 and "does not answer" in r.stderr and "umount --force" in r.stderr, r.stderr
+        for op in ("stats", "warm"):  # (a warm waits for a word from it, not for the warm to end)
+            r = cli("cache", op, *(["org/small.safetensors"] if op == "warm" else []), "--mount", m.path,
+                    check=False, timeout=60, env={"SHARDFS_CONTROL_WAIT": "2"})
+            assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not answered for 2 s" in r.stderr, r.stderr
         assert reader.poll() is None  # (still waiting on the stopped daemon)
         r = cli("umount", "--force", m.path, timeout=60)
         assert "forced" in r.stdout
