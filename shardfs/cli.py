@@ -233,7 +233,9 @@ def cmd_put(args):
             results = put.publish(stored, args.force, remove=leftovers)
     except (KeyboardInterrupt, ShardfsError) as e:
         what, code = _stopped(e) if isinstance(e, KeyboardInterrupt) else (str(e), e.exit_code)
-        if "nothing was published" not in what:
+        if _after_publish():
+            what += _after_publish()
+        elif "nothing was published" not in what:
             what += f"; nothing under {name}/ was published"
         err = ShardfsError(what)
         err.exit_code = code
@@ -540,6 +542,15 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def _after_publish() -> str:
+    """'' or, for a put stopped once its publish was done, what it published."""
+    from .ingest import published
+    if not published:
+        return ""
+    what = ", ".join(f"{r.name} version {r.vid}" for r in published[:3]) + (" ..." if len(published) > 3 else "")
+    return f" after publishing {what}"
+
+
 def _stopped(e: KeyboardInterrupt) -> tuple[str, int]:
     """How a command cut short says so, and its exit status (128 + the signal)."""
     return ("terminated", 128 + e.args[0]) if isinstance(e, Terminated) else ("interrupted", 130)
@@ -577,8 +588,9 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt as e:
         what, code = _stopped(e)
-        print(f"shardfs: {what}; nothing was published (run `shardfs gc` to reclaim partial uploads)"
-              if args.cmd == "put" else f"shardfs: {what}", file=sys.stderr)
+        if args.cmd == "put":
+            what += _after_publish() or "; nothing was published (run `shardfs gc` to reclaim partial uploads)"
+        print(f"shardfs: {what}", file=sys.stderr)
         return code
     except BrokenPipeError:
         _drop_stdout()

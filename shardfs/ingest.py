@@ -11,9 +11,11 @@ fails or the user interrupts, the lease is dropped and the uploaded chunks are l
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import queue
+import signal
 import stat
 import sys
 import threading
@@ -49,6 +51,28 @@ class PutResult:
     replicas: int
     seconds: float
     codecs: Counter = field(default_factory=Counter)
+
+
+# What this process has published, for the word of a put cut short after its publish.
+published: list[PutResult] = []
+
+
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as usual: a put
+    interrupted inside Redis's EXEC could not tell whether its model had been published."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    old = {n: signal.signal(n, lambda signum, _frame: got.append(signum)) for n in signums}
+    try:
+        yield
+    finally:
+        for n, handler in old.items():
+            signal.signal(n, handler)
+        if got:
+            signal.raise_signal(got[0])
 
 
 def open_source(path: str):
@@ -261,11 +285,13 @@ class PutSession:
 
     def publish(self, stored: list[Stored], force: bool, remove=()) -> list[PutResult]:
         """Publish every stored file, and remove the models named in `remove`, at once."""
-        vids = self.idx.publish_all(
-            [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
-            force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
-        for s, vid in zip(stored, vids):
-            s.result.vid = vid
+        with signals_held():
+            vids = self.idx.publish_all(
+                [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
+                force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
+            for s, vid in zip(stored, vids):
+                s.result.vid = vid
+                published.append(s.result)
         return [s.result for s in stored]
 
 

@@ -790,6 +790,38 @@ def test_put_interrupted_with_ctrl_c_or_terminated(cli, nodes, model_256, sig, r
     assert all(node.chunk_files() == [] for node in procs)
 
 
+def test_a_put_stopped_after_its_publish_says_what_it_published(cli, nodes, model_small):
+    """A SIGTERM once the publish had run was answered "nothing was published", of a model
+    that was. Here the put's stdout is a full pipe, so it waits after publishing, to write."""
+    import fcntl
+    add_nodes(cli, nodes, 1)
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 4096)  # F_SETPIPE_SZ: one page, then fill it
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    p = subprocess.Popen([sys.executable, "-m", "shardfs", "put", str(model_small), "--name", "small"],
+                         stdout=w, stderr=subprocess.PIPE, text=True, env=cli.env, preexec_fn=ctrl_c_default)
+    os.close(w)
+    try:
+        wait_for(lambda: "small" in ls_rows(cli) or p.poll() is not None, timeout=60, what="the publish")
+        assert p.poll() is None, p.stderr.read()
+        p.send_signal(signal.SIGTERM)
+        drain = threading.Thread(target=lambda: [None for _ in iter(lambda: os.read(r, 1 << 16), b"")])
+        drain.start()  # (so its last flush on the way out goes through)
+        err = p.stderr.read()
+        p.wait(timeout=60)
+        drain.join(timeout=60)
+    finally:
+        os.close(r)
+    vid = ls_rows(cli)["small"]["version"]
+    assert p.returncode == 143 and err == f"shardfs: terminated after publishing small version {vid}\n", err
+
+
 def test_a_file_rewritten_in_place_during_put_is_not_published(cli, nodes, model_256, tmp_path):
     """Same size, other bytes: the whole-file hash is taken over what was read, so without a
     check the mix of old and new would be published and `get` would call it verified."""
