@@ -102,6 +102,7 @@ LEASE_LUA = """
 local st = redis.call('HGET', KEYS[1], 'state')
 if st == 'deleting' then return 'deleting' end
 redis.call('SADD', KEYS[2], ARGV[1])
+if redis.call('TTL', KEYS[2]) < 0 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 if not st then
   redis.call('HSET', KEYS[1], 'state', 'pending')
   return 'absent'
@@ -294,12 +295,22 @@ class Index:
         return Node(nid, url, weight, "active", token)
 
     def set_node_state(self, nid: str, state: str) -> None:
-        raw = self.r.hget(K_NODES, nid)
-        if raw is None:
-            raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
-        d = json.loads(raw)
-        d["state"] = state
-        self.r.hset(K_NODES, nid, json.dumps(d))
+        """(read and rewritten under WATCH: a `node rm` in between must not bring it back)"""
+        with self.r.pipeline() as p:
+            while True:
+                try:
+                    p.watch(K_NODES)
+                    raw = p.hget(K_NODES, nid)
+                    if raw is None:
+                        raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
+                    d = json.loads(raw)
+                    d["state"] = state
+                    p.multi()
+                    p.hset(K_NODES, nid, json.dumps(d))
+                    p.execute()
+                    return
+                except redis.WatchError:
+                    continue
 
     def sole_copies(self, nid: str) -> tuple[int, int]:
         """(chunks, stored bytes) that some version references and no other registered node
@@ -643,15 +654,15 @@ class Index:
 
     # -- chunks ---------------------------------------------------------------------
 
-    def lease_chunk(self, put_id: str, hex_id: str) -> str:
-        """Protect a chunk for a running put; returns 'absent', 'ok' or 'deleting'."""
-        return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id]))
+    def lease_chunk(self, put_id: str, hex_id: str, ttl: float = 60) -> str:
+        """Protect a chunk for a running put; returns 'absent', 'ok' or 'deleting'. A new
+        lease set expires as renew_put keeps it (a put killed before its first renewal
+        leaves nothing for ever)."""
+        return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id, int(ttl) + 60]))
 
     def start_put(self, put_id: str, ttl: float) -> None:
-        p = self.r.pipeline()
-        p.zadd(K_PUTS, {put_id: self.now_ms() + int(ttl * 1000)})
-        p.expire(LEASE_PREFIX + put_id, int(ttl) + 60)
-        p.execute()
+        # (its chunk set is made, with its expiry, by the first lease_chunk)
+        self.r.zadd(K_PUTS, {put_id: self.now_ms() + int(ttl * 1000)})
 
     def renew_put(self, put_id: str, ttl: float) -> bool:
         """Extend a running put's lease; False if it had lapsed (RENEW_LUA), ended by gc or

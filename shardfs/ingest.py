@@ -142,7 +142,7 @@ class Uploader:
         if self.lapsed:
             raise ShardfsError(LAPSED)
         deadline = time.monotonic() + GC_WAIT
-        while (state := self.idx.lease_chunk(self.put_id, hex_id)) == "deleting":
+        while (state := self.idx.lease_chunk(self.put_id, hex_id, LEASE_TTL)) == "deleting":
             if time.monotonic() > deadline:
                 raise ShardfsError(f"chunk {hex_id[:16]} is stuck in garbage collection; run `shardfs gc` and retry")
             time.sleep(0.2)

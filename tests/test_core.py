@@ -27,7 +27,7 @@ import urllib3
 from conftest import Cli, add_nodes, ctrl_c_default, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
 from shardfs.errors import ShardfsError
-from shardfs.index import Index
+from shardfs.index import LEASE_PREFIX, Index
 from shardfs.maintenance import gc as run_gc
 from shardfs.maintenance import get_model
 from shardfs.stores import MARKER
@@ -1173,6 +1173,35 @@ def test_a_put_whose_node_was_removed_meanwhile_publishes_nothing(redis_proc, tm
     assert "m" in idx.models()
 
 
+def test_node_drain_racing_node_rm_does_not_bring_the_node_back(redis_proc):
+    """`node drain` read the node's record and wrote it back: a `node rm` in between was
+    undone, leaving a node without its URL entry. Here the rm lands right after the read."""
+    from shardfs.errors import NotFound
+    idx, other = open_idx(redis_proc), open_idx(redis_proc)
+    node = idx.add_node("http://127.0.0.1:9/")
+    fired = []
+
+    def racing(read):
+        def hget(*args):
+            out = read(*args)
+            if not fired:
+                fired.append(1)
+                other.remove_node(node.id)
+            return out
+        return hget
+    idx.r.hget = racing(idx.r.hget)
+    pipeline = idx.r.pipeline
+
+    def racing_pipeline(*a, **kw):
+        p = pipeline(*a, **kw)
+        p.hget = racing(p.hget)
+        return p
+    idx.r.pipeline = racing_pipeline
+    with pytest.raises(NotFound):
+        idx.set_node_state(node.id, "draining")
+    assert fired and node.id not in other.nodes()
+
+
 def test_a_failed_upload_leaves_a_copy_another_put_stored(redis_proc):
     """Two puts share a chunk and the same node: one stores it, the other's upload fails
     there and used to drop the node from the chunk's locations, which the first then
@@ -1182,6 +1211,8 @@ def test_a_failed_upload_leaves_a_copy_another_put_stored(redis_proc):
     for pid in ("a", "b"):
         idx.start_put(pid, 60)
         assert idx.lease_chunk(pid, h) == "absent"
+        # (the set expires even if the put dies before its first renewal)
+        assert 0 < idx.r.ttl(LEASE_PREFIX + pid) <= 120
     idx.add_locations(h, ["n1"])  # b stored it on n1
     assert not idx.drop_unleased(h, "n1", "a")  # a's upload there failed: b's copy stays listed
     assert idx.locations(h) == ["n1"]
