@@ -434,6 +434,10 @@ def cmd_umount(args) -> None:
     mp = resolve(args.mountpoint)  # (a symlink to a mountpoint names that mount)
     if mp not in mounts():
         raise UsageError(f"{mp} is not mounted")
+    if args.force and not _not_ours(mp):  # (stale, hung or live: all go the same way)
+        _force_unmount(mp)
+        print(f"unmounted {mp} (forced)")
+        return
     state = _condition(mp)
     if state == "stale":
         recover_stale(mp)  # (refuses another tool's stale mount)
@@ -442,10 +446,6 @@ def cmd_umount(args) -> None:
     other = _not_ours(mp)
     if other:
         raise UsageError(f"{mp} is {other}, not a shardfs mount; shardfs umount only unmounts shardfs")
-    if args.force:
-        _force_unmount(mp)
-        print(f"unmounted {mp} (forced)")
-        return
     if state == "hung":
         pids = daemon_pids(mp)
         who = f" (pid {', '.join(map(str, pids))})" if pids else ""
