@@ -18,6 +18,10 @@ import sys
 import tempfile
 
 
+# where an example makes its workspace (an embedded Redis, a local node, a mountpoint)
+WORK_DIR = os.environ.get("SHARDFS_EXAMPLE_DIR", "/var/tmp")
+
+
 def shardfs(*args: str) -> None:
     print("$ shardfs " + " ".join(args), flush=True)
     r = subprocess.run([sys.executable, "-m", "shardfs", *args])
@@ -27,7 +31,7 @@ def shardfs(*args: str) -> None:
 
 @contextlib.contextmanager
 def mounted(models: dict[str, str]):
-    work = tempfile.mkdtemp(prefix="shardfs-example-", dir="/var/tmp")
+    work = tempfile.mkdtemp(prefix="shardfs-example-", dir=WORK_DIR)
     os.environ["SHARDFS_HOME"] = os.path.join(work, "home")
     os.environ.pop("SHARDFS_REDIS", None)
     mnt = os.path.join(work, "models")
@@ -69,6 +73,6 @@ def scratch_dir() -> str:
     """A directory for the example's original files, removed at exit."""
     import atexit
 
-    d = tempfile.mkdtemp(prefix="shardfs-example-src-", dir="/var/tmp")
+    d = tempfile.mkdtemp(prefix="shardfs-example-src-", dir=WORK_DIR)
     atexit.register(shutil.rmtree, d, True)
     return d

@@ -3,8 +3,8 @@
 A unix stream socket (mode 0600; the peer's uid is checked with SO_PEERCRED: only the
 mount's owner and root are answered). One request per connection, one JSON object per
 line: {"op": ..., "names": [...], "all": bool}. The daemon answers with zero or more
-{"progress": done, "total": n, "name": ...} lines and one final {"ok": true, "result": ...}
-or {"ok": false, "error": "..."}.
+{"progress": done, "total": n, "name": ...} lines (a warm), {"alive": true} lines (every 5 s
+while it works), and one final {"ok": true, "result": ...} or {"ok": false, "error": "..."}.
 
 The socket lives in a private per-user directory, named after the mountpoint, so the
 CLI finds it from the mountpoint alone; the mount root also names it in the xattr
@@ -25,15 +25,27 @@ import tempfile
 import trio
 
 from .errors import ChunkUnavailable, NotFound, ShardfsError, UsageError
-from .mounttab import resolve
+from .mounttab import resolve, within
 from .units import human
 
 log = logging.getLogger("shardfs.control")
 
 MAX_REQUEST = 1 << 20
-# The longest a client waits for a word from the daemon. A warm sends progress every 0.2 s,
-# so this bounds a stopped or stuck daemon, not a long warm.
-ANSWER_WAIT = float(os.environ.get("SHARDFS_CONTROL_WAIT", "120"))
+KEEPALIVE = 5.0  # while it works, the daemon sends a line at least this often
+
+
+def answer_wait() -> float:
+    """The longest a client waits for a word from the daemon (SHARDFS_CONTROL_WAIT, 120 s).
+    The daemon sends one at least every KEEPALIVE seconds while it works (a warm's progress
+    every 0.2 s), so this bounds a stopped or stuck daemon, not a long request."""
+    raw = os.environ.get("SHARDFS_CONTROL_WAIT", "120")
+    try:
+        wait = float(raw)
+    except ValueError:
+        wait = 0
+    if not 0 < wait < 1e9:
+        raise UsageError(f"SHARDFS_CONTROL_WAIT={raw!r}: give the seconds to wait for the mount, e.g. 120")
+    return wait
 
 
 def socket_path(mountpoint: str, uid: int | None = None) -> str:
@@ -110,7 +122,12 @@ async def _handle(daemon, stream) -> None:
         req = json.loads(buf.split(b"\n", 1)[0])
         if not isinstance(req, dict):
             raise UsageError("a control request is one JSON object")
-        result = await _dispatch(daemon, req, lambda obj: _send(stream, obj))
+        lock = trio.Lock()  # (the keep-alive and a warm's progress share the stream)
+
+        async def send(obj):
+            async with lock:
+                await _send(stream, obj)
+        result = await _kept_alive(send, lambda: _dispatch(daemon, req, send))
         await _send(stream, {"ok": True, "result": result})
     except (ShardfsError, ValueError, KeyError, TypeError) as e:
         try:
@@ -130,6 +147,31 @@ async def _handle(daemon, stream) -> None:
             pass
     finally:
         await stream.aclose()
+
+
+async def _kept_alive(send, work):
+    """await work() while a line goes to the client every KEEPALIVE seconds: the client
+    waits for a word from the daemon (answer_wait()), however long the work takes."""
+    box = {}
+
+    async def alive():
+        try:
+            while True:
+                await trio.sleep(KEEPALIVE)
+                await send({"alive": True})
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left; the work goes on
+    async with trio.open_nursery() as n:
+        n.start_soon(alive)
+        try:
+            box["result"] = await work()
+        except Exception as e:  # noqa: BLE001 - raised below, outside the nursery (not grouped)
+            box["error"] = e
+        finally:
+            n.cancel_scope.cancel()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 async def _models(daemon, req):
@@ -251,17 +293,21 @@ async def _dispatch(daemon, req, send):
 
 def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None = None):
     """Send req, pass progress lines to on_progress, return the result. timeout: the longest
-    wait for any line (default ANSWER_WAIT)."""
-    timeout = ANSWER_WAIT if timeout is None else timeout
+    wait for any line (default answer_wait())."""
+    timeout = answer_wait() if timeout is None else timeout
     path = socket_path(mountpoint)
     if os.path.exists(path) and not private_dir(os.path.dirname(path)):
         raise ShardfsError(f"{os.path.dirname(path)} is not private to this user: not trusting the control "
                            "socket in it")
     if not os.path.exists(path):
-        try:  # a mount started by another user (root) names its socket in an xattr
-            path = os.fsdecode(os.getxattr(mountpoint, "user.shardfs.control"))
-        except OSError:
-            raise ShardfsError(f"{mountpoint} is not a running shardfs mount (no control socket)") from None
+        # a mount started by another user (root) names its socket in an xattr
+        got = within(os.getxattr, mountpoint, "user.shardfs.control")
+        if got is None:
+            raise ShardfsError(f"the mount at {mountpoint} does not answer: its daemon is stopped or stuck "
+                               f"(`shardfs umount --force {mountpoint}` stops it)")
+        if isinstance(got, OSError):
+            raise ShardfsError(f"{mountpoint} is not a running shardfs mount (no control socket)")
+        path = os.fsdecode(got)
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
@@ -273,6 +319,8 @@ def request(mountpoint: str, req: dict, on_progress=None, timeout: float | None 
                 msg = json.loads(line)
             except ValueError:  # (a daemon killed mid-answer)
                 raise ShardfsError(f"the mount at {mountpoint} sent a garbled answer") from None
+            if msg.get("alive"):
+                continue
             if "progress" in msg:
                 if on_progress:
                     on_progress(msg)

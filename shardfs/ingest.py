@@ -25,6 +25,8 @@ from collections import Counter
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+import redis
+
 from . import envelope
 from .chunker import DEFAULT_CHUNK, check_chunk_size, plan_spans
 from .errors import NoNodes, NodeError, ShardfsError, UsageError
@@ -60,7 +62,8 @@ published: list[PutResult] = []
 @contextlib.contextmanager
 def signals_held(signums=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
     """Ctrl-C, SIGTERM and SIGHUP wait until the block is done, then act as usual: a put
-    interrupted inside Redis's EXEC could not tell whether its model had been published."""
+    interrupted inside Redis's EXEC could not tell whether its model had been published.
+    (The block is publish_all: a few Redis round trips, each bounded by the socket timeout.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -70,7 +73,7 @@ def signals_held(signums=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
         yield
     finally:
         for n, handler in old.items():
-            signal.signal(n, handler)
+            signal.signal(n, signal.SIG_DFL if handler is None else handler)  # (None: set outside Python)
         if got:
             signal.raise_signal(got[0])
 
@@ -275,6 +278,9 @@ class PutSession:
         self._stop.set()
         try:
             self.idx.end_put(self.put_id)  # (unpublished chunks are left for gc)
+        except redis.RedisError as e:  # (not in place of what the put did, or why it failed)
+            print(f"shardfs: warning: could not end this put's lease (Redis: {e}); it lapses within "
+                  f"{LEASE_TTL:g} s", file=sys.stderr)
         finally:
             self.pool.close()
 

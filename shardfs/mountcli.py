@@ -174,9 +174,9 @@ def _force_unmount(mp: str) -> None:
     """Cut a mount's daemon off (every read waiting on it fails at once), unmount, and stop
     the daemon: for a daemon that is stopped or stuck, which a plain unmount cannot reach."""
     import signal
-    _kind, dev = mounts()[mp]
-    aborted = abort_connection(dev)
-    pids = daemon_pids(mp)
+    _kind, dev = mounts().get(mp, ("", ""))
+    aborted = bool(dev) and abort_connection(dev)
+    pids = found = daemon_pids(mp)
     for pid in pids:  # (a stopped daemon acts on SIGTERM once continued; an aborted one exits anyway)
         for sig in (signal.SIGTERM, signal.SIGCONT):
             try:
@@ -195,7 +195,7 @@ def _force_unmount(mp: str) -> None:
             pass
     if mp in mounts():
         raise ShardfsError(f"cannot unmount {mp}: {r.stderr.strip() or 'still mounted'}"
-                           + ("" if aborted or pids else "; its daemon could not be found or cut off"))
+                           + ("" if aborted or found else "; its daemon could not be found or cut off"))
     _remove_dead_socket(mp)
 
 

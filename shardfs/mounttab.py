@@ -12,9 +12,9 @@ import threading
 ANSWER_TIMEOUT = 5.0  # a live daemon answers a stat of its root in milliseconds
 
 
-def _unescape(path: str) -> str:
-    # the kernel escapes space, tab, newline and backslash in paths as \ooo
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+def _unescape(path: bytes) -> str:
+    # the kernel escapes space, tab, newline and backslash in paths as \ooo; names need not be UTF-8
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), path))
 
 
 def mounts() -> dict[str, tuple[str, str]]:
@@ -22,15 +22,15 @@ def mounts() -> dict[str, tuple[str, str]]:
     last mount on a path wins. A shardfs mount's type is "fuse.shardfs"."""
     out = {}
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
                 fields = line.split()
-                if " - " not in line or len(fields) < 5:
+                tail = line.split(b" - ", 1)[1].split() if b" - " in line else []
+                if len(fields) < 5 or len(tail) < 2:
                     continue
-                fstype, source = line.split(" - ", 1)[1].split()[:2]
-                if fstype == "fuse" and source == "shardfs":
-                    fstype = "fuse.shardfs"
-                out[_unescape(fields[4])] = (fstype, fields[2])
+                fstype, source = tail[:2]
+                kind = "fuse.shardfs" if (fstype, source) == (b"fuse", b"shardfs") else os.fsdecode(fstype)
+                out[_unescape(fields[4])] = (kind, fields[2].decode())
     except OSError:
         pass
     return out
@@ -51,38 +51,47 @@ def resolve(path: str, hops: int = 40) -> str:
     return full
 
 
-def stat_within(path: str, timeout: float = ANSWER_TIMEOUT) -> os.stat_result | OSError | None:
-    """os.stat(path), its error, or None if it has not answered in time. The stat that does
-    not answer is left waiting in a daemon thread; process exit ends it."""
+def within(fn, *args, timeout: float = ANSWER_TIMEOUT):
+    """fn(*args), the OSError it raised, or None if it has not returned in time: for a call
+    that may wait on a FUSE daemon that is stopped or hung. The call left waiting stays in a
+    daemon thread; process exit ends it (unless the daemon had already taken the request and
+    never answers: the kernel then waits for it, which a stopped daemon never does)."""
     box: list = []
 
     def run():
         try:
-            box.append(os.stat(path))
+            box.append(fn(*args))
         except OSError as e:
             box.append(e)
-    t = threading.Thread(target=run, name="stat " + path, daemon=True)
+    t = threading.Thread(target=run, name=f"{fn.__name__} {args}", daemon=True)
     t.start()
     t.join(timeout)
     return box[0] if box else None
 
 
+def stat_within(path: str, timeout: float = ANSWER_TIMEOUT) -> os.stat_result | OSError | None:
+    return within(os.stat, path, timeout=timeout)
+
+
 def daemon_pids(mp: str) -> list[int]:
-    """Processes running `shardfs mount MP --foreground` (the daemon, however it was started)
-    for the mountpoint mp (resolved)."""
+    """Python processes running `shardfs mount MP --foreground` (the daemon, however it was
+    started: `mount` spawns it so, systemd runs it so) for the mountpoint mp (resolved). A
+    wrapper (sudo, timeout, strace) is not a daemon; an argument is compared as an absolute
+    path, never resolved (that could wait on some other hung mount)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
+            if not os.path.basename(os.readlink(f"/proc/{pid}/exe")).startswith("python"):
+                continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 args = [os.fsdecode(a) for a in f.read().split(b"\0")]
-            if "--foreground" not in args or "mount" not in args:
+            if "--foreground" not in args or "mount" not in args or not any("shardfs" in a for a in args):
                 continue
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        # (the mountpoint is the one argument after "mount" that is not an option or its value)
-        paths = [os.path.join(cwd, a) for a in args[args.index("mount") + 1:] if not a.startswith("-")]
-        if mp in map(resolve, paths):
+        if mp in (os.path.abspath(os.path.join(cwd, a)) for a in args[args.index("mount") + 1:]
+                  if not a.startswith("-")):
             found.append(int(pid))
     return found
 

@@ -151,3 +151,50 @@ def test_replicas_from_the_environment_or_the_config_file_are_checked(cli, tmp_p
     r = cli("--config", conf, "put", f, check=False)
     assert r.returncode == 2 and "setting replicas: 0: must be at least 1" in r.stderr, r.stderr
     assert "n1" not in cli("node", "ls").stdout  # refused before the local node was registered
+
+
+def test_a_mountpoint_name_that_is_not_utf8_anywhere_in_the_mount_table_is_no_traceback(cli, tmp_path):
+    """The mount table is read for every mount, umount and cache command: one mount anywhere
+    whose path is not UTF-8 made each of them a traceback."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = os.path.join(os.fsencode(tmp_path), b"not-utf8-\xff")
+    os.mkdir(d)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", d], check=True)
+    try:
+        r = cli("umount", os.fsdecode(d), check=False)
+        assert r.returncode == 2 and "a tmpfs mount, not a shardfs mount" in r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1
+    finally:
+        subprocess.run(["umount", d], check=True)
+
+
+def test_a_control_wait_that_is_not_seconds_is_one_line(cli, tmp_path):
+    r = cli("cache", "stats", "--mount", tmp_path, check=False, env={"SHARDFS_CONTROL_WAIT": "2s"})
+    assert r.returncode == 2 and r.stderr == ("shardfs: error: SHARDFS_CONTROL_WAIT='2s': give the seconds to "
+                                              "wait for the mount, e.g. 120\n"), r.stderr
+
+
+def test_a_control_answer_keeps_the_client_waiting_while_the_daemon_works(monkeypatch):
+    """Only a warm used to send lines while it worked: a long evict looked like a stuck
+    daemon to a client waiting for a word. Errors come out as themselves, not grouped."""
+    import trio
+
+    from shardfs import control
+    from shardfs.errors import NotFound
+    monkeypatch.setattr(control, "KEEPALIVE", 0.05)
+    sent = []
+
+    async def send(obj):
+        sent.append(obj)
+
+    async def slow(fail=False):
+        await trio.sleep(0.5)
+        if fail:
+            raise NotFound("no such model")
+        return 7
+    assert trio.run(control._kept_alive, send, slow) == 7
+    assert len(sent) >= 5 and all(m == {"alive": True} for m in sent), sent
+    with pytest.raises(NotFound):
+        trio.run(control._kept_alive, send, lambda: slow(fail=True))

@@ -17,18 +17,21 @@ pytestmark = needs_fuse
 
 
 @pytest.fixture(autouse=True)
-def no_leftovers():
+def no_leftovers(monkeypatch):
     """An example killed by its timeout never reaches its own clean-up: unmount what it left
-    mounted, stop its redis-server and remove its workspace, so no test leaks a mount."""
+    mounted, stop its redis-server and remove its workspace, so no test leaks a mount. Each
+    test's examples work in a directory of its own (tests run beside each other), with a
+    short path (the embedded Redis's unix socket goes under it)."""
     import contextlib
     import glob
     import shutil
     import signal
+    import tempfile
 
-    pattern = "/var/tmp/shardfs-example-*"
-    before = set(glob.glob(pattern))
+    root = tempfile.mkdtemp(prefix="shardfs-ex-", dir="/var/tmp")
+    monkeypatch.setenv("SHARDFS_EXAMPLE_DIR", root)
     yield
-    for work in set(glob.glob(pattern)) - before:
+    for work in glob.glob(f"{root}/shardfs-example-*"):
         mnt = os.path.join(work, "models")
         if os.path.ismount(mnt) or os.path.realpath(mnt) in open("/proc/mounts").read():
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
@@ -37,6 +40,7 @@ def no_leftovers():
             with open(pidfile) as f:
                 os.kill(int(f.read()), signal.SIGTERM)
         shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.parametrize("example", ["load_safetensors", "load_numpy_memmap", "load_torch_mmap", "load_hf_folder"])
