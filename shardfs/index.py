@@ -126,6 +126,15 @@ redis.call('HSET', KEYS[1], 'state', 'deleting')
 return 1
 """
 
+# A location is added only to a chunk that has a record: gc forgets record and locations
+# together, and a put (or repair) that lapsed meanwhile must not make a location set that no
+# record leads gc to.
+ADD_LOCS_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[2], unpack(ARGV))
+return 1
+"""
+
 # verify --repair drops a broken copy's location only while no running put leases the chunk:
 # such a put may have just stored it again on that node (it leases before it looks).
 # (ARGV[5]: a put that drops a copy it failed to store is not stopped by its own lease)
@@ -252,6 +261,7 @@ class Index:
         self._claim = client.register_script(CLAIM_LUA)
         self._forget = client.register_script(FORGET_LUA)
         self._drop = client.register_script(DROP_LUA)
+        self._add_locs = client.register_script(ADD_LOCS_LUA)
         self._renew = client.register_script(RENEW_LUA)
         self._claimed = client.register_script(CLAIMED_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -705,9 +715,9 @@ class Index:
     def locations(self, hex_id: str) -> list[str]:
         return sorted(_s(x) for x in self.r.smembers(k_locs(hex_id)))
 
-    def add_locations(self, hex_id: str, node_ids) -> None:
-        if node_ids:
-            self.r.sadd(k_locs(hex_id), *node_ids)
+    def add_locations(self, hex_id: str, node_ids) -> bool:
+        """False (and nothing added) if the chunk has no record: gc took it (ADD_LOCS_LUA)."""
+        return not node_ids or bool(self._add_locs(keys=[k_chunk(hex_id), k_locs(hex_id)], args=list(node_ids)))
 
     def drop_unleased(self, hex_id: str, node_id: str, put_id: str = "") -> bool:
         """Drop one location unless a running put (other than put_id) leases the chunk

@@ -166,7 +166,8 @@ class Uploader:
                 break
             if nid in have or nid in self.failed:
                 continue
-            self.idx.add_locations(hex_id, [nid])  # before the upload: gc can always find it
+            if not self.idx.add_locations(hex_id, [nid]):  # before the upload: gc can always find it
+                raise ShardfsError(LAPSED)  # (gc took the chunk: only an unleased one can go)
             try:
                 self.pool.store(nid).put(hex_id, blob)
                 have.add(nid)

@@ -336,7 +336,9 @@ def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None
             break
         if nid in have:
             continue
-        idx.add_locations(h, [nid])
+        if not idx.add_locations(h, [nid]):
+            print(f"repair: chunk {h[:16]} was garbage-collected meanwhile", file=out)
+            return True
         try:
             pool.store(nid).put(h, blob)
             have.append(nid)

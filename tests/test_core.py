@@ -1156,6 +1156,23 @@ def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
     assert idx.models() == [] or "m" not in idx.models()
 
 
+def test_a_lapsed_put_makes_no_location_set_for_a_chunk_gc_took(redis_proc):
+    """A put paused past its lease, whose chunk gc then took, went on to add the node it was
+    uploading to: a location set with no chunk record, which gc (it scans records) never
+    finds again, nor the copy it leads to. Now the put learns there that it lapsed."""
+    from shardfs.index import K_PUTS, k_locs
+    idx = open_idx(redis_proc)
+    h = "cd" * 32
+    idx.start_put("p", 60)
+    assert idx.lease_chunk("p", h) == "absent"
+    idx.r.zadd(K_PUTS, {"p": idx.now_ms() - 1})  # the put stopped renewing: its lease lapsed
+    run_gc(idx, out=io.StringIO())  # ... and gc took the chunk it had leased
+    assert idx.chunk_info([h]) == [None]
+    assert not idx.add_locations(h, ["n1"]) and not idx.r.exists(k_locs(h))  # (the put then stops: LAPSED)
+    assert idx.lease_chunk("q", h) == "absent" and idx.add_locations(h, ["n1"])  # a live put's record
+    assert idx.locations(h) == ["n1"]
+
+
 def test_a_put_whose_node_was_removed_meanwhile_publishes_nothing(redis_proc, tmp_path):
     """`node rm` checks published chunks for sole copies; a running put's chunks are not
     published yet, so removing the node they went to passed, and the put then published a
