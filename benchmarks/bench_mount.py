@@ -52,7 +52,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, HERE]
 
 from _common import free_port, stop, wait_port  # noqa: E402
-from shardfs.mountcli import _is_stale as stale  # noqa: E402
+from shardfs.mounttab import mounts  # noqa: E402
 from shardfs.units import human, parse_size  # noqa: E402
 
 # Free page reporting (virtio-balloon): a guest returns freed memory to the hypervisor a few
@@ -186,9 +186,8 @@ def rchar(pid: int) -> int | None:
 
 
 def mounted(mp: str) -> bool:
-    """In /proc/self/mounts (true for a stale FUSE mount too, unlike os.path.ismount)."""
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1].replace("\\040", " ") == mp for line in f)
+    """In the mount table (true for a stale FUSE mount too, unlike os.path.ismount)."""
+    return mp in mounts()
 
 
 def page_in_dir(root: str) -> int:
@@ -490,7 +489,7 @@ class Bench:
                         time.sleep(0.5)
                 except ProcessLookupError:
                     pass
-        if stale(self.mp) or mounted(self.mp):
+        if mounted(self.mp):
             subprocess.run([sys.executable, "-m", "shardfs", "umount", self.mp], env=self.env,
                            capture_output=True, timeout=60)
             if mounted(self.mp):
@@ -716,7 +715,7 @@ class Bench:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        if mounted(self.mp) or stale(self.mp):
+        if mounted(self.mp):
             subprocess.run(["fusermount3", "-u", "-z", self.mp], capture_output=True)
         for p in reversed(self.procs):
             stop(p)

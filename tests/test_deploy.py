@@ -74,3 +74,12 @@ def test_foreground_mount_sends_ready_and_stopping(cli, tmp_path, nodes):
         if os.path.ismount(mp):
             subprocess.run(["fusermount3", "-u", "-z", str(mp)])
         listener.close()
+
+
+@pytest.mark.parametrize("script", ["bench_mount.py", "bench_put.py", "soak.py"])
+def test_benchmark_scripts_start(script):
+    """The benchmarks run only by hand: at least they must import against the code as it is
+    (bench_mount.py imported a helper a refactor had renamed)."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("usage: "), r.stderr
