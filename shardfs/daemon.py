@@ -169,7 +169,14 @@ class Daemon:
         if fetched is None:
             return False
         epoch, nodes, cat = fetched
+        was = self.epoch[1] if self.epoch else None
         self.epoch = epoch
+        if self.index_conflict is not None:
+            return False  # (it takes no more updates: see _conflict)
+        if was is not None and epoch[1] != was:  # (FLUSHALL, another Redis, a backup of another index)
+            self._conflict(f"the index's id is {epoch[1] or 'gone (the index was emptied)'}, not {was} as "
+                           f"when this mount read it")
+            return False
         if not self._apply(cat):
             return False
         self.pool.update(nodes)
@@ -180,16 +187,19 @@ class Daemon:
         try:
             changed = self.tree.update(cat)
         except IdentityConflict as e:
-            if self.index_conflict is None:
-                log.error("the Redis index was reset or restored under this mount: %s. Its version ids "
-                          "started over, so this mount keeps showing the models it had (never another "
-                          "version's bytes) and takes no more updates; remount to see the index as it is", e)
-            self.index_conflict = str(e)
+            self._conflict(str(e))
             return False
         if changed:
             log.info("catalogue: %d model(s), %d changed", len(cat), len(changed))
             self._changed |= changed
         return True
+
+    def _conflict(self, why: str) -> None:
+        if self.index_conflict is None:
+            log.error("the Redis index was reset or restored under this mount: %s. Its version ids "
+                      "start over, so this mount keeps showing the models it had (never another "
+                      "version's bytes) and takes no more updates; remount to see the index as it is", why)
+        self.index_conflict = why
 
     async def follow_pins(self) -> None:
         """Trio thread: a pin is of a name, so it moves to the name's new version (whose
