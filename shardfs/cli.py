@@ -233,8 +233,9 @@ def cmd_put(args):
             results = put.publish(stored, args.force, remove=leftovers)
     except (KeyboardInterrupt, ShardfsError) as e:
         what, code = _stopped(e) if isinstance(e, KeyboardInterrupt) else (str(e), e.exit_code)
-        if _after_publish():
-            what += _after_publish()
+        after = _after_publish()
+        if after:
+            what += after
         elif "nothing was published" not in what:
             what += f"; nothing under {name}/ was published"
         err = ShardfsError(what)

@@ -36,8 +36,8 @@ KEEPALIVE = 5.0  # while it works, the daemon sends a line at least this often
 
 def answer_wait() -> float:
     """The longest a client waits for a word from the daemon (SHARDFS_CONTROL_WAIT, 120 s).
-    The daemon sends one at least every KEEPALIVE seconds while it works (a warm's progress
-    every 0.2 s), so this bounds a stopped or stuck daemon, not a long request."""
+    The daemon sends one at least every KEEPALIVE seconds while it works (_kept_alive), so
+    this bounds a stopped or stuck daemon, not a long request."""
     raw = os.environ.get("SHARDFS_CONTROL_WAIT", "120")
     try:
         wait = float(raw)
@@ -234,10 +234,10 @@ async def _dispatch(daemon, req, send):
 
             async def ticker(m=m, state=state):
                 try:
-                    while True:  # (also before the first chunk lands: the client waits for a word)
+                    while True:
                         await trio.sleep(0.2)
-                        await send({"progress": state.get("done", 0), "total": state.get("size", m.size),
-                                    "name": m.name})
+                        if "done" in state:
+                            await send({"progress": state["done"], "total": state["size"], "name": m.name})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the client left; the warm goes on
 

@@ -90,6 +90,11 @@ def k_model_versions(name: str) -> str:
     return f"{P}mv:{name}"
 
 
+def _lease_set_ttl(ttl: float) -> int:
+    """Redis expiry (s) of a put's lease set: a minute past its lease, kept by each renewal."""
+    return int(ttl) + 60
+
+
 def k_chunk(hex_id: str) -> str:
     return f"{P}c:{hex_id}"
 
@@ -666,9 +671,9 @@ class Index:
 
     def lease_chunk(self, put_id: str, hex_id: str, ttl: float = 60) -> str:
         """Protect a chunk for a running put; returns 'absent', 'ok' or 'deleting'. A new
-        lease set expires as renew_put keeps it (a put killed before its first renewal
-        leaves nothing for ever)."""
-        return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id, int(ttl) + 60]))
+        lease set gets its expiry here, as renew_put extends it (a put killed before its
+        first renewal leaves nothing for ever)."""
+        return _s(self._lease(keys=[k_chunk(hex_id), LEASE_PREFIX + put_id], args=[hex_id, _lease_set_ttl(ttl)]))
 
     def start_put(self, put_id: str, ttl: float) -> None:
         # (its chunk set is made, with its expiry, by the first lease_chunk)
@@ -679,7 +684,7 @@ class Index:
         not: then its chunks may be gone, so the put must not publish, and publish refuses."""
         now = self.now_ms()
         return bool(self._renew(keys=[K_PUTS, LEASE_PREFIX + put_id],
-                                args=[put_id, now, now + int(ttl * 1000), int(ttl) + 60]))
+                                args=[put_id, now, now + int(ttl * 1000), _lease_set_ttl(ttl)]))
 
     def end_put(self, put_id: str) -> None:
         p = self.r.pipeline()
