@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
@@ -28,6 +29,60 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listens(proc: subprocess.Popen, port: int) -> bool:
+    """Whether `proc` itself holds the listening TCP socket on `port`. A port free when
+    free_port() picked it may be taken before the server binds it (by the other pytest
+    worker's server, or as an outgoing connection's source port); a test that only checked
+    that something answers there could go on with another test's server."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{proc.pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/fd/{fd}") in inodes:
+                return True
+        except OSError:
+            pass
+    return False
+
+
+def start_listening(launch, what: str, port: int | None = None, tries: int = 5, timeout: float = 20.0):
+    """launch(port) -> Popen of a server that listens on 127.0.0.1:port. Returns (port, proc)
+    once that very process listens there. A server that exits first most likely found its
+    port taken: it is started again on another free port (unless `port` was given: a restart
+    on the port a test registered). Raises with the server's stderr (when piped) otherwise."""
+    for attempt in range(1 if port is not None else tries):
+        p = port if port is not None else free_port()
+        proc = launch(p)
+        deadline = time.monotonic() + timeout
+        while not listens(proc, p):
+            if proc.poll() is not None:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise TimeoutError(f"timed out waiting for {what} on port {p}")
+            time.sleep(0.05)
+        else:
+            return p, proc
+        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
+    raise RuntimeError(f"{what} exited at start (last on port {p}): {err or 'no output'}")
 
 
 def wait_for(pred, timeout=10.0, what="condition"):
@@ -45,20 +100,27 @@ class RedisProc:
             pytest.fail("redis-server is not installed (the CI script installs it)")
         self.dir = workdir
         os.makedirs(workdir, exist_ok=True)
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.port = None
+        self.url = None
         self.proc = None
 
-    def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
-             "--save", "", "--appendonly", "yes", "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def start(self, *extra: str):
+        """redis-server with `extra` options, on a free loopback port the first time (see
+        start_listening) and on the same one again after stop(); returns once it answers."""
+        def launch(port):
+            return subprocess.Popen(
+                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", self.dir,
+                 "--save", "", "--appendonly", "yes", "--protected-mode", "yes", *extra],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.port, self.proc = start_listening(launch, "redis-server", port=self.port)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
 
         def up():
             try:
                 return client.ping()
+            except redis.AuthenticationError:
+                return True  # (it answers: a test's own users and passwords are its business)
             except redis.RedisError:
                 return False
         try:
@@ -88,31 +150,21 @@ class NodeProc:
     def __init__(self, root: str, token_file: str | None = None):
         self.root = root
         self.token_file = token_file
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = None
+        self.url = None
         self.proc = None
 
     def start(self):
-        return self.launch().wait_up()
-
-    def launch(self):
-        cmd = [sys.executable, "-m", "shardfs", "node", "serve", "--root", self.root,
-               "--listen", f"127.0.0.1:{self.port}"]
-        if self.token_file:
-            cmd += ["--token-file", self.token_file]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return self
-
-    def wait_up(self):
-        def up():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"node server exited: {self.proc.stderr.read().decode()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return True
-            except OSError:
-                return False
-        wait_for(up, what=f"node server on {self.port}")
+        """Starts the server: on a free port the first time, on the same port again after
+        a kill or stop (the node's URL is registered)."""
+        def launch(port):
+            cmd = [sys.executable, "-m", "shardfs", "node", "serve", "--root", self.root,
+                   "--listen", f"127.0.0.1:{port}"]
+            if self.token_file:
+                cmd += ["--token-file", self.token_file]
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.port, self.proc = start_listening(launch, f"node server for {self.root}", port=self.port)
+        self.url = f"http://127.0.0.1:{self.port}"
         return self
 
     def kill(self):
@@ -149,16 +201,10 @@ def nodes(tmp_path):
     started = []
 
     def make(n=1, token_file=None):
-        out = []
-        for _ in range(n):  # all launched first: their start-ups overlap
-            node = NodeProc(str(tmp_path / f"node{len(started)}"), token_file)
-            while node.port in {o.port for o in out}:  # (none has bound its port yet)
-                node.port = free_port()
-                node.url = f"http://127.0.0.1:{node.port}"
-            node.launch()
-            started.append(node)
-            out.append(node)
-        return [node.wait_up() for node in out]
+        out = [NodeProc(str(tmp_path / f"node{len(started) + k}"), token_file) for k in range(n)]
+        started.extend(out)
+        with ThreadPoolExecutor(n) as pool:  # their start-ups overlap
+            return list(pool.map(NodeProc.start, out))
     yield make
     for node in started:
         node.stop()

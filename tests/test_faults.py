@@ -6,7 +6,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -62,13 +61,10 @@ def test_redis_urls_with_password_and_unix_socket(tmp_path, base_env, nodes):
     node = nodes(1)[0]
     rp = RedisProc(str(tmp_path / "r"))
     sock = str(tmp_path / "r" / "redis.sock")
-    rp.proc = subprocess.Popen(["redis-server", "--port", str(rp.port), "--bind", "127.0.0.1", "--dir", rp.dir,
-                                "--save", "", "--unixsocket", sock, "--unixsocketperm", "700",
-                                "--user", "default", "off", "--user", "shard", "on", ">pw-123", "~*", "&*", "+@all"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rp.start("--unixsocket", sock, "--unixsocketperm", "700",
+             "--user", "default", "off", "--user", "shard", "on", ">pw-123", "~*", "&*", "+@all")
     try:
         wait_for(lambda: os.path.exists(sock), what="redis socket")
-        time.sleep(0.2)
         url = f"redis://shard:pw-123@127.0.0.1:{rp.port}/0"
         cli = Cli({**base_env, "SHARDFS_REDIS": url})
         cli("node", "add", node.url)
@@ -186,19 +182,17 @@ def test_a_restarted_node_is_used_again(cli, nodes, tmp_path, mounts):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
 def test_rediss_tls_url(tmp_path, base_env, nodes):
-    from conftest import free_port
+    from conftest import start_listening
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-    port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-                             "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
-                             "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port, proc = start_listening(lambda port: subprocess.Popen(
+        ["redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+         "--tls-auth-clients", "no", "--save", "", "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), "TLS redis-server")
     try:
-        import socket
-        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, what="TLS redis")
         cli = Cli({**base_env, "SHARDFS_REDIS": f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"})
         node = nodes(1)[0]
         cli("node", "add", node.url)

@@ -778,15 +778,19 @@ def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp
 def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
     import urllib.request
 
-    from conftest import NodeProc, free_port
-    node_port, mount_port = free_port(), free_port()
+    from conftest import NodeProc, free_port, listens, start_listening
+    mount_port = free_port()
     node = NodeProc(str(tmp_path / "mnode"))
     import sys
-    node.proc = subprocess.Popen([sys.executable, "-m", "shardfs", "node", "serve", "--root", node.root,
-                                  "--listen", f"127.0.0.1:{node.port}", "--metrics", f"127.0.0.1:{node_port}"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def launch(node_port):  # (the node's own port is its metrics port + 1)
+        return subprocess.Popen([sys.executable, "-m", "shardfs", "node", "serve", "--root", node.root,
+                                 "--listen", f"127.0.0.1:{node_port + 1}", "--metrics", f"127.0.0.1:{node_port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    node_port, node.proc = start_listening(launch, "node server with metrics")
+    node.port, node.url = node_port + 1, f"http://127.0.0.1:{node_port + 1}"
     try:
-        wait_for(lambda: _port_open(node.port) and _port_open(node_port), what="node with metrics")
+        wait_for(lambda: listens(node.proc, node.port), what="node server")
         cli("node", "add", node.url)
         src = tmp_path / "m.bin"
         src.write_bytes(os.urandom(3 << 20))
@@ -817,15 +821,6 @@ def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
         assert value(nt, "shardfs_node_chunks") == 3
     finally:
         node.stop()
-
-
-def _port_open(port):
-    import socket
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-        return True
-    except OSError:
-        return False
 
 
 def test_empty_checkpoint_file_opens_and_mount_survives(cli, nodes, tmp_path, mounts):

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, free_port, needs_fuse, wait_for
+from conftest import ROOT, needs_fuse, start_listening
 from shardfs.stores import MARKER
 
 pytestmark = pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
@@ -20,29 +20,20 @@ def nginx_node(tmp_path):
     state.mkdir()
     (root / ".tmp").mkdir()
     (root / MARKER).touch()  # (the config's setup step: nginx cannot make it)
-    port = free_port()
     token = "n6inx-t0ken"
-    conf = open(os.path.join(ROOT, "examples", "nginx-node.conf")).read()
-    for k, v in {"@ROOT@": str(root), "@LISTEN@": f"127.0.0.1:{port}", "@TOKEN@": token,
-                 "@STATE@": str(state)}.items():
-        conf = conf.replace(k, v)
-    if os.geteuid() == 0:
-        conf = "user root;\n" + conf  # workers must write the test's root-owned directories
-    (state / "nginx.conf").write_text(conf)
     (tmp_path / "token").write_text(token + "\n")
-    proc = subprocess.Popen(["nginx", "-c", str(state / "nginx.conf"), "-g", "daemon off;",
-                             "-e", str(state / "error.log")], stderr=subprocess.PIPE)
 
-    def up():
-        import socket
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stderr.read().decode())
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-    wait_for(up, what="nginx")
+    def launch(port):
+        conf = open(os.path.join(ROOT, "examples", "nginx-node.conf")).read()
+        for k, v in {"@ROOT@": str(root), "@LISTEN@": f"127.0.0.1:{port}", "@TOKEN@": token,
+                     "@STATE@": str(state)}.items():
+            conf = conf.replace(k, v)
+        if os.geteuid() == 0:
+            conf = "user root;\n" + conf  # workers must write the test's root-owned directories
+        (state / "nginx.conf").write_text(conf)
+        return subprocess.Popen(["nginx", "-c", str(state / "nginx.conf"), "-g", "daemon off;",
+                                 "-e", str(state / "error.log")], stderr=subprocess.PIPE)
+    port, proc = start_listening(launch, "nginx")
     yield {"url": f"http://127.0.0.1:{port}", "root": root, "token_file": tmp_path / "token"}
     proc.terminate()
     proc.wait(10)
