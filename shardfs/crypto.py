@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import stat
 
@@ -26,6 +27,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .errors import UsageError
+
+log = logging.getLogger("shardfs.crypto")
 
 NONCE = 12
 
@@ -44,8 +47,12 @@ class Keyring:
         try:  # (non-blocking: a FIFO or a device named by mistake must not hang the command)
             fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
             with open(fd, "rb") as f:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                mode = os.fstat(fd).st_mode
+                if not stat.S_ISREG(mode):
                     raise UsageError(f"key file {path} is not a regular file")
+                if mode & 0o044:  # (ssh refuses such a key; a warning keeps existing setups working)
+                    log.warning("key file %s can be read by other users (mode %03o): `chmod 600 %s`",
+                                path, stat.S_IMODE(mode), path)
                 data = f.read(201)
         except OSError as e:
             raise UsageError(f"cannot read key file {path}: {e.strerror}") from None

@@ -134,6 +134,21 @@ def _remove_leftovers(d: str, base: str) -> list[str]:
     return gone
 
 
+def _new_file_mode(dest: str) -> int:
+    """The mode a file written in place would have: a file it replaces keeps its own, a new
+    one gets 0666 less the umask, as `cp` gives. (The temp file is 0600; forcing 0644 made
+    an encrypted model's plaintext readable by every local user, whatever the umask.)"""
+    try:
+        st = os.lstat(dest)
+        if stat.S_ISREG(st.st_mode):
+            return stat.S_IMODE(st.st_mode)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # (read it back: the CLI is one thread)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, keyring,
                  force: bool, say=None) -> tuple[Version, str]:
     keyring = key_for(ver, keyring)  # (a key given for a plain model is neither read nor used)
@@ -171,7 +186,7 @@ def _get_version(idx: Index, name: str, ver: Version, dest: str, progress_bar, k
         if sha.hexdigest() != ver.sha256:
             raise ShardfsError(f"{name}: reassembled {what} {sha.hexdigest()} differs from the "
                                f"recorded {ver.sha256}; nothing written")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, _new_file_mode(dest))
         os.rename(tmp, dest)
         tmp = None
     except OSError as e:
@@ -211,17 +226,20 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
         vids = [vid for n in names for vid in idx.model_vids(n)]
     else:
         vids = idx.all_vids()
+    asked = {models[n] for n in names} if names else set()
     with idx.reading(vids):  # gc must not drop a version (and its chunks) mid-check: false "lost"
-        return _verify(idx, vids, names, repair, out, keyring)
+        return _verify(idx, vids, asked, repair, out, keyring)
 
 
-def _verify(idx: Index, vids: list[int], names, repair: bool, out, keyring) -> VerifyReport:
+def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, keyring) -> VerifyReport:
+    """asked: the current versions of the models named, whose key must be given (their
+    replaced versions, kept for their readers, may be under a key since rotated)."""
     want: dict[str, int] = {}
     keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
     for ver in idx.versions(vids):
         fp = ver.stats.get("key")
         if fp and (keyring is None or keyring.load().fingerprint != fp):  # (a broken key file: its error)
-            if names:
+            if ver.vid in asked:
                 key_for(ver, keyring)  # raises: the user asked for this model
             print(f"skipping {ver.name} (version {ver.vid}): encrypted with a key not given", file=out)
             continue

@@ -130,6 +130,8 @@ class NodeServer:
                 if envelope.read_header(body)[3] != cid:
                     raise CorruptChunk("envelope carries another chunk id")
                 sent = request.headers.get(SEALED_HASH)
+                if sent is not None and not HEX_ID.fullmatch(sent.lower()):
+                    raise CorruptChunk(f"{SEALED_HASH} is not a BLAKE3 hash in hex")
                 if sent is not None:
                     got = await asyncio.get_running_loop().run_in_executor(
                         None, lambda: blake3.blake3(body, max_threads=1).hexdigest())

@@ -35,6 +35,8 @@ def keys(tmp_path):
     k, other = tmp_path / "key", tmp_path / "other.key"
     k.write_bytes(os.urandom(32))
     other.write_text(os.urandom(32).hex())
+    for f in (k, other):
+        f.chmod(0o600)  # (readable by others: a warning on every use, see below)
     return k, other
 
 
@@ -137,7 +139,73 @@ def test_a_node_replaces_a_damaged_sealed_copy_only_with_a_body_that_arrived_int
     store.put(h, blob)  # (what put and verify --repair send)
     assert envelope.decode(store.get(h), cid, k) == PLAIN
     http = urllib3.PoolManager()
-    for headers, status in (({SEALED_HASH: "00" * 32}, 422), ({}, 201)):
+    for headers, status in (({SEALED_HASH: "00" * 32}, 422), ({SEALED_HASH: "é" * 64}, 422),
+                            ({SEALED_HASH: "x"}, 422), ({}, 201)):
         r = http.request("PUT", f"{srv.url}/chunks/{h}", body=bytes(damaged), headers=headers)
         assert r.status == status, (headers, r.status, r.data)
     assert open(path, "rb").read() == blob  # neither replaced the good copy
+
+
+def test_get_writes_the_plaintext_with_the_umask_and_keeps_a_replaced_files_mode(cli, nodes, tmp_path, keys):
+    """get forced 0644 on what it wrote: an encrypted model's plaintext readable by every
+    local user, whatever the umask, and a 0600 file it replaced widened too."""
+    import stat
+    key, _ = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "secret.bin"
+    src.write_bytes(PLAIN * 10)
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    private = {**cli.env, "SHELL_UMASK": "077"}
+    import subprocess
+    import sys
+    r = subprocess.run(["sh", "-c", 'umask "$SHELL_UMASK"; exec "$0" -m shardfs "$@"', sys.executable,
+                        "get", "secret.bin", str(tmp_path / "out"), "--key-file", str(key)],
+                       env=private, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert mode(tmp_path / "out") == 0o600 and (tmp_path / "out").read_bytes() == src.read_bytes()
+    shared = tmp_path / "shared"
+    shared.write_bytes(b"old")
+    shared.chmod(0o640)
+    cli("get", "secret.bin", shared, "--key-file", key, "--force")  # (the test's own umask: 022)
+    assert mode(shared) == 0o640 and shared.read_bytes() == src.read_bytes()
+    cli("get", "secret.bin", tmp_path / "new", "--key-file", key)
+    assert mode(tmp_path / "new") == 0o666 & ~_umask()
+
+
+def _umask():
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def test_verify_of_a_model_needs_only_its_current_versions_key(cli, nodes, tmp_path, keys):
+    """verify NAME checked every kept version and refused when an older one was under a key
+    since rotated (or the model was encrypted before and is plain now)."""
+    key, other = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "w.bin"
+    src.write_bytes(PLAIN * 10)
+    cli("put", src, "--name", "r.bin", "--encrypt", "--key-file", key)
+    cli("put", src, "--name", "r.bin", "--encrypt", "--key-file", other, "--force")  # the key rotated
+    cli("put", src, "--name", "q.bin", "--encrypt", "--key-file", key)
+    cli("put", src, "--name", "q.bin", "--force")  # plain now
+    for args in (("r.bin", "--key-file", other), ("q.bin",)):
+        r = cli("verify", *args, check=False)
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+        assert "0 bad copies" in r.stdout and "skipping" in r.stdout and "encrypted with a key not given" in r.stdout
+    r = cli("verify", "r.bin", "--key-file", key, check=False)  # the current version's key is still needed
+    assert r.returncode == 2 and "another key" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_key_file_others_can_read_is_warned_about(cli, nodes, tmp_path, keys):
+    key, _ = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "w.bin"
+    src.write_bytes(PLAIN * 10)
+    r = cli("put", src, "--name", "s.bin", "--encrypt", "--key-file", key)
+    assert "read by other users" not in r.stderr
+    key.chmod(0o644)
+    r = cli("get", "s.bin", tmp_path / "out", "--key-file", key)
+    assert r.stderr.count("\n") == 1 and f"key file {key} can be read by other users (mode 644)" in r.stderr
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
