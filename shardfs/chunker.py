@@ -23,6 +23,12 @@ DEFAULT_CHUNK = 4 << 20
 MIN_CHUNK = 64 << 10
 MAX_CHUNK = 64 << 20
 MAX_HEADER = 100 << 20  # safetensors' own limit
+# Headers parsed for a model-aware cut (put) and for prefetch (the mount daemon, on every
+# open) stay within these: JSON of tiny containers (`[],[],...`) takes ~25 times its size
+# once parsed (a 100 MiB one took 2.7 GB). A real header holds a few hundred bytes per 3
+# containers of a tensor entry; one past either limit is cut like any other file.
+MAX_PARSED_HEADER = 16 << 20
+CONTAINER_BYTES = 8  # at most one { or [ per this many header bytes
 
 # dtype -> codec name: byte grouping by element width, none for bytes and packed types.
 # Floats use zstd streams: lz4 cannot entropy-code an exponent byte (bf16 0.67 of raw against
@@ -75,13 +81,19 @@ def safetensors_named(f, file_size: int):
     if len(head) < 8:
         return None
     (n,) = struct.unpack("<Q", head)
-    if not 2 <= n <= min(MAX_HEADER, file_size - 8):
+    if not 2 <= n <= min(MAX_PARSED_HEADER, file_size - 8):
         return None
     raw = f.read(n)
-    if len(raw) != n:
+    if 0 < len(raw) < n:  # (a source may return less per read)
+        parts, got = [raw], len(raw)
+        while got < n and (more := f.read(n - got)):
+            parts.append(more)
+            got += len(more)
+        raw = b"".join(parts)
+    if len(raw) != n or raw.count(b"{") + raw.count(b"[") > n // CONTAINER_BYTES + 64:
         return None
-    try:
-        header = json.loads(raw)
+    try:  # (UTF-8 only, as safetensors has it: json.loads would take UTF-16 or a BOM from bytes)
+        header = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):  # (RecursionError: nesting 100k deep)
         return None
     if not isinstance(header, dict):
@@ -108,6 +120,11 @@ def safetensors_named(f, file_size: int):
 GGML_DTYPE = {0: "F32", 1: "F16", 30: "BF16", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64"}
 _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 MAX_GGUF_ITEMS = 1 << 24
+# Tensor infos are kept (~200 bytes each parsed); key/value items are skipped, not built,
+# but each string or nested array in them is a read: both capped, so a hostile header
+# costs bounded memory and time (a real one: a few thousand tensors, ~1M vocabulary items).
+MAX_GGUF_TENSORS = 1 << 19
+MAX_GGUF_KV_STEPS = 1 << 22
 
 
 def gguf_tensors(f, file_size: int):
@@ -133,8 +150,9 @@ def _gguf_tensors(f, file_size: int):
     if len(head) < 24 or head[:4] != b"GGUF":
         return None
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", head, 4)
-    if version not in (2, 3) or n_tensors > MAX_GGUF_ITEMS or n_kv > MAX_GGUF_ITEMS:
+    if version not in (2, 3) or n_tensors > MAX_GGUF_TENSORS or n_kv > MAX_GGUF_ITEMS:
         return None
+    steps = 0
 
     def read(n):
         data = f.read(n)
@@ -148,26 +166,42 @@ def _gguf_tensors(f, file_size: int):
             raise ValueError("GGUF string too long")
         return read(n).decode()
 
-    def value(t):
+    def skip_bytes(n):
+        if f.tell() + n > file_size:
+            raise ValueError("truncated GGUF header")
+        f.seek(n, io.SEEK_CUR)
+
+    def skip(t):
+        """Past one value of type t, building nothing (only general.alignment is used)."""
+        nonlocal steps
+        steps += 1
+        if steps > MAX_GGUF_KV_STEPS:
+            raise ValueError("GGUF key/values too many")
         if t in _GGUF_SCALAR:
-            fmt = _GGUF_SCALAR[t]
-            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
-        if t == 8:
-            return string()
-        if t == 9:
+            skip_bytes(struct.calcsize(_GGUF_SCALAR[t]))
+        elif t == 8:
+            skip_bytes(struct.unpack("<Q", read(8))[0])
+        elif t == 9:
             it, n = struct.unpack("<IQ", read(12))
-            if n > MAX_GGUF_ITEMS:
-                raise ValueError("GGUF array too long")
-            return [value(it) for _ in range(n)]
-        raise ValueError(f"unknown GGUF value type {t}")
+            if it in _GGUF_SCALAR:  # one seek for the whole array
+                skip_bytes(n * struct.calcsize(_GGUF_SCALAR[it]))
+            else:
+                for _ in range(n):
+                    skip(it)
+        else:
+            raise ValueError(f"unknown GGUF value type {t}")
 
     alignment = 32
     for _ in range(n_kv):
         key = string()
         (t,) = struct.unpack("<I", read(4))
-        v = value(t)
-        if key == "general.alignment" and isinstance(v, int) and v > 0:
-            alignment = v
+        if key == "general.alignment" and t in _GGUF_SCALAR and t not in (6, 7, 12):  # an integer
+            fmt = _GGUF_SCALAR[t]
+            v = struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+            if v > 0:
+                alignment = v
+        else:
+            skip(t)
     infos = []
     for _ in range(n_tensors):
         string()

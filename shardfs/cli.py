@@ -305,6 +305,10 @@ def cmd_ls(args):
     shared_total = _shared_total(idx, vers)
     print(f"total: {human(tot_size)} in {len(rows)} model(s), {human(tot_unique + shared_total)} stored per "
           f"replica ({human(shared_total)} of it shared by two or more models or versions)")
+    kept = _kept_total(idx, vers)
+    if kept:
+        print(f"replaced versions of these models hold {human(kept)} more per replica "
+              "(`shardfs gc` frees it once no mount reads them and the grace has passed)")
 
 
 def _shared_total(idx, vers):
@@ -317,6 +321,15 @@ def _shared_total(idx, vers):
     for info in idx.chunk_info([c.hex() for c in shared]):
         total += info["stored"] if info else 0
     return total
+
+
+def _kept_total(idx, vers) -> int:
+    """Stored bytes of chunks only the listed models' replaced versions still use: on the
+    nodes until gc prunes those versions, and in no row above."""
+    listed = {c for v in vers for c in v.manifest.ids}
+    old = [vid for v in vers for vid in idx.model_vids(v.name) if vid != v.vid]
+    only_old = {c for o in idx.versions(old) for c in o.manifest.ids} - listed
+    return sum(info["stored"] for info in idx.chunk_info([c.hex() for c in only_old]) if info)
 
 
 def cmd_info(args):

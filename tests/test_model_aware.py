@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import struct
 
 import numpy as np
@@ -315,3 +316,170 @@ def test_put_reads_a_chunk_whole_from_a_source_that_answers_in_pieces(tmp_path):
         assert read_full(src, memoryview(buf)) == 4096 and bytes(buf) == data[:4096]
         assert read_full(src, memoryview(buf)) == 4096 and bytes(buf) == data[4096:8192]
         assert read_full(src, memoryview(buf)) == 10_000 - 8192  # the end of the file
+
+
+def _peak_bytes(fn):
+    """(fn(), the peak of Python allocations while it ran)."""
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_gguf_key_values_are_skipped_not_built(tmp_path):
+    """Every key/value array was built as a Python list (a 16 MiB u8 array: 16M ints), and a
+    key holding 2^24 empty arrays took 1.2 GB; now they are seeked over, within a budget."""
+    from shardfs.chunker import MAX_GGUF_KV_STEPS, gguf_tensors
+    rng = np.random.default_rng(9)
+    path = tmp_path / "m.gguf"
+    start = write_gguf(path, [("a", 1, [4096, 64], tensor_bytes(rng, (64, 4096), "F16"))])
+    blob = path.read_bytes()
+    # the same file with a 16 MiB byte array and a vocabulary of strings before its alignment key
+    def s(text):
+        return struct.pack("<Q", len(text)) + text
+    extra = s(b"big") + struct.pack("<IIQ", 9, 0, 16 << 20) + bytes(16 << 20)
+    extra += s(b"vocab") + struct.pack("<IIQ", 9, 8, 1000) + s(b"tok") * 1000
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 3) + extra + blob[24:start]
+    head = head[:len(head) - (start - 24 - len(blob[24:start].rstrip(b"\0")))]  # (drop the old padding)
+    head += bytes(-len(head) % 32)
+    big = tmp_path / "big.gguf"
+    big.write_bytes(head + blob[start:])
+    with open(big, "rb") as f:
+        tensors, peak = _peak_bytes(lambda: gguf_tensors(f, big.stat().st_size))
+    assert tensors == [(len(head), big.stat().st_size, "F16")]
+    assert peak < 8 << 20, peak  # (the old parser's list alone: 128 MiB)
+    # arrays of arrays past the step budget: not model-aware, no exception
+    hostile = tmp_path / "nested.gguf"
+    n = MAX_GGUF_KV_STEPS + 10
+    hostile.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s(b"x") + struct.pack("<IIQ", 9, 9, n)
+                        + struct.pack("<IQ", 0, 0) * n)
+    with open(hostile, "rb") as f:
+        out, peak = _peak_bytes(lambda: gguf_tensors(f, hostile.stat().st_size))
+    assert out is None and peak < 8 << 20, peak
+
+
+def test_a_gguf_with_more_tensors_than_the_limit_is_cut_like_any_file(tmp_path):
+    from shardfs.chunker import MAX_GGUF_TENSORS
+    p = tmp_path / "many.gguf"
+    p.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, MAX_GGUF_TENSORS + 1, 0) + bytes(1 << 20))
+    size = p.stat().st_size
+    with open(p, "rb") as f:
+        assert plan_spans(f, size, 1 << 16) == fixed_spans(size, 1 << 16)
+
+
+def test_a_safetensors_header_of_tiny_containers_is_not_parsed(tmp_path):
+    """json.loads of `[],[],...` takes ~25x its size (a 100 MiB header: 2.7 GB in put, and
+    the mount parses the first chunk's header on every open)."""
+    from shardfs.chunker import MAX_PARSED_HEADER, safetensors_named
+    meta = b"[" + b"[]," * (3 << 20) + b"[]]"  # 9 MiB of empty lists
+    h = b'{"__metadata__":' + meta + b',"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}'
+    p = tmp_path / "lists.safetensors"
+    p.write_bytes(struct.pack("<Q", len(h)) + h + bytes(16))
+    with open(p, "rb") as f:
+        out, peak = _peak_bytes(lambda: safetensors_named(f, p.stat().st_size))
+    assert out is None and peak < 2 * len(h), peak
+    big = b'{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]},"__metadata__":{"x":"' + \
+        b"y" * MAX_PARSED_HEADER + b'"}}'
+    p.write_bytes(struct.pack("<Q", len(big)) + big + bytes(16))
+    with open(p, "rb") as f:
+        assert safetensors_named(f, p.stat().st_size) is None
+    for bad in (b"\xef\xbb\xbf" + h[:16] + b'"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}',
+                '{"a":{"dtype":"U8","shape":[16],"data_offsets":[0,16]}}'.encode("utf-16")):
+        p.write_bytes(struct.pack("<Q", len(bad)) + bad + bytes(16))  # a BOM, UTF-16: not safetensors
+        with open(p, "rb") as f:
+            assert safetensors_named(f, p.stat().st_size) is None, bad[:8]
+
+
+def test_a_safetensors_header_read_in_pieces_still_cuts_at_tensors(tmp_path):
+    """The header was read with one read(): a source answering in pieces (the case put's
+    read_full is for) lost the tensor-aligned cut and the dtype codecs."""
+    import io
+    rng = np.random.default_rng(4)
+    ts = [(f"t{i:03d}.with.a.long.name.to.grow.the.header", "BF16", [8, 4096], tensor_bytes(rng, (8, 4096), "BF16"))
+          for i in range(300)]
+    path = tmp_path / "m.safetensors"
+    write_st(path, ts)
+    size = path.stat().st_size
+
+    class Pieces(io.RawIOBase):
+        def __init__(self, f):
+            self.f = f
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, off, whence=0):
+            return self.f.seek(off, whence)
+
+        def tell(self):
+            return self.f.tell()
+
+        def readinto(self, b):
+            return self.f.readinto(memoryview(b)[:4096])
+
+    with open(path, "rb", buffering=0) as raw:
+        whole = plan_spans(raw, size, 1 << 20)
+    with open(path, "rb", buffering=0) as raw:
+        pieces = plan_spans(Pieces(raw), size, 1 << 20)
+    assert whole[0].dtype == "header" and whole[0].length > 4096
+    assert pieces == whole
+
+
+def test_prefetch_order_does_bounded_work_for_tensors_that_alias_one_range(tmp_path):
+    """100k tensors over one 8 GiB range cost tensors x chunks (17 s per open in the daemon)."""
+    from shardfs.manifest import Manifest
+    from shardfs.reader import OpenModel, prefetch_order
+    n_tensors, n_chunks, chunk = 3000, 512, 1 << 20
+    header = {f"t{i}": {"dtype": "U8", "shape": [n_chunks * chunk], "data_offsets": [0, n_chunks * chunk]}
+              for i in range(n_tensors)}
+    h = json.dumps(header).encode()
+    head = struct.pack("<Q", len(h)) + h
+    size = len(head) + n_chunks * chunk
+    lengths = [len(head)] + [chunk] * n_chunks
+    man = Manifest.build((k.to_bytes(32, "little"), n) for k, n in enumerate(lengths))
+
+    class Counting:  # the manifest, counting the chunk indexes its spans hand out
+        def __init__(self, man):
+            self.man, self.handed = man, 0
+
+        def __getattr__(self, name):
+            return getattr(self.man, name)
+
+        def __len__(self):
+            return len(self.man)
+
+        def span(self, off, n):
+            r = self.man.span(off, n)
+            self.handed += len(r)
+            return r
+    m = OpenModel(1, 2, "m.safetensors", size, "", man, {})
+    m.manifest = Counting(man)
+    order = prefetch_order(head, m)
+    assert order == list(range(1, n_chunks + 1))  # every tensor chunk once, in file order
+    assert m.manifest.handed <= 6 * n_chunks + n_tensors, m.manifest.handed  # (was 3000 x 512)
+
+
+def test_ls_names_what_replaced_versions_still_hold(cli, nodes, tmp_path):
+    """ls's total left out chunks only a kept replaced version uses: the nodes held more than
+    any line said until gc pruned that version."""
+    import os
+
+    from conftest import add_nodes
+    add_nodes(cli, nodes, 1)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(3 << 20))
+    b.write_bytes(os.urandom(2 << 20))
+    cli("put", a, "--name", "m.bin", "--chunk-size", "1MiB")
+    assert "replaced versions" not in cli("ls").stdout
+    cli("put", b, "--name", "m.bin", "--chunk-size", "1MiB", "--force")
+    out = cli("ls").stdout
+    held = re.search(r"replaced versions of these models hold ([\d.]+) MiB more per replica", out)
+    assert held and abs(float(held.group(1)) - 3.0) < 0.01, out
+    cli("gc", "--grace", "0")
+    assert "replaced versions" not in cli("ls").stdout
