@@ -97,6 +97,7 @@ class Daemon:
         self.redis_ok = True
         self.index_conflict: str | None = None  # set once the index is found reset under the mount
         self._changed: set[str] = set()  # names whose version changed, for follow_pins
+        self._pin_stuck: dict[str, tuple] = {}  # name -> (version, error) already warned about
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
         self._stale_snapshots: list[int] = []
@@ -212,13 +213,19 @@ class Daemon:
                 if entry is None:
                     await trio.to_thread.run_sync(self.cache.unpin, name, abandon_on_cancel=False)
                     log.info("unpinned %s: it was removed", name)
+                    self._pin_stuck.pop(name, None)
                     continue
                 m = await self.open_model(entry)
                 await trio.to_thread.run_sync(self.cache.pin, name, m.hexes, abandon_on_cancel=False)
             except (ShardfsError, OSError) as e:
                 self._changed.add(name)  # try again at the next poll
-                log.warning("cannot move the pin of %s to its current version yet: %s", name, e)
+                # once per version and reason: a version under another key fails every poll
+                why = (entry.vid, str(e))
+                (log.debug if self._pin_stuck.get(name) == why else log.warning)(
+                    "cannot move the pin of %s to its current version yet: %s", name, e)
+                self._pin_stuck[name] = why
                 continue
+            self._pin_stuck.pop(name, None)
             log.info("the pin of %s moved to its version %d; `shardfs cache warm %s` fetches it",
                      name, entry.vid, name)
 

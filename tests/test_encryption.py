@@ -209,3 +209,31 @@ def test_a_key_file_others_can_read_is_warned_about(cli, nodes, tmp_path, keys):
     r = cli("get", "s.bin", tmp_path / "out", "--key-file", key)
     assert r.stderr.count("\n") == 1 and f"key file {key} can be read by other users (mode 644)" in r.stderr
     assert (tmp_path / "out").read_bytes() == src.read_bytes()
+
+
+@needs_fuse
+def test_a_pin_that_cannot_follow_a_version_under_another_key_is_warned_about_once(cli, nodes, tmp_path, keys, mounts):
+    """The pin's move was retried at every poll (every 2 s), with a warning each time, for
+    as long as the mount ran."""
+    import time
+
+    from conftest import wait_for
+    key, other = keys
+    add_nodes(cli, nodes, 1)
+    src = tmp_path / "secret.bin"
+    src.write_bytes(PLAIN * 40)
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key, "--chunk-size", "1MiB")
+    m = mounts("--key-file", key)
+    m.cli("cache", "pin", "secret.bin", "--mount", m.path)
+    src.write_bytes(PLAIN * 41)
+    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", other, "--chunk-size", "1MiB", "--force")
+
+    def warnings():
+        with open(m.log, errors="replace") as f:
+            return f.read().count("cannot move the pin of secret.bin")
+    wait_for(lambda: warnings() >= 1, timeout=15, what="the warning")
+    time.sleep(7)  # three more polls
+    assert warnings() == 1
+    with pytest.raises(OSError) as e:
+        open(m.file("secret.bin"), "rb")
+    assert e.value.errno == errno.EACCES and os.path.ismount(m.path)
