@@ -59,7 +59,7 @@ def _print_json(obj):
 # -- nodes ------------------------------------------------------------------------------
 
 def cmd_node_add(args):
-    from .stores import make_dir, open_store, read_token
+    from .stores import MARKER, init_root, open_store, read_token
     from .errors import NodeError
     import math
     idx = _index(args)
@@ -72,7 +72,7 @@ def cmd_node_add(args):
         raise UsageError(f"node URL {args.url!r} has a query or fragment; give scheme, host, port and path only")
     store = open_store(args.url, token)
     if args.url.startswith("file://"):
-        why = make_dir(store.root)
+        why = init_root(store.root, adopt=True)  # (the directory named here is the node's: see stores.MARKER)
         if why:
             raise UsageError(f"cannot create node directory {store.root}: {why}")
     try:
@@ -84,6 +84,9 @@ def cmd_node_add(args):
             health = None
         if health is not None:
             try:
+                if health.get("unsure"):  # (a node server whose directory is not marked: see stores.MARKER)
+                    raise NodeError(args.url, health["unsure"] + "; if it is the node's directory, `touch "
+                                    f"{MARKER}` in it")
                 store.probe_write()
             except NodeError as e:
                 if not args.offline:

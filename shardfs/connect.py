@@ -19,6 +19,9 @@ from .errors import IndexUnavailable, UsageError
 from .index import Index
 
 MAX_SOCKET_PATH = 100
+# A Redis that is up but still loading its AOF (the first command after a reboot starts the
+# embedded one) answers every command with LOADING: wait this long for it, not fail.
+LOADING_WAIT = 60.0
 
 
 def home() -> str:
@@ -133,7 +136,7 @@ def resolve_url(flag: str | None = None) -> str:
 last_url: str | None = None  # the URL the last open_index used (for error messages)
 
 
-def open_index(flag: str | None = None, timeout: float = 5.0) -> Index:
+def open_index(flag: str | None = None, timeout: float = 5.0, loading_wait: float = LOADING_WAIT) -> Index:
     global last_url
     url = last_url = resolve_url(flag)
     try:
@@ -142,5 +145,5 @@ def open_index(flag: str | None = None, timeout: float = 5.0) -> Index:
     except ValueError as e:
         raise UsageError(f"bad Redis URL {display_url(url)}: {e}") from None
     idx = Index(client, display_url(url))
-    idx.ping()
+    idx.ping(loading_wait=loading_wait)
     return idx

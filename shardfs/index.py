@@ -283,11 +283,21 @@ class Index:
         sec, usec = self.r.time()
         return sec * 1000 + usec // 1000
 
-    def ping(self) -> None:
-        try:
-            self.r.ping()
-        except redis.RedisError as e:
-            raise IndexUnavailable(f"cannot reach Redis at {self.url}: {e}") from None
+    def ping(self, loading_wait: float = 0.0) -> None:
+        """IndexUnavailable unless Redis answers. A server still loading its data (right
+        after it started: a reboot, a restart) is waited for up to loading_wait seconds."""
+        deadline = time.monotonic() + loading_wait
+        while True:
+            try:
+                self.r.ping()
+                return
+            except redis.BusyLoadingError as e:
+                if time.monotonic() >= deadline:
+                    raise IndexUnavailable(f"Redis at {self.url} is still loading its data after "
+                                           f"{loading_wait:g} s: {e}") from None
+                time.sleep(0.1)
+            except redis.RedisError as e:
+                raise IndexUnavailable(f"cannot reach Redis at {self.url}: {e}") from None
 
     # -- nodes ----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .manifest import Manifest
 from .names import check_name
 from .placement import rank
 from .pool import NodePool
+from .stores import init_root
 from .units import human
 
 LEASE_TTL = float(os.environ.get("SHARDFS_LEASE_TTL", "60"))
@@ -239,7 +240,9 @@ class PutSession:
         # the embedded default node, when it is (or is about to be) used: recreate its
         # directory if it is gone; other setups never get one made
         if default_node_url and (not nodes or any(n.url == default_node_url for n in nodes.values())):
-            os.makedirs(default_node_url[len("file://"):], exist_ok=True)
+            why = init_root(default_node_url[len("file://"):], adopt=not nodes)
+            if why:
+                raise UsageError(f"cannot make the local node directory {default_node_url[len('file://'):]}: {why}")
         if not nodes and default_node_url:
             node = idx.add_node(default_node_url)
             print(f"shardfs: no nodes registered; using local node {node.id} {node.url}", file=sys.stderr)

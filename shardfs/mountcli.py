@@ -386,7 +386,7 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
                           control_path=socket_path(mp), notify_store=not args.no_notify_store,
                           prefetch=not args.no_prefetch, cache_local_nodes=args.cache_local_nodes,
                           keyring=_keyring(args))
-        daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0))
+        daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0, loading_wait=0))  # (it keeps serving meanwhile)
         daemon.idx = idx
         if args.metrics:
             from .metrics import daemon_metrics, serve_metrics

@@ -16,6 +16,7 @@ worker thread so concurrent GETs keep flowing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import os
@@ -28,8 +29,8 @@ from aiohttp import web
 
 from . import envelope
 from .errors import CorruptChunk, NodeError, UsageError
-from .stores import (HEX_ID, SEALED_HASH, chunk_relpath, disk_id, make_dir, mark_root, not_found_why, read_token,
-                     remove_stale_temp, root_id, write_atomic)
+from .stores import (HEX_ID, MARKER, SEALED_HASH, chunk_relpath, disk_id, init_root, not_found_why, read_token,
+                     remove_stale_temp, root_id, write_atomic, write_refused)
 
 log = logging.getLogger("shardfs.node")
 
@@ -40,9 +41,12 @@ class NodeServer:
         self.token = token
         self.used = 0
         self.chunks = 0
-        why = make_dir(self.root)
+        why = init_root(self.root, adopt=False)  # (marks a root it creates, never an empty one it finds)
         if why:
             raise UsageError(f"--root {root}: {why}")
+        refused = write_refused(self.root)
+        if refused:
+            log.warning("writes are refused until the node directory is marked: %s", refused)
         now, swept = time.time(), 0
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
@@ -53,9 +57,6 @@ class NodeServer:
                     swept += remove_stale_temp(dirpath, name, now)  # left by a server killed mid-PUT
         if swept:
             log.info("removed %d temp file(s) a killed writer left under %s", swept, self.root)
-        if self.chunks:
-            mark_root(self.root)  # (a root filled before the marker existed)
-        self._marked = self.chunks > 0
         _raise_fd_limit()  # each GET holds a file open while it is sent
 
     def app(self) -> web.Application:
@@ -143,6 +144,9 @@ class NodeServer:
         except CorruptChunk as e:
             raise web.HTTPUnprocessableEntity(text=f"body does not hash to its id: {e}\n")
         self._root_ok()
+        why = write_refused(self.root)  # (see stores.MARKER)
+        if why:
+            raise web.HTTPServiceUnavailable(text=why + "\n")
         existed = os.path.exists(path)
         if existed and envelope.is_sealed(body) and not sealed_checked:
             # A sealed body can only be checked against its id's header, and against the
@@ -151,15 +155,10 @@ class NodeServer:
             return web.Response(status=201)
         try:
             await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)
-            if not self._marked:
-                mark_root(self.root)
-                self._marked = True
         except NodeError as e:
             if e.full:
                 raise web.HTTPInsufficientStorage(text="node is out of space\n")
             raise web.HTTPInternalServerError(text=f"{e}\n")
-        except OSError as e:  # (the marker)
-            raise web.HTTPInternalServerError(text=f"cannot write in {self.root}: {e.strerror}\n")
         if not existed:
             self.used += len(body)
             self.chunks += 1
@@ -225,6 +224,8 @@ def serve(root: str, listen: str, token_file: str | None, metrics: str | None = 
     except UsageError:
         if created:  # a node that never served leaves no new empty directories behind
             d = server.root
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(d, MARKER))  # (its own, made with the directory)
             while True:
                 try:
                     os.rmdir(d)

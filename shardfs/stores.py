@@ -69,10 +69,13 @@ def root_id(path: str) -> str | None:
         return None
 
 
-# A node's root holds this file from its first chunk on. "Chunk not found" from a root without
-# it is not believed: the directory is not the one the chunks went to (a disk that is not
-# mounted leaves its empty mountpoint, a path recreated or replaced), and verify --repair
-# would otherwise drop every copy it lists there as missing: lost chunks, for good.
+# A node's root holds this file from the time it is made a node (node add, or a node server
+# creating its --root). "Chunk not found" from a root without it is not believed: the
+# directory is not the one the chunks went to (a disk that is not mounted leaves its empty
+# mountpoint, a path recreated or replaced), and verify --repair would otherwise drop every
+# copy it lists there as missing: lost chunks, for good. Nor is a chunk written into such a
+# root: the first write used to leave the marker, after which the empty mountpoint passed
+# for the node's directory and its real chunks for missing.
 MARKER = ".shardfs-node"
 
 
@@ -90,6 +93,29 @@ def mark_root(root: str) -> None:
     except FileExistsError:
         return
     _fsync_dir(root)
+
+
+def init_root(path: str, adopt: bool) -> str | None:
+    """Make `path` a node directory: create it if it is missing (parents included) and leave
+    the marker. An existing directory without the marker is marked only when `adopt` (an
+    admin naming it in `node add`) or when it holds chunks (written before markers existed);
+    otherwise it stays unmarked and refuses writes. Returns None, or why it cannot be made."""
+    existed = os.path.isdir(path)
+    why = make_dir(path)
+    if why:
+        return why
+    try:
+        if not existed or adopt or root_marked(path) or _holds_chunks(path):
+            mark_root(path)
+    except OSError as e:
+        return f"cannot write {MARKER} in it: {e.strerror}"
+    return None
+
+
+def write_refused(root: str) -> str | None:
+    """Why no chunk may be written under root now (see MARKER), or None."""
+    why = not_found_why(root)
+    return f"{why}; if it is the node's directory, `touch {os.path.join(root, MARKER)}`" if why else None
 
 
 def _fsync_dir(path: str) -> None:
@@ -219,7 +245,6 @@ class FileStore(NodeStore):
         self.url = url
         self.root = root
         self.direct = hasattr(os, "O_DIRECT")  # reads bypass the page cache (directio.py)
-        self._marked = False  # MARKER known to be in root
 
     def _path(self, hex_id: str) -> str:
         return os.path.join(self.root, chunk_relpath(hex_id))
@@ -239,10 +264,10 @@ class FileStore(NodeStore):
     def put(self, hex_id, blob):
         if not os.path.isdir(self.root):  # (never recreate a root that went away: see MARKER)
             raise NodeError(self.url, f"the node directory {self.root} is gone")
+        why = write_refused(self.root)  # (each time: one stat, against an fsync per chunk)
+        if why:
+            raise NodeError(self.url, f"cannot store chunk {hex_id[:16]}: {why}")
         self.direct = write_atomic(self._path(hex_id), blob, self.url, self.direct)
-        if not self._marked:
-            mark_root(self.root)
-            self._marked = True
 
     def has(self, hex_id):
         if os.path.exists(self._path(hex_id)):

@@ -8,7 +8,7 @@ import pytest
 
 from shardfs import directio
 from shardfs.cache import ChunkCache
-from shardfs.stores import FileStore, chunk_relpath
+from shardfs.stores import FileStore, chunk_relpath, init_root
 
 from test_cache import decoded_chunk, resident_bytes, takes_o_direct
 
@@ -144,7 +144,7 @@ def test_cache_and_file_node_stop_trying_o_direct_once_refused(tmp_path, monkeyp
     h, data = decoded_chunk(512)
     assert cache.put(h, data)
     write_cold(cache.path(h), bytes(data))
-    (tmp_path / "n").mkdir()  # (as `node add` makes it: a store never makes its root)
+    init_root(str(tmp_path / "n"), adopt=True)  # (as `node add` makes it: a store never makes its root)
     node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
     node.put(h, bytes(data))
     write_cold(os.path.join(node.root, chunk_relpath(h)), bytes(data))
@@ -187,7 +187,7 @@ def test_file_node_stores_aligned_envelopes_around_the_page_cache(tmp_path, rows
     cid, blob, _ = envelope.encode(raw, "zstd-g2", aligned=True)
     assert blob.readonly and np.frombuffer(blob, np.uint8).ctypes.data % directio.ALIGN == 0
     assert bytes(blob) == envelope.encode(raw, "zstd-g2")[1]  # the same envelope, only placed
-    (tmp_path / "n").mkdir()  # (as `node add` makes it: a store never makes its root)
+    init_root(str(tmp_path / "n"), adopt=True)  # (as `node add` makes it: a store never makes its root)
     node = FileStore("file://" + str(tmp_path / "n"), str(tmp_path / "n"))
     node.put(cid.hex(), blob)
     path = os.path.join(node.root, chunk_relpath(cid.hex()))

@@ -27,7 +27,9 @@ def leftovers(root) -> list[str]:
 def test_full_nodes_are_skipped_for_the_next_in_rendezvous_order(cli, nodes, redis_proc, model_small,
                                                                  small_fs, tmp_path):
     big = nodes(2)
-    tiny_http = NodeProc(str(small_fs("3M"))).start()  # answers PUTs with 507 once full
+    tiny_root = small_fs("3M")
+    (tiny_root / MARKER).touch()  # (a server marks only a root it creates: see stores.MARKER)
+    tiny_http = NodeProc(str(tiny_root)).start()  # answers PUTs with 507 once full
     tiny_file = small_fs("3M")  # a file:// node: ENOSPC in the writer itself
     try:
         for p in big:
@@ -143,6 +145,7 @@ def test_node_add_refuses_a_node_server_on_a_read_only_disk(cli, small_fs):
     """Its token check passes and a DELETE of an absent id answers 404, so the write probe
     passed and every later PUT failed: the server now says in its health that it cannot write."""
     d = small_fs("1M")
+    (d / MARKER).touch()
     node = NodeProc(str(d)).start()
     try:
         subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)

@@ -231,3 +231,4 @@ def test_corrupt_copy_on_one_node_is_counted_and_logged_once(cli, nodes, tmp_pat
                     if f.startswith("mount-"))).read()
     assert log.count("corrupt copy of chunk " + os.path.basename(victim)) == 1
     assert "bad copy" in cli("verify", check=False).stdout
+

@@ -4,7 +4,6 @@
 into the kernel's page cache, so the tests can check which bytes go there and which chunks
 the reader loads for them (the mount tests check the same end to end, through the kernel)."""
 
-import os
 import threading
 from functools import partial
 
@@ -18,7 +17,7 @@ from shardfs.index import Node
 from shardfs.manifest import Manifest
 from shardfs.pool import NodePool
 from shardfs.reader import PAGE, ByteBudget, OpenModel, Reader
-from shardfs.stores import open_store
+from shardfs.stores import init_root, open_store
 
 
 def setup(tmp_path, lengths, data=None):
@@ -26,7 +25,7 @@ def setup(tmp_path, lengths, data=None):
     if data is None:
         data = np.random.default_rng(5).integers(0, 256, sum(lengths), dtype=np.uint8).tobytes()
     url = f"file://{tmp_path}/node"
-    os.makedirs(f"{tmp_path}/node", exist_ok=True)  # (as `node add` makes it: a store never makes its root)
+    init_root(f"{tmp_path}/node", adopt=True)  # (as `node add` makes it: a store never makes its root)
     store = open_store(url)
     entries, pos = [], 0
     for n in lengths:
@@ -298,7 +297,7 @@ def test_disk_of_never_fails_a_read_and_follows_url_changes(tmp_path):
     pool.store("n1").health = health
     assert pool.disk_of("n1") is None and pool.disk_of("n1") is None
     assert len(calls) == 1  # a failed ask is not repeated for every chunk
-    (tmp_path / "node2").mkdir()
+    init_root(str(tmp_path / "node2"), adopt=True)
     pool.update({"n1": Node("n1", f"file://{tmp_path}/node2")})  # a new URL: asked again
     assert pool.disk_of("n1") == cache.disk
 
