@@ -382,6 +382,7 @@ class Bench:
         for i in range(3):
             root = os.path.join(self.dir, f"nodes-{kind}", f"n{i}")
             os.makedirs(root)
+            open(os.path.join(root, ".shardfs-node"), "w").close()  # (a node directory made ahead: see README)
             url = self.start_node_server(root) if http else "file://" + root
             self.cli(env, "node", "add", url, timeout=60)
         t0 = time.perf_counter()

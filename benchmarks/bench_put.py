@@ -92,6 +92,7 @@ class Bench:
         for i in range(3):
             root = os.path.join(self.dir, f"nodes-{self.rep}", f"n{i}")
             os.makedirs(root)
+            open(os.path.join(root, ".shardfs-node"), "w").close()  # (a node directory made ahead: see README)
             roots.append(root)
             if http:
                 port = free_port()
