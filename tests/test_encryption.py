@@ -101,14 +101,19 @@ def test_the_index_holds_no_plain_hash_of_an_encrypted_file(cli, nodes, tmp_path
     assert "keyed hash" in r.stdout and (tmp_path / "out").read_bytes() == src.read_bytes()
 
 
-@needs_fuse
-def test_mount_decrypts_with_the_key_and_refuses_without(cli, nodes, tmp_path, keys, mounts):
-    key, _ = keys
+def _mounted_secret(cli, nodes, tmp_path, key, mounts):
+    """secret.bin put encrypted under key on one node, and a mount given that key."""
     add_nodes(cli, nodes, 1)
     src = tmp_path / "secret.bin"
     src.write_bytes(PLAIN * 40)
     cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key, "--chunk-size", "1MiB")
-    m = mounts("--key-file", key)
+    return mounts("--key-file", key), src
+
+
+@needs_fuse
+def test_mount_decrypts_with_the_key_and_refuses_without(cli, nodes, tmp_path, keys, mounts):
+    key, _ = keys
+    m, src = _mounted_secret(cli, nodes, tmp_path, key, mounts)
     assert sha256_file(m.file("secret.bin")) == sha256_file(src)
     plain = mounts()
     with pytest.raises(OSError) as e:
@@ -219,11 +224,7 @@ def test_a_pin_that_cannot_follow_a_version_under_another_key_is_warned_about_on
 
     from conftest import wait_for
     key, other = keys
-    add_nodes(cli, nodes, 1)
-    src = tmp_path / "secret.bin"
-    src.write_bytes(PLAIN * 40)
-    cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", key, "--chunk-size", "1MiB")
-    m = mounts("--key-file", key)
+    m, src = _mounted_secret(cli, nodes, tmp_path, key, mounts)
     m.cli("cache", "pin", "secret.bin", "--mount", m.path)
     src.write_bytes(PLAIN * 41)
     cli("put", src, "--name", "secret.bin", "--encrypt", "--key-file", other, "--chunk-size", "1MiB", "--force")

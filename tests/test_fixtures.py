@@ -7,6 +7,7 @@ would then hand the test another test's Redis or node.
 
 import socket
 
+import pytest
 import redis
 
 import conftest
@@ -35,33 +36,31 @@ def _first(port, monkeypatch):
     return given
 
 
-def test_redis_on_a_taken_port_starts_again_elsewhere(tmp_path, monkeypatch):
+def _redis_is_ours(rp):
+    assert redis.Redis.from_url(rp.url).info("server")["process_id"] == rp.proc.pid
+
+
+def _node_is_ours(node):
+    import json
+    import urllib.request
+    assert node.url == f"http://127.0.0.1:{node.port}"
+    with urllib.request.urlopen(node.url + "/health", timeout=5) as r:
+        assert json.load(r)["chunks"] == 0
+
+
+@pytest.mark.parametrize("kind, answers", [(RedisProc, _redis_is_ours), (NodeProc, _node_is_ours)],
+                         ids=["redis", "node"])
+def test_a_server_on_a_taken_port_starts_again_elsewhere(tmp_path, monkeypatch, kind, answers):
     with _taken_port() as other:
         taken = other.getsockname()[1]
         given = _first(taken, monkeypatch)
-        rp = RedisProc(str(tmp_path / "r")).start()
+        server = kind(str(tmp_path / "s")).start()
         try:
-            assert given == [taken] and rp.port != taken
-            assert redis.Redis.from_url(rp.url).info("server")["process_id"] == rp.proc.pid
-            assert not listens(rp.proc, taken) and listens(rp.proc, rp.port)
+            assert given == [taken] and server.port != taken
+            assert not listens(server.proc, taken) and listens(server.proc, server.port)
+            answers(server)
         finally:
-            rp.stop()
-
-
-def test_node_server_on_a_taken_port_starts_again_elsewhere(tmp_path, monkeypatch):
-    with _taken_port() as other:
-        taken = other.getsockname()[1]
-        given = _first(taken, monkeypatch)
-        node = NodeProc(str(tmp_path / "n")).start()
-        try:
-            assert given == [taken] and node.port != taken
-            assert node.url == f"http://127.0.0.1:{node.port}" and listens(node.proc, node.port)
-            import json
-            import urllib.request
-            with urllib.request.urlopen(node.url + "/health", timeout=5) as r:
-                assert json.load(r)["chunks"] == 0
-        finally:
-            node.stop()
+            server.stop()
 
 
 def test_a_restart_keeps_the_port_it_had(tmp_path):
