@@ -122,9 +122,9 @@ _GGUF_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7
 MAX_GGUF_ITEMS = 1 << 24
 # Tensor infos are kept (~200 bytes each parsed); key/value items are skipped, not built,
 # but each string or nested array in them is a read: both capped, so a hostile header
-# costs bounded memory and time (a real one: a few thousand tensors, ~1M vocabulary items).
+# costs bounded memory and time (a real one: a few thousand tensors, ~0.5M vocabulary strings).
 MAX_GGUF_TENSORS = 1 << 19
-MAX_GGUF_KV_STEPS = 1 << 22
+MAX_GGUF_KV_STEPS = 1 << 21
 
 
 def gguf_tensors(f, file_size: int):

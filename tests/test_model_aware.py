@@ -329,10 +329,11 @@ def _peak_bytes(fn):
         tracemalloc.stop()
 
 
-def test_gguf_key_values_are_skipped_not_built(tmp_path):
+def test_gguf_key_values_are_skipped_not_built(tmp_path, monkeypatch):
     """Every key/value array was built as a Python list (a 16 MiB u8 array: 16M ints), and a
     key holding 2^24 empty arrays took 1.2 GB; now they are seeked over, within a budget."""
-    from shardfs.chunker import MAX_GGUF_KV_STEPS, gguf_tensors
+    from shardfs import chunker
+    from shardfs.chunker import gguf_tensors
     rng = np.random.default_rng(9)
     path = tmp_path / "m.gguf"
     start = write_gguf(path, [("a", 1, [4096, 64], tensor_bytes(rng, (64, 4096), "F16"))])
@@ -352,8 +353,9 @@ def test_gguf_key_values_are_skipped_not_built(tmp_path):
     assert tensors == [(len(head), big.stat().st_size, "F16")]
     assert peak < 8 << 20, peak  # (the old parser's list alone: 128 MiB)
     # arrays of arrays past the step budget: not model-aware, no exception
+    monkeypatch.setattr(chunker, "MAX_GGUF_KV_STEPS", 50_000)  # (the real budget takes seconds to reach)
     hostile = tmp_path / "nested.gguf"
-    n = MAX_GGUF_KV_STEPS + 10
+    n = chunker.MAX_GGUF_KV_STEPS + 10
     hostile.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + s(b"x") + struct.pack("<IIQ", 9, 9, n)
                         + struct.pack("<IQ", 0, 0) * n)
     with open(hostile, "rb") as f:
