@@ -305,19 +305,20 @@ def cmd_ls(args):
               f"{r['version']:>5}  {r['name']}")
     tot_size = sum(r["size"] for r in rows)
     tot_unique = sum(r["unique"] for r in rows)
-    shared_total = _shared_total(idx, vers)
+    every = idx.versions(idx.all_vids())  # (every version kept, current or replaced: read once)
+    shared_total = _shared_total(idx, vers, every)
     print(f"total: {human(tot_size)} in {len(rows)} model(s), {human(tot_unique + shared_total)} stored per "
           f"replica ({human(shared_total)} of it shared by two or more models or versions)")
-    kept = _kept_total(idx, vers)
+    kept = _kept_total(idx, vers, every)
     if kept:
         print(f"replaced versions of these models hold {human(kept)} more per replica "
               "(`shardfs gc` frees it once no mount reads them and the grace has passed)")
 
 
-def _shared_total(idx, vers):
+def _shared_total(idx, vers, every):
     seen, total = set(), 0
     counts: dict[bytes, int] = {}
-    for v in idx.versions(idx.all_vids()):
+    for v in every:
         for c in set(v.manifest.ids):
             counts[c] = counts.get(c, 0) + 1
     shared = [c for v in vers for c in set(v.manifest.ids) if counts.get(c, 0) > 1 and not (c in seen or seen.add(c))]
@@ -326,12 +327,13 @@ def _shared_total(idx, vers):
     return total
 
 
-def _kept_total(idx, vers) -> int:
-    """Stored bytes of chunks only the listed models' replaced versions still use: on the
-    nodes until gc prunes those versions, and in no row above."""
+def _kept_total(idx, vers, every) -> int:
+    """Stored bytes of chunks only the listed models' replaced versions (among `every`
+    version kept) still use: on the nodes until gc prunes those versions, and in no row above."""
     listed = {c for v in vers for c in v.manifest.ids}
-    old = [vid for v in vers for vid in idx.model_vids(v.name) if vid != v.vid]
-    only_old = {c for o in idx.versions(old) for c in o.manifest.ids} - listed
+    current = {v.name: v.vid for v in vers}
+    only_old = {c for o in every if o.name in current and o.vid != current[o.name]
+                for c in o.manifest.ids} - listed
     return sum(info["stored"] for info in idx.chunk_info([c.hex() for c in only_old]) if info)
 
 
