@@ -287,25 +287,34 @@ def _version_row(ver, stats):
 
 def cmd_ls(args):
     from .maintenance import stored_stats
-    from .units import human
     idx = _index(args)
     models = {n: v for n, v in idx.models().items() if n.startswith(args.prefix or "")}
-    vers = sorted(idx.versions(list(models.values())), key=lambda v: v.name)
+    bad = []
+    vers = sorted(idx.versions(list(models.values()), bad), key=lambda v: v.name)
+    for e in bad:  # (the others are listed all the same; the exit status says so)
+        print(f"shardfs: {e}: that model is left out; `shardfs rm` it, or put it again with --force",
+              file=sys.stderr)
     stats = stored_stats(idx, [v.vid for v in vers])
     rows = [_version_row(v, stats) for v in vers]
     if args.json:
         _print_json(rows)
-        return
-    if not rows:
+    elif not rows:
         print("no models" + (f" under {args.prefix!r}" if args.prefix else ""))
-        return
+    else:
+        _print_ls(idx, rows, vers)
+    if bad:
+        sys.exit(1)
+
+
+def _print_ls(idx, rows, vers):
+    from .units import human
     print(f"{'SIZE':>10} {'STORED':>10} {'RATIO':>6} {'CHUNKS':>6} {'VER':>5}  NAME")
     for r in rows:
         print(f"{human(r['size']):>10} {human(r['stored']):>10} {r['ratio']:>6.3f} {r['chunks']:>6} "
               f"{r['version']:>5}  {r['name']}")
     tot_size = sum(r["size"] for r in rows)
     tot_unique = sum(r["unique"] for r in rows)
-    every = idx.versions(idx.all_vids())  # (every version kept, current or replaced: read once)
+    every = idx.versions(idx.all_vids(), [])  # (every version kept, current or replaced: read once)
     shared_total = _shared_total(idx, vers, every)
     print(f"total: {human(tot_size)} in {len(rows)} model(s), {human(tot_unique + shared_total)} stored per "
           f"replica ({human(shared_total)} of it shared by two or more models or versions)")
@@ -408,8 +417,9 @@ def cmd_verify(args):
     print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
-          + (f", {rep.repaired} repaired" if args.repair else ""))
-    if rep.lost or (not rep.ok and not args.repair) or (args.repair and rep.unrepaired):
+          + (f", {rep.repaired} repaired" if args.repair else "")
+          + (f"; {len(rep.bad_records)} malformed version record(s)" if rep.bad_records else ""))
+    if rep.lost or rep.bad_records or (not rep.ok and not args.repair) or (args.repair and rep.unrepaired):
         sys.exit(1)
 
 
@@ -418,10 +428,13 @@ def cmd_gc(args):
     from .units import human, parse_duration
     grace = parse_duration(args.grace)
     idx = _index(args)
-    pruned = idx.prune_versions(grace) if grace != float("inf") else idx.prune_removed()
-    for name, vid in pruned:
-        print(f"gc: dropped version {vid} of {name} (replaced or removed, and no mount reads it)")
-    n, freed = gc(idx)
+    pruned = []
+
+    def prune():  # (under gc's lock)
+        pruned.extend(idx.prune_versions(grace) if grace != float("inf") else idx.prune_removed())
+        for name, vid in pruned:
+            print(f"gc: dropped version {vid} of {name} (replaced or removed, and no mount reads it)")
+    n, freed = gc(idx, first=prune)
     print(f"gc: dropped {len(pruned)} replaced or removed version(s); "
           f"deleted {n} unreferenced chunk(s), {human(freed)} per replica")
 

@@ -35,7 +35,7 @@ import numpy as np
 import zstandard
 
 from . import directio
-from .errors import CorruptChunk
+from .errors import CorruptChunk, UnknownFormat
 
 MAGIC = b"SFCK"
 FORMAT_VERSION = 1
@@ -225,7 +225,7 @@ def _decode_grouped(payload: memoryview, raw_len: int, k: int) -> memoryview:
             part = _zstd_decompress(part, n, fresh=scratch_taken)
             scratch_taken = True
         elif mode != STREAM_RAW:
-            raise CorruptChunk(f"unknown stream mode {mode}")
+            raise UnknownFormat(f"unknown stream mode {mode}")
         if len(part) != n:
             raise CorruptChunk("grouped stream has the wrong length")
         streams.append(np.frombuffer(part, np.uint8))
@@ -293,14 +293,16 @@ def read_header(blob) -> tuple[int, int, int, bytes]:
     if len(blob) < HEADER_SIZE:
         raise CorruptChunk("envelope shorter than its header")
     magic, version, codec, flags, raw_len, payload_len, cid = HEADER.unpack_from(blob)
-    if flags & ~FLAG_SEALED:
-        raise CorruptChunk(f"unknown envelope flags {flags:#x}")
     if magic != MAGIC:
         raise CorruptChunk("bad magic")
+    # What a later release may add is "unknown", not "damaged": verify --repair leaves such
+    # a copy in place (an older host's repair must not delete a newer host's chunks)
     if version not in READABLE_VERSIONS:
-        raise CorruptChunk(f"unsupported envelope version {version}")
+        raise UnknownFormat(f"unsupported envelope version {version}")
+    if flags & ~FLAG_SEALED:
+        raise UnknownFormat(f"unknown envelope flags {flags:#x}")
     if codec not in CODEC_NAMES:
-        raise CorruptChunk(f"unknown codec id {codec}")
+        raise UnknownFormat(f"unknown codec id {codec}")
     if raw_len > MAX_RAW:
         raise CorruptChunk("raw length out of range")
     if len(blob) != HEADER_SIZE + payload_len:

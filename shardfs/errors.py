@@ -34,6 +34,15 @@ class CorruptChunk(Exception):
     """A chunk envelope failed its header, length or hash check (never user-facing alone)."""
 
 
+class UnknownFormat(CorruptChunk):
+    """An envelope of a version or codec this release does not know: a newer shardfs wrote
+    it. Unreadable here, but not known to be damaged, so never deleted as a bad copy."""
+
+
+class BadRecord(ShardfsError):
+    """A version record in the index is malformed."""
+
+
 class NodeError(Exception):
     """A node could not serve or store a chunk. `full` is set when it is out of space."""
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .errors import CorruptChunk, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
+from .errors import BadRecord, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
 from .manifest import Manifest
 
 log = logging.getLogger("shardfs.index")
@@ -384,7 +384,7 @@ class Index:
                            int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
                            h[b"manifest"])
         except (KeyError, ValueError) as e:
-            raise CorruptChunk(f"malformed version record {vid}: {e}") from None
+            raise BadRecord(f"malformed version record {vid}: {e}") from None
 
     def version(self, vid: int) -> Version:
         h = self.r.hgetall(k_version(vid))
@@ -404,7 +404,7 @@ class Index:
                 continue
             try:
                 out.append(self._version(vid, h))
-            except CorruptChunk as e:
+            except BadRecord as e:
                 if bad is None:
                     raise
                 bad.append(e)

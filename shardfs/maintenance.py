@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import envelope
-from .errors import CorruptChunk, NodeError, NotFound, ShardfsError, UsageError
+from .errors import CorruptChunk, NodeError, NotFound, ShardfsError, UnknownFormat, UsageError
 from .index import Index, Version
 from .placement import rank
 from .pool import NodePool
@@ -47,17 +47,23 @@ def _ordered_reads(pool: NodePool, idx: Index, manifest, window: int = WORKERS *
     infos = idx.chunk_info(sorted(set(hexes)))
     locs = {h: (i["locs"] if i else []) for h, i in zip(sorted(set(hexes)), infos)}
     with ThreadPoolExecutor(WORKERS, thread_name_prefix="get") as ex:
-        pending = deque()
-        it = iter(hexes)
-        for h in it:
-            pending.append(ex.submit(pool.read, h, locs[h], keyring))
-            if len(pending) >= window:
-                break
-        while pending:
-            yield pending.popleft().result()
-            h = next(it, None)
-            if h is not None:
-                pending.append(ex.submit(pool.read, h, locs[h], keyring))
+        yield from _windowed(ex, lambda h: pool.read(h, locs[h], keyring), hexes, window)
+
+
+def _windowed(ex, fn, items, window: int):
+    """fn(item) for every item, run in ex at most `window` ahead, results in order: memory
+    stays bounded however many items there are (ex.map would submit them all at once)."""
+    pending = deque()
+    it = iter(items)
+    for item in it:
+        pending.append(ex.submit(fn, item))
+        if len(pending) >= window:
+            break
+    while pending:
+        yield pending.popleft().result()
+        item = next(it, None)
+        if item is not None:
+            pending.append(ex.submit(fn, item))
 
 
 def get_model(idx: Index, name: str, dest: str, progress_bar=None, keyring=None,
@@ -209,10 +215,12 @@ class VerifyReport:
     lost: list = field(default_factory=list)        # hex with no good copy
     repaired: int = 0  # chunks repair changed (copied, or dropped broken copies) and left with R good ones
     unrepaired: list = field(default_factory=list)  # hex repair could not bring to R good copies
+    bad_records: list = field(default_factory=list)  # BadRecord: malformed version records
 
     @property
     def ok(self) -> bool:
-        return not (self.under or self.bad_copies or self.missing or self.lost or self.unreadable)
+        return not (self.under or self.bad_copies or self.missing or self.lost or self.unreadable
+                    or self.bad_records)
 
 
 def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout,
@@ -236,7 +244,8 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     replaced versions, kept for their readers, may be under a key since rotated)."""
     want: dict[str, int] = {}
     keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
-    for ver in idx.versions(vids):
+    rep = VerifyReport()
+    for ver in idx.versions(vids, rep.bad_records):
         fp = ver.stats.get("key")
         if fp and (keyring is None or keyring.load().fingerprint != fp):  # (a broken key file: its error)
             if ver.vid in asked:
@@ -254,29 +263,35 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     for nid, h in health.items():
         if isinstance(h, NodeError):
             print(f"node {nid} {pool.nodes[nid].url} is down: {h}", file=out)
-    rep = VerifyReport()
+    for e in rep.bad_records:
+        print(f"{e}: its chunks are not checked (and gc keeps them); `shardfs rm` its model, or "
+              "put it again with --force", file=out)
     hexes = sorted(want)
     infos = dict(zip(hexes, idx.chunk_info(hexes)))
 
     def check(h):
         good, bad, missing, unreadable = [], [], [], []
-        raw = None
+        blob = None  # a good copy's envelope, for repair to copy as it is
         for nid in (infos[h] or {"locs": []})["locs"]:
             if nid not in pool.nodes or isinstance(health.get(nid), NodeError):
                 continue
             try:
-                got = envelope.decode(pool.store(nid).get(h), bytes.fromhex(h), keyrings.get(h))
+                got = pool.store(nid).get(h)
+                envelope.decode(got, bytes.fromhex(h), keyrings.get(h))
                 good.append(nid)
-                raw = raw or got
+                if repair and blob is None:
+                    blob = got
             except NodeError as e:  # a flaky node's copy may be fine: report it, never drop it
                 (missing if e.missing else unreadable).append((nid, str(e)))
+            except UnknownFormat as e:  # a newer release's copy: not this one's to judge
+                unreadable.append((nid, f"{e}: written by a newer shardfs?"))
             except CorruptChunk as e:
                 bad.append((nid, f"corrupt: {e}"))
-        return h, good, bad, missing, unreadable, raw
+        return h, good, bad, missing, unreadable, blob
 
     try:
         with ThreadPoolExecutor(WORKERS) as ex:
-            for h, good, bad, missing, unreadable, raw in ex.map(check, hexes):
+            for h, good, bad, missing, unreadable, blob in _windowed(ex, check, hexes, 2 * WORKERS):
                 rep.chunks += 1
                 for nid, why in unreadable:
                     rep.unreadable.append((h, nid, why))
@@ -290,7 +305,9 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                 active_good = [n for n in good if n in live]
                 if not good:
                     rep.lost.append(h)
-                    print(f"LOST: chunk {h} has no good copy on any live node", file=out)
+                    print(f"LOST: chunk {h} has no good copy on any live node"
+                          + (f" ({len(unreadable)} copies this shardfs cannot read are left in place)"
+                             if unreadable else ""), file=out)
                     if repair and (bad or missing):
                         # no copy to repair from; drop the broken ones, so that putting a file
                         # with this chunk again uploads it instead of trusting them
@@ -306,7 +323,8 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                     print(f"under-replicated: chunk {h} has {len(active_good)} of {want[h]} good copies "
                           f"({', '.join(active_good) or 'none live'})", file=out)
                 if repair and (bad or missing or len(active_good) < want[h]):
-                    if _repair(idx, pool, live, h, raw, active_good, want[h], bad, missing, out, keyrings.get(h)):
+                    if _repair(idx, pool, live, h, blob, active_good, want[h], bad, missing,
+                               [nid for nid, _ in unreadable], out):
                         rep.repaired += 1
                     else:
                         rep.unrepaired.append(h)
@@ -322,37 +340,44 @@ def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
     a missing copy that is back."""
     left = []
     for nid, is_bad in [(n, True) for n, _ in bad] + [(n, False) for n, _ in missing]:
-        if not is_bad:
+        store, gone = pool.store(nid), True
+        if is_bad:
+            # The copy goes before its listing: while listed and there, a put that leases the
+            # chunk finds it and stores nothing on that node; once it is gone, such a put
+            # stores a good copy, whose listing stays (drop_unleased, and the look below).
+            # Dropping the listing first let a put store a good copy there that this delete
+            # then removed, from under the version the put published.
             try:
-                if pool.store(nid).has(h):
-                    continue  # stored again since it was checked
+                store.delete(h)
+            except NodeError:
+                gone = False  # (its listing goes all the same: readers skip a bad copy)
+        if gone:
+            try:
+                if store.has(h):
+                    continue  # stored again since it was checked (or deleted)
             except NodeError:
                 pass
         if not idx.drop_unleased(h, nid):
-            print(f"repair: left chunk {h} on {nid} as it is: a running put is storing it; verify again "
-                  "once it ends", file=out)
+            print(f"repair: left chunk {h} listed on {nid}: a running put leases it (and may be storing "
+                  "it there again); verify again once it ends", file=out)
             left.append(nid)
-            continue
-        if is_bad:
-            try:
-                pool.store(nid).delete(h)
-            except NodeError:
-                pass
     return left
 
 
-def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None) -> bool:
-    """Drop broken copies and copy the chunk until it has `want` good ones; whether it has
-    them, and no broken copy is left listed."""
+def _repair(idx, pool, live, h, blob, good, want, bad, missing, unreadable, out) -> bool:
+    """Drop broken copies and copy the chunk (`blob`: a good copy's envelope, stored as it is)
+    until it has `want` good ones; whether it has them, and no broken copy is left listed.
+    Nodes holding a copy that could not be read (`unreadable`) are not written to: that copy
+    stays listed, whatever happens to the copy made elsewhere."""
     left = _drop_broken(idx, pool, h, bad, missing, out)
     have = list(good)
     if len(have) >= want:
         return not left
-    _, blob, _ = envelope.encode(raw, cid=bytes.fromhex(h), keyring=keyring, aligned=True)
+    listed = set(idx.locations(h))
     for nid in rank(h, live):
         if len(have) >= want:
             break
-        if nid in have:
+        if nid in have or nid in unreadable:
             continue
         if not idx.add_locations(h, [nid]):
             print(f"repair: chunk {h[:16]} was garbage-collected meanwhile", file=out)
@@ -361,7 +386,8 @@ def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None
             pool.store(nid).put(h, blob)
             have.append(nid)
         except NodeError as e:
-            idx.drop_unleased(h, nid)  # (a running put may have stored it there meanwhile)
+            if nid not in listed:  # only the listing added just now (a copy listed before stays listed)
+                idx.drop_unleased(h, nid)  # (a running put may have stored it there meanwhile)
             print(f"repair: could not copy chunk {h[:16]} to {nid}: {e}", file=out)
     if len(have) >= want:
         print(f"repaired: chunk {h} now on {', '.join(have)}", file=out)
@@ -369,12 +395,15 @@ def _repair(idx, pool, live, h, raw, good, want, bad, missing, out, keyring=None
     return False
 
 
-def gc(idx: Index, out=sys.stdout) -> tuple[int, int]:
+def gc(idx: Index, out=sys.stdout, first=None) -> tuple[int, int]:
     """Delete every chunk no version references and no running put relies on.
 
-    One gc runs at a time (Index.gc_lock). Returns (chunks deleted, stored bytes freed
-    per replica)."""
+    One gc runs at a time (Index.gc_lock); `first()` runs once the lock is taken (the CLI
+    drops old versions there, so a gc refused for another one running has changed nothing).
+    Returns (chunks deleted, stored bytes freed per replica)."""
     with idx.gc_lock():
+        if first is not None:
+            first()
         idx.expire_puts()
         pool = NodePool(idx.nodes())
         try:
@@ -443,8 +472,8 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
 
 def stored_stats(idx: Index, vids: list[int]) -> dict[int, dict]:
     """Per version: stored bytes of its unique chunks, and which of them other versions share."""
-    vers = idx.versions(vids)
-    all_vers = idx.versions(idx.all_vids())
+    vers = idx.versions(vids, [])  # (a malformed record is reported by whoever lists it)
+    all_vers = idx.versions(idx.all_vids(), [])
     users: dict[bytes, set] = {}
     for v in all_vers:
         for c in set(v.manifest.ids):

@@ -31,6 +31,7 @@ from shardfs.index import LEASE_PREFIX, Index
 from shardfs.maintenance import gc as run_gc
 from shardfs.maintenance import get_model
 from shardfs.stores import MARKER, init_root
+from shardfs.synth import write_safetensors
 from shardfs.placement import rank
 
 SMALL = ("--chunk-size", "1MiB")  # the 24 MiB model (plus its header) -> 25 chunks
@@ -240,7 +241,7 @@ def test_repair_leaves_alone_a_chunk_a_running_put_is_storing(cli, nodes, redis_
     idx.start_put("racer", 60)  # a put holding the chunk's lease: it may be storing it again now
     assert idx.lease_chunk("racer", a) == "ok"
     r = cli("verify", "--repair")
-    assert f"repair: left chunk {a} on {victim} as it is: a running put is storing it" in r.stdout, r.stdout
+    assert f"repair: left chunk {a} listed on {victim}: a running put leases it" in r.stdout, r.stdout
     assert f"repaired: chunk {a} now on " in r.stdout and "1 repaired" in r.stdout, r.stdout  # copied there again
     assert victim in idx.locations(a)
     idx.end_put("racer")
@@ -305,6 +306,165 @@ def test_a_lost_chunk_is_restored_by_putting_the_file_again_after_repair(cli, no
     r = cli("verify")
     assert " 0 lost" in r.stdout and " 0 bad copies" in r.stdout, r.stdout
     get_and_compare(cli, "m", model_small, tmp_path)
+
+
+def test_repair_keeps_the_listing_of_copies_it_could_not_read(cli, redis_proc, model_small, tmp_path):
+    """A node directory swapped for an empty one (its disk did not mount) cannot tell about
+    any chunk. verify --repair said it left those copies in place, then tried to copy each
+    chunk there, was refused, and dropped the listing of the copy it had just left: with
+    the disk back, every chunk counted one copy short, and gc could never find the files."""
+    dirs = [tmp_path / f"n{i}" for i in range(2)]
+    for d in dirs:
+        cli("node", "add", f"file://{d}")
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    idx = open_idx(redis_proc)
+    ids = sorted(manifest_hexes(idx, "m"))
+    before = {h: idx.locations(h) for h in ids}
+    assert all(len(v) == 2 for v in before.values())
+    dirs[1].rename(tmp_path / "n1.real")
+    dirs[1].mkdir()
+    r = cli("verify", "--repair", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("unreadable copy (left in place)") == len(ids), r.stdout
+    assert "could not copy" not in r.stdout, r.stdout  # (not written to: it holds a copy it cannot read)
+    assert {h: idx.locations(h) for h in ids} == before
+    dirs[1].rmdir()
+    (tmp_path / "n1.real").rename(dirs[1])
+    r = cli("verify")
+    assert f"{len(ids)} healthy" in r.stdout and " 0 under-replicated" in r.stdout, r.stdout
+
+
+def test_repair_leaves_copies_of_an_unknown_format_in_place(cli, nodes, redis_proc, model_small, tmp_path):
+    """An envelope of a codec this release does not know (a newer shardfs wrote it) counted
+    as corrupt: with no copy this release could read, verify --repair deleted every copy."""
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    idx = open_idx(redis_proc)
+    h = sorted(manifest_hexes(idx, "m"))[3]
+    listed = idx.locations(h)
+    paths = [f for p in procs for f in p.chunk_files() if os.path.basename(f) == h]
+    assert len(paths) == 2
+    for path in paths:
+        with open(path, "r+b") as f:
+            f.seek(5)  # the codec id (envelope.py)
+            f.write(bytes([99]))
+    r = cli("verify", "--repair", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.count("unknown codec id 99: written by a newer shardfs?") == 2, r.stdout
+    assert "bad copy" not in r.stdout and "dropped the broken copies" not in r.stdout, r.stdout
+    assert f"LOST: chunk {h} has no good copy on any live node (2 copies this shardfs cannot read" in r.stdout
+    assert all(os.path.exists(p) for p in paths) and idx.locations(h) == listed
+
+
+def test_repair_never_deletes_a_copy_a_put_stored_after_the_listing_was_dropped(cli, nodes, redis_proc,
+                                                                              model_small, tmp_path):
+    """verify --repair dropped a bad copy's listing first and deleted the file after. A chunk
+    LOST (its one copy bad) is restored by putting a file that holds it again, as the LOST
+    line advises; a put doing so in between stored a good copy, and repair deleted it from
+    under the version that put published."""
+    from shardfs import maintenance
+    procs = add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "m", "--replicas", 1, *SMALL)
+    idx = open_idx(redis_proc)
+    path = sorted(procs[0].chunk_files())[2]
+    h, nid = os.path.basename(path), id_of(idx, procs[0])
+    with open(path, "r+b") as f:
+        f.seek(os.fstat(f.fileno()).st_size // 2)
+        f.write(b"\xff" * 8)
+    real_drop = idx.drop_unleased
+    raced = []
+
+    def drop_then_race(hex_id, node_id, put_id=""):
+        done = real_drop(hex_id, node_id, put_id)
+        if (hex_id, node_id) == (h, nid) and not raced:  # the put runs right now
+            raced.append(cli("put", model_small, "--name", "m2", "--replicas", 1, *SMALL))
+        return done
+    idx.drop_unleased = drop_then_race
+    rep = maintenance.verify(idx, None, repair=True, out=io.StringIO())
+    assert raced and rep.lost == [h], rep
+    assert h in good_copies(procs), "the good copy the put stored is still there"
+    r = cli("verify")
+    assert " 0 lost" in r.stdout and " 0 missing copies" in r.stdout, r.stdout
+    get_and_compare(cli, "m2", model_small, tmp_path)
+
+
+def test_repair_copies_the_good_envelope_as_it_is(cli, nodes, redis_proc, tmp_path):
+    """Repair re-encoded a chunk with the default codec: an fp32 chunk stored with 4-byte
+    grouping came back with 2-byte grouping, larger than the index says."""
+    model = tmp_path / "f32.safetensors"
+    write_safetensors(str(model), 8 << 20, seed=5, dtype="F32")
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model, "--name", "f", "--replicas", 2, *SMALL)
+    h = os.path.basename(sorted(procs[0].chunk_files())[1])
+    kept, lost = (next(f for f in p.chunk_files() if os.path.basename(f) == h) for p in procs)
+    with open(kept, "rb") as f:
+        good = f.read()
+    assert envelope.read_header(good)[0] == envelope.CODECS["zstd-g4"]
+    os.unlink(lost)
+    r = cli("verify", "--repair")
+    assert "1 repaired" in r.stdout, r.stdout
+    with open(lost, "rb") as f:
+        assert f.read() == good
+
+
+def test_a_malformed_version_record_is_one_line_and_the_rest_is_still_checked(cli, nodes, redis_proc,
+                                                                            model_small):
+    """One malformed version record made `verify` and `ls` end in a traceback."""
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "a", *SMALL)
+    cli("put", model_small, "--name", "b", *SMALL)
+    idx = open_idx(redis_proc)
+    vid = idx.models()["a"]
+    redis_proc.client().hdel(f"shardfs:v:{vid}", "sha256")
+    r = cli("verify", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert f"malformed version record {vid}" in r.stdout and "25 healthy" in r.stdout, r.stdout
+    r = cli("ls", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and f"malformed version record {vid}" in r.stderr, r.stderr
+    assert " b\n" in r.stdout and " a\n" not in r.stdout, r.stdout
+
+
+def test_gc_refused_for_another_gc_changes_nothing(cli, nodes, redis_proc, model_small, tmp_path):
+    """gc dropped replaced versions before it found another gc running, and then failed."""
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "m", *SMALL)
+    other = tmp_path / "other.safetensors"
+    write_safetensors(str(other), 2 << 20, seed=9)
+    cli("put", other, "--name", "m", "--force", *SMALL)
+    idx = open_idx(redis_proc)
+    kept = idx.model_vids("m")
+    assert len(kept) == 2
+    with idx.gc_lock():
+        r = cli("gc", "--grace", "0", check=False)
+    assert_one_line_error(r, "another gc is running")
+    assert "dropped version" not in r.stdout and idx.model_vids("m") == kept
+    r = cli("gc", "--grace", "0")
+    assert "dropped version" in r.stdout and len(idx.model_vids("m")) == 1, r.stdout
+
+
+def test_windowed_keeps_at_most_window_calls_in_hand():
+    """verify submitted every chunk's check at once, each result holding a decoded chunk: a
+    slow node made its memory grow with the store. Results come in order, `window` at most
+    in hand."""
+    from concurrent.futures import ThreadPoolExecutor
+    from shardfs.maintenance import _windowed
+    lock, state = threading.Lock(), {"started": 0, "taken": 0, "most": 0}
+
+    def fn(i):
+        with lock:
+            state["started"] += 1
+            state["most"] = max(state["most"], state["started"] - state["taken"])
+        return i * i
+    with ThreadPoolExecutor(8) as ex:
+        out = []
+        for x in _windowed(ex, fn, range(200), 5):
+            time.sleep(0.001)  # a slow consumer (repair's puts)
+            with lock:
+                state["taken"] += 1
+            out.append(x)
+    assert out == [i * i for i in range(200)]
+    assert state["most"] <= 5, state
 
 
 def test_a_chunk_deleted_behind_the_index_is_stored_again_not_deduplicated(cli, nodes, model_small, tmp_path):
