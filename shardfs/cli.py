@@ -59,7 +59,7 @@ def _print_json(obj):
 # -- nodes ------------------------------------------------------------------------------
 
 def cmd_node_add(args):
-    from .stores import MARKER, init_root, open_store, read_token
+    from .stores import MARKER, foreign_entries, init_root, open_store, read_token, root_marked
     from .errors import NodeError
     import math
     idx = _index(args)
@@ -72,6 +72,12 @@ def cmd_node_add(args):
         raise UsageError(f"node URL {args.url!r} has a query or fragment; give scheme, host, port and path only")
     store = open_store(args.url, token)
     if args.url.startswith("file://"):
+        if os.path.isdir(store.root) and not root_marked(store.root):
+            other = foreign_entries(store.root)
+            if other:
+                shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+                raise UsageError(f"{store.root} already holds other files ({shown}); give a new or empty "
+                                 f"directory, e.g. file://{os.path.join(store.root, 'shardfs')}")
         why = init_root(store.root, adopt=True)  # (the directory named here is the node's: see stores.MARKER)
         if why:
             raise UsageError(f"cannot create node directory {store.root}: {why}")
@@ -452,12 +458,24 @@ def cmd_doctor(args):
 
 # -- parser -----------------------------------------------------------------------------
 
+def path_arg(value: str) -> str:
+    """argparse type of a path argument: an empty one (an unset shell variable) is refused,
+    never taken for the current directory (`mount ""` mounted over it)."""
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line (with where to look), not argparse's usage block and then
     the error; exit status 2 as argparse's."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _print_message(self, message, file=None):
+        if message:  # (argparse's own drops write errors: `--help > /dev/full` exited 0)
+            (file or sys.stderr).write(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -495,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--undo", action="store_true", help="make the node active again")
     a.set_defaults(func=cmd_node_drain)
     a = node.add_parser("serve", help="run an HTTP node server over a directory")
-    a.add_argument("--root", required=True, help="directory holding the chunks")
+    a.add_argument("--root", required=True, type=path_arg, help="directory holding the chunks")
     a.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to serve on, e.g. 127.0.0.1:8001 (0.0.0.0 for every interface)")
     a.add_argument("--token-file", dest="serve_token_file",
@@ -589,7 +607,25 @@ def _stopped(e: KeyboardInterrupt) -> tuple[str, int]:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    if sys.stdout is None:  # started with stdout closed (`shardfs ls >&-`): say so, once
+        print("shardfs: error: standard output is closed", file=sys.stderr or sys.__stderr__)
+        return 1
+    try:
+        args = build_parser().parse_args(argv)
+        # (--help and usage errors exit from in there: their text must have gone out)
+    except SystemExit:
+        try:
+            sys.stdout.flush()
+        except OSError as err:
+            _drop_stdout()
+            print(f"shardfs: error: {err.strerror}", file=sys.stderr)
+            return 1
+        raise
+    except OSError as err:  # writing --help to a full or closed output
+        _drop_stdout()
+        if not isinstance(err, BrokenPipeError):  # (`| head`: quiet, as for every command)
+            print(f"shardfs: error: {err.strerror}", file=sys.stderr)
+        return 1
     if args.cmd in ("put", "get", "verify", "gc"):  # (mount and node serve handle SIGTERM themselves)
         import signal
         signal.signal(signal.SIGTERM, _terminate)
@@ -628,7 +664,8 @@ def main(argv=None) -> int:
         _drop_stdout()
         return 1
     except UnicodeEncodeError as e:  # a name from argv that is not UTF-8, on its way to Redis
-        print(f"shardfs: error: {e.object!r} is not valid UTF-8; model names must be", file=sys.stderr)
+        bad = os.fsencode(e.object) if isinstance(e.object, str) else e.object
+        print(f"shardfs: error: {bad!r} is not valid UTF-8; names stored in the index must be", file=sys.stderr)
         return 2
     except OSError as e:  # what no command catches itself: writing the output to a full disk, say
         _drop_stdout()

@@ -15,10 +15,13 @@ $SHARDFS_HOME/config.toml, else /etc/shardfs/config.toml (the first that exists)
 from __future__ import annotations
 
 import os
+import stat
 import tomllib
 
 from .errors import UsageError
 from .units import parse_size
+
+MAX_CONFIG = 1 << 20  # bytes: a config file is a few lines
 
 
 def _home_cache():
@@ -65,10 +68,20 @@ class Config:
         if path:
             try:
                 with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    if not stat.S_ISREG(st.st_mode):  # (/dev/zero was read until memory ran out)
+                        raise UsageError(f"config file {path} is not a regular file")
+                    if st.st_size > MAX_CONFIG:
+                        raise UsageError(f"config file {path} is {st.st_size} bytes; a config file "
+                                         f"is at most {MAX_CONFIG}")
                     self.file = tomllib.load(f)
             except FileNotFoundError:
                 raise UsageError(f"config file {path} does not exist") from None
-            except (OSError, ValueError) as e:  # TOMLDecodeError and bad UTF-8 are ValueErrors
+            except IsADirectoryError:
+                raise UsageError(f"config file {path} is a directory") from None
+            except OSError as e:
+                raise UsageError(f"config file {path}: {e.strerror}") from None
+            except ValueError as e:  # TOMLDecodeError and bad UTF-8 are ValueErrors
                 raise UsageError(f"config file {path}: {e}") from None
             unknown = sorted(set(self.file) - set(SETTINGS))
             if unknown:

@@ -25,8 +25,8 @@ def checks(redis_flag: str | None, cache_dir: str):
     yield (exe is not None, "fusermount3", exe or "not on PATH",
            "apt-get install fuse3" if exe is None else "")
     from .connect import open_index
-    from .stores import make_dir
-    why = make_dir(cache_dir)  # (reported with the cache dir, below; the node lines compare disks with it)
+    # (reported with the cache dir, below; the node lines compare disks with it)
+    why, cache_dir, to_make = _existing(cache_dir)
     try:
         idx = open_index(redis_flag, timeout=3.0)
         yield True, "redis", f"{idx.url} answers", ""
@@ -59,7 +59,7 @@ def checks(redis_flag: str | None, cache_dir: str):
     if why:
         yield False, "cache dir", f"{cache_dir}: {why}", "mount refuses it; choose another --cache-dir"
     else:
-        yield from _cache_room(cache_dir)
+        yield from _cache_room(cache_dir, to_make)
     bdi = "/sys/class/bdi"
     if os.geteuid() == 0 and os.path.isdir(bdi):
         yield True, "read-ahead", "running as root: the mount raises read_ahead_kb to 1024", ""
@@ -68,7 +68,22 @@ def checks(redis_flag: str | None, cache_dir: str):
             "mount as root (systemd unit) to get 1 MiB requests"
 
 
-def _cache_room(cache_dir: str):
+def _existing(path: str) -> tuple[str | None, str, str]:
+    """A check creates nothing (a mistyped --cache-dir used to be made, parents and all):
+    (why it cannot be a directory or None, the nearest existing directory at or above path,
+    what of path a mount would create there)."""
+    if not path:
+        return "empty path", path, ""
+    path = os.path.abspath(path)
+    at = path
+    while not os.path.exists(at):
+        at = os.path.dirname(at)
+    if not os.path.isdir(at):
+        return f"{at} is not a directory", path, ""
+    return None, at, os.path.relpath(path, at) if at != path else ""
+
+
+def _cache_room(cache_dir: str, to_make: str = ""):
     try:
         with tempfile.NamedTemporaryFile(dir=cache_dir):
             pass
@@ -76,8 +91,9 @@ def _cache_room(cache_dir: str):
         from .units import human
         free, floor = shutil.disk_usage(cache_dir).free, default_free_floor(cache_dir)
         room = free - floor  # what the cache may fill: it leaves `floor` of its disk to others
+        made = f" (a mount creates {to_make} in it)" if to_make else ""
         yield (room >= LOW_FREE or None), "cache dir", \
-            f"{cache_dir} writable, {human(free)} free, of which the cache leaves {human(floor)} to others", \
+            f"{cache_dir} writable{made}, {human(free)} free, of which the cache leaves {human(floor)} to others", \
             "" if room >= LOW_FREE else "give --cache-dir a disk with more room"
     except OSError as e:
         yield None, "cache dir", f"{cache_dir}: {e.strerror}", \

@@ -23,10 +23,10 @@ READY=1 and STOPPING=1 when NOTIFY_SOCKET is set). SIGTERM or SIGINT unmount cle
 
 
 def add_mount_commands(sub) -> None:
-    from .cli import _size
+    from .cli import _size, path_arg
     a = sub.add_parser("mount", help="mount every stored model as a read-only file",
                        epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    a.add_argument("mountpoint", help="an existing, preferably empty, directory")
+    a.add_argument("mountpoint", type=path_arg, help="an existing, preferably empty, directory")
     a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_CACHE_DIR, the config file's "
                    "cache_dir, or $SHARDFS_HOME/cache)")
     a.add_argument("--cache-size", type=_size,
@@ -56,7 +56,7 @@ def add_mount_commands(sub) -> None:
                        description="Unmount a shardfs mount. One that files are open on is refused, "
                        "naming the processes; one whose daemon was killed is cleaned up; one whose "
                        "daemon does not answer (stopped or stuck) needs --force.")
-    a.add_argument("mountpoint", help="where a shardfs mount is (or was, if its daemon was killed)")
+    a.add_argument("mountpoint", type=path_arg, help="where a shardfs mount is (or was, if its daemon was killed)")
     a.add_argument("--force", action="store_true",
                    help="unmount even if busy or its daemon does not answer: reads in progress fail "
                         "(ECONNABORTED), the mount goes at once and the daemon is stopped")
@@ -70,7 +70,7 @@ def add_mount_commands(sub) -> None:
                            ("pin", "never evict these models by LRU"),
                            ("unpin", "allow these models to be evicted again")):
         c = cache.add_parser(name, help=helptext)
-        c.add_argument("--mount", help="the mountpoint (default: the only shardfs mount)")
+        c.add_argument("--mount", type=path_arg, help="the mountpoint (default: the only shardfs mount)")
         if name == "stats":
             c.add_argument("--json", action="store_true", help="machine-readable output")
         else:
@@ -481,8 +481,14 @@ def _pick_mount(args) -> str:
 def cmd_cache(args) -> None:
     from .control import request
     from .units import human
-    mp = _pick_mount(args)
     op = args.cache_cmd
+    if op == "evict" and args.all and args.names:
+        raise UsageError("name models to evict, or --all, not both")
+    if op == "evict" and not args.all and not args.names:
+        raise UsageError("name models to evict, or --all")
+    if op in ("warm", "pin", "unpin") and not args.names:
+        raise UsageError(f"name the models to {op}")
+    mp = _pick_mount(args)
     if op == "stats":
         res = request(mp, {"op": "stats"})
         if args.json:

@@ -1,5 +1,6 @@
 """Model names are relative paths: `org/model.safetensors`; `/` makes directories in the mount."""
 
+import os
 import unicodedata
 
 from .errors import UsageError
@@ -18,7 +19,8 @@ def check_name(name: str, new: bool = True) -> str:
     try:
         encoded = name.encode()
     except UnicodeEncodeError:  # bytes that are not UTF-8 (a file name from argv, say)
-        raise UsageError(f"model name {name!r} is not valid UTF-8; give one with --name") from None
+        raise UsageError(f"model name {os.fsencode(name)!r} is not valid UTF-8"
+                         + ("; give one with --name" if new else "")) from None
     if len(encoded) > MAX_NAME:
         raise UsageError(f"model name is longer than {MAX_NAME} bytes")
     if name.startswith("/"):

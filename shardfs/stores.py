@@ -155,6 +155,20 @@ def _holds_chunks(root: str) -> bool:
     return False
 
 
+def foreign_entries(root: str) -> list[str]:
+    """Names in a directory that a node directory does not hold (its marker, chunk fan-out
+    folders, temp files; lost+found of a filesystem's root): `node add` of a directory in use
+    for something else (`file:///`, a home directory) would mix chunk folders into it."""
+    try:
+        with os.scandir(root) as it:
+            return sorted(e.name for e in it if not (
+                e.name in (MARKER, "lost+found") or e.name.startswith(TEMP_PREFIX)
+                or (len(e.name) == 2 and e.name in _FANOUT and e.is_dir(follow_symlinks=False))))
+    except OSError:
+        return []
+
+
+_FANOUT = {f"{i:02x}" for i in range(256)}
 TEMP_PREFIX = ".tmp-"  # write_atomic's temp files (renamed into place once durable)
 TEMP_MAX_AGE = 3600.0  # no write in progress is this old: older ones a killed writer left
 

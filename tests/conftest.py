@@ -214,9 +214,9 @@ class Cli:
     def __init__(self, env):
         self.env = env
 
-    def run(self, *args, check=True, input=None, timeout=300, env=None):
+    def run(self, *args, check=True, input=None, timeout=300, env=None, cwd=None):
         r = subprocess.run([sys.executable, "-m", "shardfs", *map(str, args)], capture_output=True,
-                           text=True, env={**self.env, **(env or {})}, input=input, timeout=timeout)
+                           text=True, env={**self.env, **(env or {})}, input=input, timeout=timeout, cwd=cwd)
         if check and r.returncode != 0:
             raise AssertionError(f"shardfs {' '.join(map(str, args))} exited {r.returncode}:\n"
                                  f"{r.stdout}\n{r.stderr}")

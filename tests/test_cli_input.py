@@ -3,6 +3,7 @@
 silently accepted, before the fixes that came with this file.)"""
 
 import os
+import subprocess
 
 import pytest
 
@@ -38,6 +39,20 @@ CASES = [
     (("put", "{f}", "--name", "org/m "), "starts or ends with a space"),
     (("put", "{f}", "--name", "x\u202egpj.exe"), "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
     (("put", "{f}", "--encrypt", "--key-file", "{tmp}/fifo"), "is not a regular file"),
+    # (from a second audit: an empty path was the current directory, mounted over or served;
+    # a config file that never ends was read until memory ran out; `/` became a node)
+    (("mount", ""), "argument mountpoint: must not be empty"),
+    (("umount", ""), "argument mountpoint: must not be empty"),
+    (("cache", "stats", "--mount", ""), "argument --mount: must not be empty"),
+    (("node", "serve", "--root", "", "--listen", "127.0.0.1:1"), "argument --root: must not be empty"),
+    (("--config", "/dev/zero", "ls"), "config file /dev/zero is not a regular file"),
+    (("--config", "{tmp}", "ls"), "config file {tmp} is a directory"),
+    (("node", "add", "file:///"), "/ already holds other files"),
+    (("node", "add", "file://{tmp}"), "already holds other files (cwd, dangling, fifo, ...); give a new or empty"),
+    (("cache", "evict", "a", "--all"), "name models to evict, or --all, not both"),
+    (("cache", "evict"), "name models to evict, or --all"),
+    (("cache", "warm"), "name the models to warm"),
+    (("rm", "\udcff"), "model name b'\\xff' is not valid UTF-8"),
 ]
 
 
@@ -50,10 +65,34 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     os.mkfifo(tmp_path / "fifo")  # (a key file that is a FIFO hung the command)
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path).replace("\\u202e", "\u202e") for a in args]
     says = says.format(tmp=tmp_path, f=f)
-    r = cli(*args, check=False, timeout=60)
+    # From an empty directory of the test's own: an empty path was taken for the current
+    # directory, and `mount ""` run from the checkout mounted over the checkout.
+    here = tmp_path / "cwd"
+    here.mkdir()
+    try:
+        r = cli(*args, check=False, timeout=60, cwd=here)
+    finally:
+        if os.path.ismount(here):
+            subprocess.run(["fusermount3", "-u", "-z", str(here)], capture_output=True)
     errors = r.stderr.splitlines()  # usage errors too: one line, not argparse's usage block
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and says in errors[0], r.stderr
+
+
+def test_rm_of_a_name_that_is_not_utf8_offers_no_option_it_lacks(cli):
+    r = cli("rm", "\udcff", check=False)
+    assert r.returncode == 2 and "--name" not in r.stderr, r.stderr
+
+
+def test_a_closed_or_full_stdout_is_an_error_not_a_traceback(cli):
+    import sys
+    r = subprocess.run([sys.executable, "-m", "shardfs", "ls"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, env=cli.env, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and r.stderr == "shardfs: error: standard output is closed\n", r.stderr
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "shardfs", "--help"], stdout=full, stderr=subprocess.PIPE,
+                           text=True, env=cli.env)
+    assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
 
 
 def test_usage_errors_are_one_line_that_names_the_help(cli):

@@ -20,3 +20,12 @@ def test_doctor_warns_about_a_cache_disk_with_little_room(cli, small_fs):
     r = cli("doctor", "--cache-dir", small_fs("64M") / "cache", check=False)
     line = next(x for x in r.stdout.splitlines() if "cache dir:" in x)
     assert line.startswith("warn") and "leaves 3.2 MiB to others" in line and "more room" in line, line
+
+
+def test_doctor_creates_no_cache_dir_it_checks(cli, tmp_path):
+    """A check with a side effect: a mistyped --cache-dir was created, parents and all, and
+    then reported writable."""
+    r = cli("doctor", "--cache-dir", tmp_path / "typo" / "cache", check=False)
+    line = next(x for x in r.stdout.splitlines() if "cache dir:" in x)
+    assert f"{tmp_path} writable (a mount creates typo/cache in it)" in line, line
+    assert not (tmp_path / "typo").exists()
