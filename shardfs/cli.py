@@ -167,7 +167,8 @@ def cmd_node_rm(args):
     if sole and not args.force:
         raise ShardfsError(f"node {args.id} holds the only copy of {sole} chunk(s) ({human(size)}) that models "
                            f"use: removing it would lose them. Copy them elsewhere first (`shardfs node drain "
-                           f"{args.id}`, then `shardfs verify --repair`), or pass --force")
+                           f"{args.id}`, then `shardfs verify --repair`, with --key-file for encrypted models: "
+                           f"it skips those it has no key for), or pass --force")
     idx.remove_node(args.id)
     print(f"removed node {args.id}; run `shardfs verify --repair` to restore replicas it held")
 

@@ -425,6 +425,10 @@ class Index:
             out.extend(int(v) for v in self.r.lrange(key, 0, -1))
         return out
 
+    def removed_vids(self) -> list[int]:
+        """Versions of removed models that a mount still reads (kept until gc finds them unread)."""
+        return sorted(int(v) for v in self.r.smembers(K_REMOVED))
+
     def epoch(self) -> int:
         return int(self.r.get(K_EPOCH) or 0)
 

@@ -232,8 +232,8 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
             if n not in models:
                 raise NotFound(f"no model named {n!r}; see `shardfs ls`")
         vids = [vid for n in names for vid in idx.model_vids(n)]
-    else:
-        vids = idx.all_vids()
+    else:  # (with versions of removed models a mount still reads: a drain must copy them too)
+        vids = idx.all_vids() + idx.removed_vids()
     asked = {models[n] for n in names} if names else set()
     with idx.reading(vids):  # gc must not drop a version (and its chunks) mid-check: false "lost"
         return _verify(idx, vids, asked, repair, out, keyring)

@@ -443,6 +443,25 @@ def test_gc_refused_for_another_gc_changes_nothing(cli, nodes, redis_proc, model
     assert "dropped version" in r.stdout and len(idx.model_vids("m")) == 1, r.stdout
 
 
+def test_verify_checks_versions_of_removed_models_a_mount_still_reads(cli, nodes, redis_proc, model_small):
+    """A removed model a mount still reads keeps its version (and chunks) until gc finds it
+    unread, but verify left it out: a drain's verify --repair copied none of its chunks, and
+    node rm then refused without a reason anyone could act on."""
+    procs = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    idx = open_idx(redis_proc)
+    vid = idx.models()["m"]
+    h = sorted(manifest_hexes(idx, "m"))[4]
+    idx.lease_versions("a-mount", [vid], 60)  # a mount has the file open
+    cli("rm", "m")
+    assert redis_proc.client().sismember("shardfs:removed", vid)  # (kept for its reader)
+    os.unlink(next(f for f in procs[1].chunk_files() if os.path.basename(f) == h))
+    r = cli("verify", check=False)
+    assert r.returncode == 1 and f"missing copy: chunk {h}" in r.stdout and "verified 25 chunks" in r.stdout, r.stdout
+    r = cli("verify", "--repair")
+    assert "1 repaired" in r.stdout, r.stdout
+
+
 def test_windowed_keeps_at_most_window_calls_in_hand():
     """verify submitted every chunk's check at once, each result holding a decoded chunk: a
     slow node made its memory grow with the store. Results come in order, `window` at most
