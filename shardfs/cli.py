@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--redis", metavar="URL", help="Redis index URL (redis://, rediss://, unix://); "
                    "default $SHARDFS_REDIS, the config file's redis, or the embedded server")
-    p.add_argument("--config", metavar="FILE", help="TOML config file (default $SHARDFS_CONFIG, "
+    p.add_argument("--config", type=path_arg, metavar="FILE", help="TOML config file (default $SHARDFS_CONFIG, "
                    "$SHARDFS_HOME/config.toml, /etc/shardfs/config.toml)")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     p.add_argument("--version", action="version", version=f"shardfs {__version__}")
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("url", help="file:///absolute/path (a directory) or http://host:port (a `node serve` "
                    "server or nginx with WebDAV)")
     a.add_argument("--weight", type=float, default=1.0, help="relative share of chunks (default 1)")
-    a.add_argument("--token-file", help="file holding the node's write token (default: token_file setting)")
+    a.add_argument("--token-file", type=path_arg, help="file holding the node's write token (default: token_file setting)")
     a.add_argument("--offline", action="store_true", help="register even if the node does not answer, or refuses writes, now")
     a.set_defaults(func=cmd_node_add)
     a = node.add_parser("ls", help="list nodes with health and free space")
@@ -517,13 +517,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--root", required=True, type=path_arg, help="directory holding the chunks")
     a.add_argument("--listen", required=True, metavar="HOST:PORT",
                    help="address to serve on, e.g. 127.0.0.1:8001 (0.0.0.0 for every interface)")
-    a.add_argument("--token-file", dest="serve_token_file",
+    a.add_argument("--token-file", type=path_arg, dest="serve_token_file",
                    help="require this token (Authorization: Bearer) for PUT and DELETE")
     a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
     a.set_defaults(func=cmd_node_serve)
 
     a = sub.add_parser("put", help="ingest a checkpoint file, or every file of a model folder")
-    a.add_argument("file", help="a file, or a folder (Hugging Face style): each file becomes NAME/relative/path")
+    a.add_argument("file", type=path_arg, help="a file, or a folder (Hugging Face style): each file becomes NAME/relative/path")
     a.add_argument("--name", help="model name, a relative path like org/model.safetensors (default: file name)")
     a.add_argument("--replicas", type=int, help="copies of each chunk (default $SHARDFS_REPLICAS, the config "
                    "file's replicas, or min(2, live nodes))")
@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="replace an existing model of that name")
     a.add_argument("--encrypt", action="store_true", help="seal every chunk with AES-256-GCM under --key-file; "
                    "nodes hold only ciphertext")
-    a.add_argument("--key-file", help="32-byte key (raw or hex) for --encrypt (default: key_file setting)")
+    a.add_argument("--key-file", type=path_arg, help="32-byte key (raw or hex) for --encrypt (default: key_file setting)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     a.set_defaults(func=cmd_put)
 
@@ -548,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("dest", help="file path or existing directory")
     a.add_argument("--force", action="store_true", help="replace an existing file at DEST "
                    "(never a device, link, pipe or directory)")
-    a.add_argument("--key-file", help="the key of an encrypted model (default: key_file setting)")
+    a.add_argument("--key-file", type=path_arg, help="the key of an encrypted model (default: key_file setting)")
     a.set_defaults(func=cmd_get)
     a = sub.add_parser("rm", help="remove a model and its versions, or NAME/ for a whole folder "
                        "(chunks go at the next gc)")
@@ -557,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("verify", help="check every chunk is hash-valid on R live nodes")
     a.add_argument("name", nargs="?", help="one model (default: every model)")
     a.add_argument("--repair", action="store_true", help="re-replicate and drop bad copies")
-    a.add_argument("--key-file", help="key of encrypted models (others are checked anyway; "
+    a.add_argument("--key-file", type=path_arg, help="key of encrypted models (others are checked anyway; "
                    "encrypted ones without it are skipped)")
     a.set_defaults(func=cmd_verify)
     a = sub.add_parser("gc", help="drop replaced versions no mount reads, then delete chunks "
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("action", choices=["show"], help="show: print every setting and its source")
     a.set_defaults(func=cmd_config)
     a = sub.add_parser("doctor", help="check FUSE, Redis, every node, the cache dir and read-ahead")
-    a.add_argument("--cache-dir", help="the cache dir a mount would use (default $SHARDFS_CACHE_DIR, the "
+    a.add_argument("--cache-dir", type=path_arg, help="the cache dir a mount would use (default $SHARDFS_CACHE_DIR, the "
                    "config file's cache_dir, or $SHARDFS_HOME/cache)")
     a.set_defaults(func=cmd_doctor)
 

@@ -101,6 +101,8 @@ class Config:
                 if isinstance(v, bool) or not isinstance(v, (str, int)) or (parse is str and not isinstance(v, str)) \
                         or (isinstance(v, int) and v < 0):
                     raise UsageError(f"{v!r} is not a valid value")
+                if v == "":  # (an empty cache_dir was the current directory)
+                    raise UsageError("is empty; leave the line out for the default")
                 return parse(v), f"file {self.path}"
         except (ValueError, UsageError) as e:
             raise UsageError(f"setting {key}: {e}") from None

@@ -27,7 +27,7 @@ def add_mount_commands(sub) -> None:
     a = sub.add_parser("mount", help="mount every stored model as a read-only file",
                        epilog=MOUNT_EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     a.add_argument("mountpoint", type=path_arg, help="an existing, preferably empty, directory")
-    a.add_argument("--cache-dir", help="local chunk cache (default $SHARDFS_CACHE_DIR, the config file's "
+    a.add_argument("--cache-dir", type=path_arg, help="local chunk cache (default $SHARDFS_CACHE_DIR, the config file's "
                    "cache_dir, or $SHARDFS_HOME/cache)")
     a.add_argument("--cache-size", type=_size,
                    help="cache bound in bytes, e.g. 50G (default: 10%% of the cache disk, at least 1 GiB "
@@ -40,7 +40,7 @@ def add_mount_commands(sub) -> None:
                    "(needs user_allow_other in /etc/fuse.conf unless root)")
     a.add_argument("--foreground", action="store_true", help="stay in the foreground (systemd)")
     a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT/metrics")
-    a.add_argument("--key-file", help="key for encrypted models (default: key_file setting); "
+    a.add_argument("--key-file", type=path_arg, help="key for encrypted models (default: key_file setting); "
                    "without it they fail to open with EACCES")
     a.add_argument("--no-prefetch", action="store_true", help="do not fetch a safetensors/GGUF file's "
                    "tensors ahead when it is opened (header-driven prefetch is on by default)")

@@ -48,7 +48,10 @@ CASES = [
     (("--config", "/dev/zero", "ls"), "config file /dev/zero is not a regular file"),
     (("--config", "{tmp}", "ls"), "config file {tmp} is a directory"),
     (("node", "add", "file:///"), "/ already holds other files"),
-    (("node", "add", "file://{tmp}"), "already holds other files (cwd, dangling, fifo, ...); give a new or empty"),
+    (("node", "add", "file://{tmp}"), "already holds other files (cwd, dangling, empty.toml, ...); give a new or empty"),
+    (("mount", "{mp}", "--cache-dir", ""), "argument --cache-dir: must not be empty"),
+    (("--config", "{tmp}/empty.toml", "mount", "{mp}"), "setting cache_dir: is empty"),
+    (("put", ""), "argument file: must not be empty"),
     (("cache", "evict", "a", "--all"), "name models to evict, or --all, not both"),
     (("cache", "evict"), "name models to evict, or --all"),
     (("cache", "warm"), "name the models to warm"),
@@ -63,6 +66,7 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     (tmp_path / "mp").mkdir()
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     os.mkfifo(tmp_path / "fifo")  # (a key file that is a FIFO hung the command)
+    (tmp_path / "empty.toml").write_text('cache_dir = ""\n')
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path).replace("\\u202e", "\u202e") for a in args]
     says = says.format(tmp=tmp_path, f=f)
     # From an empty directory of the test's own: an empty path was taken for the current
@@ -72,8 +76,9 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     try:
         r = cli(*args, check=False, timeout=60, cwd=here)
     finally:
-        if os.path.ismount(here):
-            subprocess.run(["fusermount3", "-u", "-z", str(here)], capture_output=True)
+        for d in (here, tmp_path / "mp"):  # (what a regression would have mounted)
+            if os.path.ismount(d):
+                subprocess.run(["fusermount3", "-u", "-z", str(d)], capture_output=True)
     errors = r.stderr.splitlines()  # usage errors too: one line, not argparse's usage block
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and says in errors[0], r.stderr
