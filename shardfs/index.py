@@ -82,6 +82,9 @@ return false
 """
 
 
+PUBLISH_RETRIES = 200  # attempts a publish makes while watched keys keep changing under it
+
+
 def k_version(vid: int) -> str:
     return f"{P}v:{vid}"
 
@@ -480,6 +483,7 @@ class Index:
         # (reading leases matter only to removals; mounts renew them every few seconds, and
         # watching them for every publish would make a busy index retry for nothing)
         watched = [K_MODELS, K_PUTS, K_NODES] + ([K_READING] if remove else [])
+        retries = 0
         with self.r.pipeline() as p:
             while True:
                 try:
@@ -492,12 +496,7 @@ class Index:
                     if gone:
                         raise ShardfsError(f"node {gone[0]} was removed while this put stored chunks on it; "
                                            "nothing was published: put again")
-                    for name, *_ in entries:
-                        if p.hexists(K_MODELS, name) and not force:
-                            raise NameClash(f"model {name!r} already exists; use --force to replace it")
-                        conflict = self.path_conflict(name, p, ignore=remove)
-                        if conflict:
-                            raise NameClash(conflict)
+                    self._check_names(p, [e[0] for e in entries], force, remove)
                     removals = [self._removal(p, n) for n in sorted(remove) if p.hexists(K_MODELS, n)]
                     p.multi()
                     for removal in removals:
@@ -517,7 +516,42 @@ class Index:
                     p.execute()
                     return vids
                 except redis.WatchError:
-                    continue
+                    retries += 1
+                    if retries >= PUBLISH_RETRIES:  # (signals wait for the publish: it must end)
+                        raise ShardfsError(f"the index kept changing during {retries} attempts to publish; "
+                                           "nothing was published: put again") from None
+
+    def _check_names(self, p, names, force: bool, remove) -> None:
+        """NameClash unless every name may be published (p watches K_MODELS). A few names are
+        looked up one by one; many (a folder put) against one read of every name: a check per
+        name took so long in a large index that the watched keys changed (each running put's
+        heartbeat does) during every attempt, and the publish retried for ever."""
+        if len(names) <= 8:
+            for name in names:
+                if p.hexists(K_MODELS, name) and not force:
+                    raise NameClash(f"model {name!r} already exists; use --force to replace it")
+                conflict = self.path_conflict(name, p, ignore=remove)
+                if conflict:
+                    raise NameClash(conflict)
+            return
+        existing = {_s(n) for n in p.hkeys(K_MODELS)}
+        folders = {}  # folder of a model that stays -> one such model
+        for n in existing - set(remove):
+            parts = n.split("/")
+            for i in range(1, len(parts)):
+                folders.setdefault("/".join(parts[:i]), n)
+        for name in names:
+            if name in existing and not force:
+                raise NameClash(f"model {name!r} already exists; use --force to replace it")
+            parts = name.split("/")
+            for i in range(1, len(parts)):
+                folder = "/".join(parts[:i])
+                if folder in existing and folder not in remove:
+                    raise NameClash(f"model {folder!r} exists, so {name!r} cannot make it a folder; "
+                                    "choose another name")
+            if name in folders:
+                raise NameClash(f"folder {name + '/'!r} holds model {folders[name]!r}, so {name!r} cannot "
+                                "be a file; choose another name")
 
     def _leased(self, p, now_ms: int) -> set[int]:
         return {int(m.split(b":", 1)[0]) for m in p.zrangebyscore(K_READING, now_ms, "+inf")}

@@ -1394,6 +1394,47 @@ def test_a_put_whose_node_was_removed_meanwhile_publishes_nothing(redis_proc, tm
     assert "m" in idx.models()
 
 
+def test_a_large_folder_publish_ends_while_other_puts_renew_their_leases(redis_proc):
+    """publish_all checked each name with a few Redis calls inside its WATCH: in a large
+    index an attempt outlasted the gap between lease renewals (which change a watched key),
+    and a large folder put retried for ever, deaf to SIGTERM while it did. Names are now
+    checked against one read of every model name; the checks still refuse what they did."""
+    from shardfs.errors import NameClash
+    from shardfs.index import K_MODELS, K_PUTS
+    from shardfs.manifest import Manifest
+    idx = open_idx(redis_proc)
+    r = redis_proc.client()
+    p = r.pipeline(transaction=False)
+    for i in range(3000):
+        p.hset(K_MODELS, f"old/m{i}.bin", i + 1)
+    p.execute()
+    r.set("shardfs:vseq", 3000)
+
+    def entries(names):
+        return [(n, Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {}) for n in names]
+    stop, done = threading.Event(), []
+
+    def renewing():  # another put's heartbeat, every 50 ms
+        while not stop.is_set():
+            r.zadd(K_PUTS, {"other": idx.now_ms() + 60_000})
+            time.sleep(0.05)
+    hb = threading.Thread(target=renewing, daemon=True)
+    hb.start()
+    try:
+        pub = threading.Thread(target=lambda: done.append(idx.publish_all(
+            entries([f"new/f{i}.bin" for i in range(300)]), False)), daemon=True)
+        pub.start()
+        pub.join(30)
+        assert done and len(done[0]) == 300, "the publish ended"
+        for bad, why in [("old/m5.bin", "already exists"), ("old/m5.bin/x", "cannot make it a folder"),
+                         ("old", "cannot be a file")]:
+            with pytest.raises(NameClash, match=why):
+                idx.publish_all(entries([bad] + [f"more/g{i}" for i in range(20)]), False)
+    finally:
+        stop.set()
+    assert "new/f299.bin" in idx.models() and "more/g0" not in idx.models()
+
+
 def test_node_drain_racing_node_rm_does_not_bring_the_node_back(redis_proc):
     """`node drain` read the node's record and wrote it back: a `node rm` in between was
     undone, leaving a node without its URL entry. Here the rm lands right after the read."""
