@@ -34,6 +34,9 @@ from .stores import (HEX_ID, MARKER, SEALED_HASH, chunk_relpath, disk_id, init_r
 
 log = logging.getLogger("shardfs.node")
 
+PUT_BODIES = 4  # PUT bodies held at once (each up to envelope.MAX_STORED, ~64 MiB): the rest wait
+KEEPALIVE = 75.0  # seconds an idle client connection is kept open
+
 
 class NodeServer:
     def __init__(self, root: str, token: str | None):
@@ -41,6 +44,7 @@ class NodeServer:
         self.token = token
         self.used = 0
         self.chunks = 0
+        self._bodies = asyncio.Semaphore(PUT_BODIES)
         why = init_root(self.root, adopt=False)  # (marks a root it creates, never an empty one it finds)
         if why:
             raise UsageError(f"--root {root}: {why}")
@@ -121,6 +125,14 @@ class NodeServer:
         self._authorize(request)
         if request.content_length is not None and request.content_length > envelope.MAX_STORED:
             raise web.HTTPRequestEntityTooLarge(envelope.MAX_STORED, request.content_length)
+        self._root_ok()  # (before the body: a node that cannot take it says so at once)
+        why = write_refused(self.root)
+        if why:
+            raise web.HTTPServiceUnavailable(text=why + "\n")
+        async with self._bodies:  # each body is held whole while it is checked: a few at once
+            return await self._put(request, path)
+
+    async def _put(self, request, path):
         body = await request.read()  # bounded by client_max_size
         cid = bytes.fromhex(request.match_info["cid"])
         try:
@@ -245,7 +257,9 @@ def _run(server: NodeServer, host: str, port: int, listen: str, token, metrics) 
         log.warning("no --token-file: any client that reaches %s can write and delete chunks", listen)
 
     async def main():
-        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
+        # (aiohttp keeps an idle connection, and the file a stalled GET sends from, ~1 h)
+        runner = web.AppRunner(server.app(), access_log=None, handle_signals=False,
+                               keepalive_timeout=KEEPALIVE)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         try:

@@ -376,6 +376,26 @@ def dir_usage(root: str) -> int:
     return total
 
 
+SMALL_ANSWER = 64 << 10  # bytes: the most read of an answer that is not a chunk (health, errors)
+
+
+def _small(store_url: str, r, what: str) -> bytes:
+    """The body of an answer that is not a chunk (r opened with preload_content=False), read
+    to at most SMALL_ANSWER: a node answering with an endless or huge body is a failed node,
+    not a client out of memory."""
+    try:
+        body = r.read(SMALL_ANSWER + 1, decode_content=False)
+        if len(body) > SMALL_ANSWER:
+            r.close()
+            raise NodeError(store_url, f"{what}: an answer of over {SMALL_ANSWER} bytes")
+        return body
+    except urllib3.exceptions.HTTPError as e:
+        r.close()
+        raise NodeError(store_url, f"{what}: {type(e).__name__}: {e}") from None
+    finally:
+        r.release_conn()
+
+
 def _why(r, body: bytes | None = None) -> str:
     """The first line of an error answer's text (r.data, or `body`), as ": text" (or "")."""
     body = r.data if body is None else body
@@ -467,10 +487,12 @@ class HttpStore(NodeStore):
         headers = {**self._auth, "Content-Type": "application/octet-stream"}
         if envelope.is_sealed(blob):  # (see SEALED_HASH)
             headers[SEALED_HASH] = blake3.blake3(blob, max_threads=1).hexdigest()
-        r = self._request("PUT", "/chunks/" + hex_id, body=blob, headers=headers)
+        r = self._request("PUT", "/chunks/" + hex_id, body=blob, headers=headers, preload_content=False)
+        text = _small(self.url, r, f"PUT chunk {hex_id[:16]}")
         if r.status in (200, 201, 204):
             return
-        raise NodeError(self.url, f"PUT chunk {hex_id[:16]}: HTTP {r.status}{_why(r)}", full=r.status == 507)
+        raise NodeError(self.url, f"PUT chunk {hex_id[:16]}: HTTP {r.status}{_why(r, text)}",
+                        full=r.status == 507)
 
     def has(self, hex_id):
         r = self._request("HEAD", "/chunks/" + hex_id)
@@ -479,9 +501,10 @@ class HttpStore(NodeStore):
         raise NodeError(self.url, f"HEAD chunk {hex_id[:16]}: HTTP {r.status}")
 
     def delete(self, hex_id):
-        r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth)
+        r = self._request("DELETE", "/chunks/" + hex_id, headers=self._auth, preload_content=False)
+        text = _small(self.url, r, "DELETE chunk")
         if r.status not in (200, 204, 404):
-            raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}{_why(r)}")
+            raise NodeError(self.url, f"DELETE chunk: HTTP {r.status}{_why(r, text)}")
 
     def unsure(self):  # (a server says why; nginx answers 503 without the marker: a NodeError)
         return self.health(used=False).get("unsure")
@@ -495,14 +518,18 @@ class HttpStore(NodeStore):
         # (a short wait: a node that accepts but hangs must not stall `node ls`, `doctor` or a
         # put's node check for the whole chunk timeout)
         r = self._request("GET", "/health", timeout=urllib3.Timeout(connect=self._connect_timeout,
-                                                                    read=HEALTH_TIMEOUT))
+                                                                    read=HEALTH_TIMEOUT), preload_content=False)
+        text = _small(self.url, r, "health")
         if r.status != 200:
-            raise NodeError(self.url, f"health: HTTP {r.status}{_why(r)}")
+            raise NodeError(self.url, f"health: HTTP {r.status}{_why(r, text)}")
         import json
         try:
-            return json.loads(r.data)
+            got = json.loads(text)
         except ValueError:
-            raise NodeError(self.url, "health answer is not JSON") from None
+            got = None
+        if not isinstance(got, dict):
+            raise NodeError(self.url, "health answer is not a JSON object")
+        return got
 
     def close(self):
         self._pool.close()

@@ -1747,6 +1747,58 @@ def test_a_node_server_on_an_existing_empty_directory_takes_writes_only_once_it_
         fresh.stop()
 
 
+def test_a_node_server_refuses_a_put_before_reading_its_body(tmp_path):
+    """A PUT to a node that cannot take it (no marker: a disk not mounted) was answered only
+    once its whole body, up to 64 MiB, was in the server's memory."""
+    import socket
+    from conftest import NodeProc
+    d = tmp_path / "disk"
+    d.mkdir()
+    node = NodeProc(str(d)).start()
+    try:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as s:
+            s.sendall(f"PUT /chunks/{'ab' * 32} HTTP/1.1\r\nHost: x\r\nContent-Length: {32 << 20}\r\n\r\n".encode()
+                      + b"x" * 4096)  # and the other 32 MiB never come
+            answer = s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and MARKER.encode() in answer, answer
+    finally:
+        node.stop()
+
+
+def test_a_node_answer_that_is_not_a_chunk_is_read_only_so_far(tmp_path):
+    """/health, PUT and DELETE answers were read whole into memory: a node (or a proxy)
+    answering with an endless body took the client's memory with it (a mount asks /health)."""
+    import http.server
+    from shardfs.errors import NodeError
+    from shardfs.stores import SMALL_ANSWER, HttpStore
+
+    class Endless(http.server.BaseHTTPRequestHandler):
+        def _endless(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            try:
+                self.wfile.write(b"{" + b" " * (SMALL_ANSWER * 4))
+                for _ in range(4096):  # (then 1 GiB more, unless the client hangs up first)
+                    self.wfile.write(b" " * (256 << 10))
+            except OSError:
+                pass
+        do_GET = do_PUT = do_DELETE = _endless
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    store = HttpStore(f"http://127.0.0.1:{srv.server_address[1]}")
+    try:
+        for call in (lambda: store.health(), lambda: store.delete("ab" * 32), lambda: store.put("ab" * 32, b"x")):
+            with pytest.raises(NodeError, match=f"an answer of over {SMALL_ANSWER} bytes"):
+                call()
+    finally:
+        store.close()
+        srv.shutdown()
+
+
 def test_gc_deletes_nothing_through_a_node_directory_without_its_marker(cli, nodes, redis_proc, model_small,
                                                                        tmp_path):
     """gc took "not found" on an empty mountpoint for "already deleted" and forgot the chunks:
