@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -140,7 +140,8 @@ class Uploader:
         try:
             return self._store(cid, hex_id, raw, codec)
         finally:
-            self._storing[hex_id].set()
+            with self._lock:  # (gone once set: a later repeat finds the chunk stored; an entry
+                self._storing.pop(hex_id).set()  # per chunk of a 1 TiB file was ~0.3 GB)
 
     def _store(self, cid: bytes, hex_id: str, raw, codec: str | None) -> tuple[bytes, int, int | None, bool]:
         if self.lapsed:
@@ -336,7 +337,11 @@ def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
     workers = max(2, min(max(16, 2 * (os.cpu_count() or 2)), INFLIGHT_BYTES // chunk_size - 2))
     inflight = threading.Semaphore(workers + 2)
     bar = _progress(size, name, progress)
-    futures = []
+    # Futures in submission order; each is replaced by its small result as soon as it and
+    # those before it are done, so memory does not grow with the number of chunks (a Future
+    # per chunk of a 1 TiB file was ~0.5 GB).
+    futures: deque = deque()
+    results = []
     failed = threading.Event()
 
     # Read buffers are recycled: a fresh 4 MiB bytearray per chunk is zero-filled and
@@ -373,15 +378,19 @@ def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
                 raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
             sha.update(raw)
             futures.append(ex.submit(job, buf, raw, span.codec))
+            while futures and futures[0].done():
+                results.append(futures.popleft().result())  # (a failed store raises here)
             if failed.is_set():
                 break
             if bar:
                 bar.update(length)
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in done:
-            if f.exception():
-                raise f.exception()
-        results = [f.result() for f in futures]
+        if failed.is_set():  # the first failure, not the wait for the stores before it
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception():
+                    raise f.exception()
+        while futures:
+            results.append(futures.popleft().result())
         if _read(src, src.read, 1):
             if not size:  # (a /proc or /sys file says 0 bytes and then reads as text)
                 raise ShardfsError(f"{src.name} reports a size of 0 but has data (a /proc or /sys file?); "
