@@ -13,10 +13,12 @@ Every method is blocking and thread-safe; callers on trio run them in worker thr
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from urllib.parse import urlsplit
@@ -408,6 +410,60 @@ def _why(r, body: bytes | None = None) -> str:
 # replaces a copy it holds already: that copy may be the damaged one verify found and could
 # not delete, which the node would otherwise keep and report stored.
 SEALED_HASH = "X-Shardfs-Body-Blake3"
+BODY_DEADLINE = float(os.environ.get("SHARDFS_BODY_DEADLINE", "60"))  # seconds for a whole chunk answer
+
+
+class _Deadlines:
+    """One thread that shuts a response's socket for reading if it is still being read at
+    its deadline (the read waiting on it then fails at once). One thread for every GET, not
+    a timer thread each: a cold read makes hundreds of GETs a second."""
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._heap: list = []  # (when, seq, entry); entry = [fired, response or None once done]
+        self._seq = 0
+        self._thread = None
+
+    def watch(self, r, seconds: float) -> list:
+        entry = [False, r]
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._heap, (time.monotonic() + seconds, self._seq, entry))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="shardfs-deadlines", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return entry
+
+    @staticmethod
+    def done(entry: list) -> None:
+        entry[1] = None  # (its heap slot goes when its time comes)
+
+    def _run(self):
+        while True:
+            with self._cv:
+                while True:
+                    while self._heap and self._heap[0][2][1] is None:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cv.wait()
+                        continue
+                    wait = self._heap[0][0] - time.monotonic()
+                    if wait > 0:
+                        self._cv.wait(wait)
+                        continue
+                    entry = heapq.heappop(self._heap)[2]
+                    r = entry[1]
+                    if r is not None:
+                        entry[0] = True
+                        break
+            try:
+                r.shutdown()
+            except Exception:  # noqa: BLE001 - released or closed meanwhile: nothing to stop
+                pass
+
+
+_deadlines = _Deadlines()
 HEALTH_TIMEOUT = 3.0  # seconds for a node's /health answer (chunk requests wait 10)
 
 
@@ -459,6 +515,9 @@ class HttpStore(NodeStore):
             length = r.headers.get("Content-Length")
             if length is not None and (not length.isdigit() or int(length) > envelope.MAX_STORED):
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of {length} bytes is not a chunk")
+            # urllib3's timeout bounds each socket read, not the answer: a node trickling a
+            # byte now and then held this thread (one of the pool's) for as long as it liked.
+            late = _deadlines.watch(r, BODY_DEADLINE)
             try:
                 if length is not None:
                     data = r.read(decode_content=False)  # (Content-Length bytes, into one buffer)
@@ -471,11 +530,20 @@ class HttpStore(NodeStore):
                                             f"{envelope.MAX_STORED} bytes is not a chunk")
                         parts.append(part)
                     data = b"".join(parts)
-            except urllib3.exceptions.ReadTimeoutError:
-                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: the answer stopped for over "
-                                f"{self._pool.timeout.read_timeout:g} s") from None
-            except urllib3.exceptions.HTTPError as e:
+                if late[0]:
+                    raise OSError("shut")  # (whatever the read made of it: see below)
+            except (urllib3.exceptions.HTTPError, OSError) as e:
+                if late[0]:
+                    raise NodeError(self.url, f"GET chunk {hex_id[:16]}: the answer took over "
+                                    f"{BODY_DEADLINE:g} s") from None
+                if isinstance(e, urllib3.exceptions.ReadTimeoutError):
+                    raise NodeError(self.url, f"GET chunk {hex_id[:16]}: the answer stopped for over "
+                                    f"{self._pool.timeout.read_timeout:g} s") from None
+                if isinstance(e, OSError):
+                    raise
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: {type(e).__name__}: {e}") from None
+            finally:
+                _deadlines.done(late)
             done = True
             return data
         finally:

@@ -1840,6 +1840,42 @@ def test_a_node_answer_that_is_not_a_chunk_is_read_only_so_far(tmp_path):
         srv.shutdown()
 
 
+def test_a_node_that_trickles_a_chunk_is_cut_off_at_the_deadline(tmp_path, monkeypatch):
+    """urllib3's timeout bounds each socket read, not the answer: a node sending a byte every
+    little while held a fetch thread as long as it liked (two such nodes held them all)."""
+    import http.server
+    from shardfs import stores
+    from shardfs.errors import NodeError
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:
+                pass
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setattr(stores, "BODY_DEADLINE", 1.0, raising=False)
+    store = stores.HttpStore(f"http://127.0.0.1:{srv.server_address[1]}", timeout=5.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(NodeError, match="the answer took over 1 s"):
+            store.get("ab" * 32)
+        assert time.monotonic() - t0 < 5, "cut off at the deadline, not after the whole trickle (30 s)"
+    finally:
+        store.close()
+        srv.shutdown()
+
+
 def test_gc_deletes_nothing_through_a_node_directory_without_its_marker(cli, nodes, redis_proc, model_small,
                                                                        tmp_path):
     """gc took "not found" on an empty mountpoint for "already deleted" and forgot the chunks:
