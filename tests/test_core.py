@@ -7,6 +7,7 @@ the node directories and in Redis. Nothing is mocked.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -1806,74 +1807,72 @@ def test_a_node_server_refuses_a_put_before_reading_its_body(tmp_path):
         node.stop()
 
 
-def test_a_node_answer_that_is_not_a_chunk_is_read_only_so_far(tmp_path):
-    """/health, PUT and DELETE answers were read whole into memory: a node (or a proxy)
-    answering with an endless body took the client's memory with it (a mount asks /health)."""
+@contextlib.contextmanager
+def misbehaving_node(answer, **store_kw):
+    """An HttpStore talking to a loopback server whose every GET, PUT and DELETE is
+    answer(handler): a node that misbehaves in the way the test needs."""
     import http.server
-    from shardfs.errors import NodeError
-    from shardfs.stores import SMALL_ANSWER, HttpStore
+    from shardfs.stores import HttpStore
 
-    class Endless(http.server.BaseHTTPRequestHandler):
-        def _endless(self):
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
             try:
-                self.wfile.write(b"{" + b" " * (SMALL_ANSWER * 4))
-                for _ in range(4096):  # (then 1 GiB more, unless the client hangs up first)
-                    self.wfile.write(b" " * (256 << 10))
+                answer(self)
             except OSError:
-                pass
-        do_GET = do_PUT = do_DELETE = _endless
+                pass  # (the client hung up: what these tests want of it)
+        do_GET = do_PUT = do_DELETE = _answer
 
         def log_message(self, *a):
             pass
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endless)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
-    store = HttpStore(f"http://127.0.0.1:{srv.server_address[1]}")
+    store = HttpStore(f"http://127.0.0.1:{srv.server_address[1]}", **store_kw)
     try:
-        for call in (lambda: store.health(), lambda: store.delete("ab" * 32), lambda: store.put("ab" * 32, b"x")):
-            with pytest.raises(NodeError, match=f"an answer of over {SMALL_ANSWER} bytes"):
-                call()
+        yield store
     finally:
         store.close()
         srv.shutdown()
+
+
+def test_a_node_answer_that_is_not_a_chunk_is_read_only_so_far(tmp_path):
+    """/health, PUT and DELETE answers were read whole into memory: a node (or a proxy)
+    answering with an endless body took the client's memory with it (a mount asks /health)."""
+    from shardfs.errors import NodeError
+    from shardfs.stores import SMALL_ANSWER
+
+    def endless(h):
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.end_headers()
+        h.wfile.write(b"{" + b" " * (SMALL_ANSWER * 4))
+        for _ in range(4096):  # (then 1 GiB more, unless the client hangs up first)
+            h.wfile.write(b" " * (256 << 10))
+    with misbehaving_node(endless) as store:
+        for call in (lambda: store.health(), lambda: store.delete("ab" * 32), lambda: store.put("ab" * 32, b"x")):
+            with pytest.raises(NodeError, match=f"an answer of over {SMALL_ANSWER} bytes"):
+                call()
 
 
 def test_a_node_that_trickles_a_chunk_is_cut_off_at_the_deadline(tmp_path, monkeypatch):
     """urllib3's timeout bounds each socket read, not the answer: a node sending a byte every
     little while held a fetch thread as long as it liked (two such nodes held them all)."""
-    import http.server
     from shardfs import stores
     from shardfs.errors import NodeError
 
-    class Trickle(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "100")
-            self.end_headers()
-            try:
-                for _ in range(100):
-                    self.wfile.write(b"x")
-                    self.wfile.flush()
-                    time.sleep(0.3)
-            except OSError:
-                pass
-
-        def log_message(self, *a):
-            pass
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    def trickle(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "100")
+        h.end_headers()
+        for _ in range(100):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.3)
     monkeypatch.setattr(stores, "BODY_DEADLINE", 1.0, raising=False)
-    store = stores.HttpStore(f"http://127.0.0.1:{srv.server_address[1]}", timeout=5.0)
-    try:
+    with misbehaving_node(trickle, timeout=5.0) as store:
         t0 = time.monotonic()
         with pytest.raises(NodeError, match="the answer took over 1 s"):
             store.get("ab" * 32)
         assert time.monotonic() - t0 < 5, "cut off at the deadline, not after the whole trickle (30 s)"
-    finally:
-        store.close()
-        srv.shutdown()
 
 
 def test_gc_deletes_nothing_through_a_node_directory_without_its_marker(cli, nodes, redis_proc, model_small,
