@@ -253,9 +253,6 @@ def _run(server: NodeServer, host: str, port: int, listen: str, token, metrics) 
     if metrics:
         from .metrics import node_metrics, serve_metrics
         serve_metrics(metrics, lambda: node_metrics(server))
-    if token is None:
-        log.warning("no --token-file: any client that reaches %s can write and delete chunks", listen)
-
     async def main():
         # (aiohttp keeps an idle connection, and the file a stalled GET sends from, ~1 h)
         runner = web.AppRunner(server.app(), access_log=None, handle_signals=False,
@@ -266,6 +263,8 @@ def _run(server: NodeServer, host: str, port: int, listen: str, token, metrics) 
             await site.start()
         except OSError as e:
             raise UsageError(f"cannot listen on {listen}: {e.strerror or e}") from None
+        if token is None:  # (once listening: a bind error is the one line, not a warning first)
+            log.warning("no --token-file: any client that reaches %s can write and delete chunks", listen)
         print(f"shardfs node serving {server.root} on http://{host}:{port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

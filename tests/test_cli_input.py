@@ -28,6 +28,7 @@ CASES = [
     (("put", "{tmp}/dangling"), "broken symbolic link (to {tmp}/gone"),
     (("node", "serve", "--root", "{f}", "--listen", "127.0.0.1:1"), "not a directory"),
     (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:99999"), "--listen wants HOST:PORT"),
+    (("node", "serve", "--root", "{tmp}/r", "--listen", "192.0.2.1:18901"), "cannot listen on 192.0.2.1:18901"),
     # (from an audit: tracebacks, or a bad value accepted)
     (("put", "{tmp}", "--name", "f", "--chunk-size", "0"), "chunk size must be between"),  # a folder
     (("put", "{tmp}", "--name", "f", "--chunk-size", "100MiB"), "chunk size must be between"),
