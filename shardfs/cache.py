@@ -285,7 +285,6 @@ class ChunkCache:
         are writing, and reserve them (put gives them back). If evicting every unpinned entry
         would not be enough, evict nothing and return False: the chunk is served without
         being cached, rather than written only to be evicted again."""
-        evictable = None
         full = detail = None
         while True:
             free = self._free_disk()
@@ -295,8 +294,9 @@ class ChunkCache:
                 if over_limit <= 0 and short_disk <= 0:
                     self._reserved += size
                     break
-                if evictable is None:  # what evicting could free at most (computed once)
-                    evictable = self.used - sum(self._lru.get(h, 0) for h in self._pinned)
+                # what evicting could free at most, now: fills other threads landed meanwhile
+                # count too (computed once, it called the cache full while they stood there)
+                evictable = self.used - sum(self._lru.get(h, 0) for h in self._pinned)
                 victim = self._oldest_unpinned()
                 need = max(over_limit, short_disk)
                 if victim is None or need > evictable:
@@ -312,7 +312,6 @@ class ChunkCache:
                         full = "disk"
                         detail = f"{human(free)} free on its disk, which it keeps above {human(self.free_floor)}"
                     break
-                evictable -= self._lru[victim]
             if self.discard(victim):
                 self._count("evictions")
         if full is None:

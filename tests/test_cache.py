@@ -127,6 +127,34 @@ def test_parallel_fills_stay_within_the_limit_and_do_not_call_it_full(tmp_path):
         assert got is None or bytes(got) == raw
 
 
+def test_a_fill_outpaced_by_other_fills_keeps_evicting_and_does_not_call_it_full(tmp_path):
+    # The interleaving behind a flake under load: each entry this fill evicts, another
+    # thread's fill takes at once. What eviction could free must be counted anew each step;
+    # counted once, it ran out after three steps and the cache called itself full ("limit")
+    # with nothing pinned.
+    k = 64 << 10
+    cache = ChunkCache(str(tmp_path / "c"), 4 * k, free_floor=0)
+    for raw in (os.urandom(k) for _ in range(3)):
+        assert cache.put(envelope.chunk_id(raw).hex(), raw)
+    others = [os.urandom(k) for _ in range(6)]
+    discard, trim, landed = cache.discard, cache._maybe_evict, []
+
+    def discard_then_another_fill_lands(hex_id):
+        gone = discard(hex_id)
+        if others:
+            raw = others.pop()
+            cache._maybe_evict = lambda: None  # (its own trim has yet to run)
+            assert cache._write(envelope.chunk_id(raw).hex(), raw)  # takes the room just freed
+            cache._maybe_evict = trim
+            landed.append(raw)
+        return gone
+    cache.discard = discard_then_another_fill_lands
+    mine = os.urandom(2 * k)  # needs one entry evicted: each time, another fill takes its room
+    assert cache.put(envelope.chunk_id(mine).hex(), mine)
+    assert len(landed) == 6 and cache.full == ""
+    assert cache.used <= cache.limit and envelope.chunk_id(mine).hex() in cache
+
+
 def test_a_fill_that_cannot_fit_evicts_nothing_and_says_why(tmp_path, caplog):
     k = 64 << 10
     raws = [os.urandom(k) for _ in range(4)]
