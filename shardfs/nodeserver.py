@@ -102,14 +102,12 @@ class NodeServer:
         path = self._path(request)
         # 404 says "this node does not have it", and verify --repair drops such copies: only
         # for a chunk truly absent from the directory the chunks went to (see stores.MARKER).
-        # Any other failure is 503, a node that cannot answer now. (FileResponse would answer
-        # 404 for every error opening the file, out of file descriptors included.)
+        # Any other failure is 503, a node that cannot answer now. The file is opened once and
+        # sent from that descriptor: aiohttp's FileResponse opens by path again and answers 404
+        # for any error there (out of file descriptors included).
+        loop = asyncio.get_running_loop()
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                request["chunk_bytes"] = os.fstat(fd).st_size  # (for the metrics: see _count_requests)
-            finally:
-                os.close(fd)
+            f = await loop.run_in_executor(None, open, path, "rb", 0)
         except FileNotFoundError:
             why = not_found_why(self.root)
             if why:
@@ -117,8 +115,18 @@ class NodeServer:
             raise web.HTTPNotFound()
         except OSError as e:
             raise web.HTTPServiceUnavailable(text=f"cannot read the chunk: {e.strerror}\n")
-        return web.FileResponse(path, headers={"Content-Type": "application/octet-stream",
+        with f:  # (a DELETE meanwhile unlinks the name; this descriptor still sends it whole)
+            size = os.fstat(f.fileno()).st_size
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
                                                "Cache-Control": "public, max-age=31536000, immutable"})
+            resp.content_length = size
+            await resp.prepare(request)  # (sends the headers)
+            if request.method != "HEAD" and size:
+                if request.transport is None:
+                    raise ConnectionResetError("the client went away")
+                await loop.sendfile(request.transport, f, 0, size)  # (copies if sendfile cannot)
+            await resp.write_eof()
+        return resp
 
     async def put(self, request):
         path = self._path(request)
@@ -211,8 +219,8 @@ async def _count_requests(request, handler):
         NODE_REQUESTS.labels(request.method, str(e.status)).inc()
         raise
     NODE_REQUESTS.labels(request.method, str(resp.status)).inc()
-    if request.method == "GET" and resp.status == 200:  # (a file response has no length until it is sent)
-        NODE_BYTES_SENT.inc(request.get("chunk_bytes") or resp.content_length or 0)
+    if request.method == "GET" and resp.status == 200:
+        NODE_BYTES_SENT.inc(resp.content_length or 0)
     return resp
 
 
