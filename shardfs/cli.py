@@ -602,6 +602,16 @@ def _after_publish() -> str:
     return f" after publishing {what}"
 
 
+def _put_outcome() -> str:
+    """What a put that Redis failed did publish, as far as it can tell."""
+    from .ingest import publishing
+    if publishing:  # (failed inside the publish: Redis may have applied it before it went)
+        return (f"; whether {publishing[0]}{' ...' if len(publishing) > 1 else ''} was published is not "
+                f"known: see `shardfs ls` once Redis is back")
+    return _after_publish() or ("; nothing was published (`shardfs gc` reclaims the chunks stored so "
+                                "far once Redis is back)")
+
+
 def _stopped(e: KeyboardInterrupt) -> tuple[str, int]:
     """How a command cut short says so, and its exit status (128 + the signal)."""
     return ("terminated", 128 + e.args[0]) if isinstance(e, Terminated) else ("interrupted", 130)
@@ -653,7 +663,8 @@ def main(argv=None) -> int:
     except redis.RedisError as e:
         from . import connect
         url = connect.display_url(connect.last_url) if connect.last_url else "the index"
-        print(f"shardfs: error: Redis at {url} failed: {e}", file=sys.stderr)
+        print(f"shardfs: error: Redis at {url} failed: {e}{_put_outcome() if args.cmd == 'put' else ''}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         what, code = _stopped(e)

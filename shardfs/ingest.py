@@ -58,6 +58,8 @@ class PutResult:
 
 # What this process has published, for the word of a put cut short after its publish.
 published: list[PutResult] = []
+# The names of a publish under way: when Redis fails there, it may or may not have applied it.
+publishing: list[str] = []
 
 
 @contextlib.contextmanager
@@ -279,11 +281,13 @@ class PutSession:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *_) -> None:
         self._stop.set()
         try:
             self.idx.end_put(self.put_id)  # (unpublished chunks are left for gc)
         except redis.RedisError as e:  # (not in place of what the put did, or why it failed)
+            if exc_type is not None and issubclass(exc_type, redis.RedisError):
+                return  # (the put failed on Redis: its one error line says so)
             print(f"shardfs: warning: could not end this put's lease (Redis: {e}); it lapses within "
                   f"{LEASE_TTL:g} s", file=sys.stderr)
         finally:
@@ -297,9 +301,11 @@ class PutSession:
     def publish(self, stored: list[Stored], force: bool, remove=()) -> list[PutResult]:
         """Publish every stored file, and remove the models named in `remove`, at once."""
         with signals_held():
+            publishing[:] = [s.name for s in stored]
             vids = self.idx.publish_all(
                 [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
                 force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
+            publishing.clear()
             for s, vid in zip(stored, vids):
                 s.result.vid = vid
                 published.append(s.result)

@@ -1019,6 +1019,43 @@ def test_put_killed_midway_is_invisible_and_gc_reclaims(cli, nodes, redis_proc, 
     assert list(redis_proc.client().scan_iter(match="shardfs:l:*")) == []
 
 
+def test_redis_stopped_during_a_put_fails_it_cleanly_and_gc_reclaims(cli, nodes, redis_proc, model_256):
+    procs = add_nodes(cli, nodes, 2)
+    p = spawn(cli, "put", model_256, "--name", "big", *MANY, env={"SHARDFS_LEASE_TTL": "2"})
+    wait_chunk_files(procs, 8, proc=p)
+    redis_proc.stop()  # (appendonly: what it held comes back with it)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "Traceback" not in err, err
+    lines = err.strip().splitlines()  # one line: Redis failed, so nothing was published
+    assert len(lines) == 1 and f"Redis at {redis_proc.url} failed" in lines[0], err
+    assert "nothing was published" in lines[0] and "gc" in lines[0], err
+    redis_proc.start()
+    assert ls_rows(cli) == {}
+    time.sleep(3)  # the lease (TTL 2 s) expires
+    cli("gc")
+    for node in procs:
+        assert all_files(node.root) == [], f"{node.root} still holds {all_files(node.root)[:3]}"
+
+
+def test_redis_failing_inside_a_publish_says_the_outcome_is_not_known(cli, nodes, redis_proc, model_small,
+                                                                      monkeypatch):
+    """Redis gone while a put publishes may have applied the publish (EXEC sent, answer lost):
+    the error must not claim nothing was published."""
+    from shardfs import cli as cli_mod, ingest
+    monkeypatch.setattr(ingest, "publishing", [])
+    add_nodes(cli, nodes, 2)
+    idx = open_idx(redis_proc)
+    with pytest.raises(redis.RedisError):
+        with ingest.PutSession(idx) as put, open(model_small, "rb") as src:
+            stored = put.store(src, "org/m", 1 << 20, False)
+            redis_proc.stop()
+            put.publish([stored], False)
+    said = cli_mod._put_outcome()
+    assert "whether org/m was published is not known" in said and "nothing was published" not in said
+    monkeypatch.setattr(ingest, "publishing", [])
+    assert "nothing was published" in cli_mod._put_outcome()  # (failed before its publish)
+
+
 @pytest.mark.parametrize("sig,rc,word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
 def test_put_interrupted_with_ctrl_c_or_terminated(cli, nodes, model_256, sig, rc, word):
     procs = add_nodes(cli, nodes, 2)
