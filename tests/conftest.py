@@ -25,6 +25,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
+def fs_type(path: str) -> str:
+    """The type of the filesystem `path` is on (from /proc/self/mounts: the longest match)."""
+    path, best, kind = os.path.realpath(path), "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
+def pytest_configure(config):
+    # Where /tmp is a tmpfs (Debian 13's default), every page stays in memory: the tests of
+    # reads around the page cache would skip and O_DIRECT is not what it is on a disk. Their
+    # temp dirs go to /var/tmp then (xdist's workers get theirs under this one).
+    if config.option.basetemp is None and "PYTEST_XDIST_WORKER" not in os.environ:
+        import tempfile
+        if fs_type(tempfile.gettempdir()) == "tmpfs" and fs_type("/var/tmp") not in ("tmpfs", ""):
+            config.option.basetemp = f"/var/tmp/shardfs-pytest-{os.getuid()}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

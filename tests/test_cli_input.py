@@ -225,6 +225,7 @@ def test_a_control_answer_keeps_the_client_waiting_while_the_daemon_works(monkey
     """Only a warm used to send lines while it worked: a long evict looked like a stuck
     daemon to a client waiting for a word. Errors come out as themselves, not grouped."""
     import trio
+    import trio.testing
 
     from shardfs import control
     from shardfs.errors import NotFound
@@ -239,7 +240,8 @@ def test_a_control_answer_keeps_the_client_waiting_while_the_daemon_works(monkey
         if fail:
             raise NotFound("no such model")
         return 7
-    assert trio.run(control._kept_alive, send, slow) == 7
+    clock = trio.testing.MockClock(autojump_threshold=0)  # (0.5 s of its time, not the machine's)
+    assert trio.run(control._kept_alive, send, slow, clock=clock) == 7
     assert len(sent) >= 5 and all(m == {"alive": True} for m in sent), sent
     with pytest.raises(NotFound):
-        trio.run(control._kept_alive, send, lambda: slow(fail=True))
+        trio.run(control._kept_alive, send, lambda: slow(fail=True), clock=clock)

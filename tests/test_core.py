@@ -1436,7 +1436,7 @@ def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
     for pid in ("p1", "p3"):
         with pytest.raises(ShardfsError, match="lease on its chunks lapsed"):
             idx.publish("m", Manifest.build([]), 0, "0" * 64, 1 << 20, 1, {}, False, put_id=pid)
-    assert idx.models() == [] or "m" not in idx.models()
+    assert "m" not in idx.models()
 
 
 def test_a_lapsed_put_makes_no_location_set_for_a_chunk_gc_took(redis_proc):
@@ -1728,7 +1728,11 @@ def test_node_add_checks_urls_weights_and_that_the_node_takes_writes(cli, nodes,
         assert r.returncode != 0 and len(r.stderr.splitlines()) == 1 and says in r.stderr, (args, r.stderr)
     assert json.loads(cli("node", "ls", "--json").stdout) == []
     cli("node", "add", srv.url, "--token-file", tok)
-    assert os.listdir(srv.root) == [] or all(not n.startswith(".tmp") for n in os.listdir(srv.root))
+    assert not [n for n in os.listdir(srv.root) if n.startswith(".tmp")]  # (its write probe leaves nothing)
+    w = tmp_path / "w.bin"
+    w.write_bytes(os.urandom(1 << 16))
+    cli("put", w, "--name", "w")  # and the node, with its token, takes the chunks
+    assert len(srv.chunk_files()) == 1 and sha256_file(w) in cli("ls", "--json").stdout
 
 
 def test_a_node_that_accepts_but_never_answers_is_named_as_such(cli, nodes):
@@ -1877,17 +1881,29 @@ def test_a_node_answer_that_is_not_a_chunk_is_read_only_so_far(tmp_path):
     from shardfs.errors import NodeError
     from shardfs.stores import SMALL_ANSWER
 
+    sent, ended = [], []
+
     def endless(h):
         h.send_response(200)
         h.send_header("Content-Type", "application/json")
         h.end_headers()
-        h.wfile.write(b"{" + b" " * (SMALL_ANSWER * 4))
-        for _ in range(4096):  # (then 1 GiB more, unless the client hangs up first)
-            h.wfile.write(b" " * (256 << 10))
+        n = 0
+        try:
+            h.wfile.write(b"{" + b" " * (SMALL_ANSWER * 4))
+            n += SMALL_ANSWER * 4
+            for _ in range(4096):  # (then 1 GiB more, unless the client hangs up first)
+                h.wfile.write(b" " * (256 << 10))
+                n += 256 << 10
+        finally:
+            sent.append(n)
+            ended.append(1)
     with misbehaving_node(endless) as store:
         for call in (lambda: store.health(), lambda: store.delete("ab" * 32), lambda: store.put("ab" * 32, b"x")):
             with pytest.raises(NodeError, match=f"an answer of over {SMALL_ANSWER} bytes"):
                 call()
+        # the client hung up on each (a connection kept, unread, would hold its handler for good)
+        wait_for(lambda: len(ended) == 3, timeout=30, what="the client hanging up on each endless answer")
+    assert max(sent) < 64 << 20, f"the client read {max(sent) >> 20} MiB of an answer it wanted 64 KiB of"
 
 
 def test_a_node_that_trickles_a_chunk_is_cut_off_at_the_deadline(tmp_path, monkeypatch):
@@ -1896,20 +1912,26 @@ def test_a_node_that_trickles_a_chunk_is_cut_off_at_the_deadline(tmp_path, monke
     from shardfs import stores
     from shardfs.errors import NodeError
 
+    sent = []
+
     def trickle(h):
         h.send_response(200)
         h.send_header("Content-Length", "100")
         h.end_headers()
-        for _ in range(100):
-            h.wfile.write(b"x")
-            h.wfile.flush()
-            time.sleep(0.3)
+        try:
+            for _ in range(100):
+                h.wfile.write(b"x")
+                h.wfile.flush()
+                sent.append(1)
+                time.sleep(0.3)
+        finally:
+            sent.append("end")
     monkeypatch.setattr(stores, "BODY_DEADLINE", 1.0, raising=False)
-    with misbehaving_node(trickle, timeout=5.0) as store:
-        t0 = time.monotonic()
+    with misbehaving_node(trickle, timeout=5.0) as store:  # (no socket read waits 5 s: only the deadline cuts)
         with pytest.raises(NodeError, match="the answer took over 1 s"):
             store.get("ab" * 32)
-        assert time.monotonic() - t0 < 5, "cut off at the deadline, not after the whole trickle (30 s)"
+        wait_for(lambda: "end" in sent, timeout=40, what="the trickle's end")
+    assert sent.count(1) < 100, "the client waited for the whole trickle (30 s), not its deadline"
 
 
 def test_gc_deletes_nothing_through_a_node_directory_without_its_marker(cli, nodes, redis_proc, model_small,
@@ -2046,7 +2068,9 @@ def test_a_hung_replica_is_raced_once_then_asked_last(cli, nodes, redis_proc, mo
     finally:
         procs[0].proc.send_signal(signal.SIGCONT)
         pool.close()
-    assert 1 <= pool.hedges <= 2, (pool.hedges, first_on_hung)  # (2: a read slower than the cooldown)
+    # raced once, then asked last for the cooldown: not a hedge for every chunk it ranks first
+    # (a second one only if the reads outlast the cooldown on a slow machine)
+    assert 1 <= pool.hedges < first_on_hung, (pool.hedges, first_on_hung)
 
 
 def test_a_missing_model_is_one_line_and_exit_1_from_every_command(cli, nodes, tmp_path):
