@@ -160,11 +160,20 @@ class ChunkCache:
 
     def get(self, hex_id: str, keyring=None) -> bytes | None:
         """The verified raw chunk, or None on a miss. Damaged entries are dropped."""
+        now = time.monotonic()
         with self._lock:
             known = hex_id in self._lru
+            touch = known and now - self._touched.get(hex_id, 0) > TOUCH_EVERY
+            if touch:
+                self._touched[hex_id] = now
         if not known:
             self._count("misses")
             return None
+        if touch:  # (its mtime keeps the LRU order across restarts; set before the read, since
+            try:   # an entry served from a mapping is checked against the mtime it had then)
+                os.utime(self.path(hex_id))
+            except OSError:
+                pass
         try:
             raw, direct = directio.read_whole(self.path(hex_id), self.direct, pin=True)  # verified below
         except OSError as e:
@@ -181,20 +190,9 @@ class ChunkCache:
             self._count("misses")
             return None
         self._count("hits")
-        now = time.monotonic()
         with self._lock:
             if hex_id in self._lru:
                 self._lru.move_to_end(hex_id)
-            if now - self._touched.get(hex_id, 0) > TOUCH_EVERY:
-                self._touched[hex_id] = now
-                touch = True
-            else:
-                touch = False
-        if touch:
-            try:
-                os.utime(self.path(hex_id))
-            except OSError:
-                pass
         return raw
 
     def put(self, hex_id: str, raw) -> bool:

@@ -106,9 +106,36 @@ def _mincore_resident(fd: int, size: int) -> bool:
 _mlock_refused = False  # EPERM: this process may not lock memory at all; stop asking
 
 
+class MappedPages(np.ndarray):
+    """The pages of a file mapped by pinned_map, with what the file was (`stamp`) then."""
+    path: str = ""
+    stamp: tuple = ()
+
+
+def _stamp(st: os.stat_result) -> tuple:
+    # a write changes mtime and ctime before it changes the data (a write into a shared
+    # mapping: at its first fault on each clean page); a new entry renamed in, the inode
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def changed_since_mapped(view) -> bool:
+    """Whether `view` (or a slice of it) shows a file mapped by read_whole(pin=True) that has
+    been written, replaced or removed since: the pages of a shared mapping are the file's
+    own, so a write into it in place reaches them after their hash was checked. Anything
+    else is a private buffer: False."""
+    pages = getattr(view, "obj", None)
+    if not isinstance(pages, MappedPages):
+        return False
+    try:
+        return _stamp(os.stat(pages.path)) != pages.stamp
+    except OSError:
+        return True
+
+
 def pinned_map(fd: int, size: int) -> memoryview | None:
     """The first `size` bytes of fd as a read-only view of a shared mapping whose pages are
     locked in memory until the last view of it is gone, or None where that is not allowed.
+    (A MappedPages view: read_whole sets its path and stamp.)
 
     (libc's mmap, not Python's: an mmap.mmap keeps a duplicate of the fd open for as long as
     it lives, one per chunk held in memory.)"""
@@ -122,7 +149,7 @@ def pinned_map(fd: int, size: int) -> memoryview | None:
         _mlock_refused = ctypes.get_errno() == errno.EPERM
         _libc.munmap(addr, size)
         return None
-    pages = np.frombuffer((ctypes.c_char * size).from_address(addr), np.uint8)
+    pages = np.frombuffer((ctypes.c_char * size).from_address(addr), np.uint8).view(MappedPages)
     pages.flags.writeable = False
     # Unmapped (and so unlocked) when the array goes: every view and slice of the returned
     # memoryview holds it. Not at interpreter exit, while something may still read it.
@@ -139,13 +166,15 @@ def read_whole(path: str, direct: bool = True, pin: bool = False,
     Raises OSError like open/read would; EFBIG for a file over max_size (nothing allocated)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        size = st.st_size
         if max_size is not None and size > max_size:
             raise OSError(errno.EFBIG, f"{size} bytes, more than the {max_size} a chunk can take")
         in_memory = size < ALIGN or not (direct or pin) or resident(fd, size)
         if pin and size >= ALIGN and in_memory:
             view = pinned_map(fd, size)
-            if view is not None:
+            if view is not None:  # (stamped before the caller hashes it: see changed_since_mapped)
+                view.obj.path, view.obj.stamp = path, _stamp(st)
                 return view, direct
         buf = aligned(-(-size // ALIGN) * ALIGN)
         got = 0

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from . import directio
 from .cache import FULL_WHY, ChunkCache
 from .chunker import safetensors_named
 from .errors import ChunkUnavailable, CorruptChunk
@@ -231,6 +232,12 @@ class Reader:
         it is there (warm). sequential: asked for by a handle reading in sequence (see _fill)."""
         h = m.hexes[i]
         data = self.mem.get(h)
+        if data is not None and directio.changed_since_mapped(data):
+            # a cache entry mapped from the page cache, written in place since its hash was
+            # checked: load it again (checked again: damaged, it is dropped and fetched anew)
+            log.warning("%s: cache entry %s was changed on disk while in use; loading it again", m.name, h)
+            self.mem.drop(h)
+            data = None
         if data is None:
             flight = self._start(m, i, keep, sequential)
             flight.store = flight.store or stored

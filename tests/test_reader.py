@@ -4,10 +4,12 @@
 into the kernel's page cache, so the tests can check which bytes go there and which chunks
 the reader loads for them (the mount tests check the same end to end, through the kernel)."""
 
+import os
 import threading
 from functools import partial
 
 import numpy as np
+import pytest
 import trio
 import trio.testing
 
@@ -307,7 +309,6 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
     header-driven prefetch waits until it has been quiet for STREAM_QUIET, then pushes
     only what the stream did not hand to the kernel."""
     import io
-    import time
 
     from shardfs.chunker import plan_spans
     from shardfs.reader import STREAM_QUIET, ReadState
@@ -326,19 +327,52 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
 
     async def main(reader, pushes):
         real = reader.notify
-        reader.notify = lambda *a: times.append(time.monotonic()) or real(*a)
+        clock = trio.lowlevel.current_clock()  # (its time can be read from the notifying thread)
+        reader.notify = lambda *a: times.append(clock.current_time()) or real(*a)
         reader.stream_run = 4 * m.manifest.lengths[1]
         st, streamed = ReadState(), m.manifest.offsets[7]  # the header and tensors 0-5
         for off in range(0, streamed, 16 * PAGE):
             n = min(16 * PAGE, streamed - off)
             assert bytes(await reader.read(m, off, n, st)) == data[off:off + n]
         assert m.in_kernel >= set(range(1, 7))
-        quiet_from = time.monotonic()
         await reader.prefetch(m)
-        assert times and min(times) >= quiet_from + STREAM_QUIET * 0.9
+        assert times and min(times) >= m.streamed_at + STREAM_QUIET  # (on trio's clock, as the reader)
         pushed = {off for off, buf in pushes if len(buf) > PAGE}
         assert pushed == {m.manifest.offsets[i] for i in range(7, len(m.manifest))}
         for off, buf in pushes:
             assert buf == data[off:off + len(buf)]
 
     trio.run(partial(with_reader, readahead_max=1), pool, cache, main)  # (in sequence, hardly any readahead)
+
+
+def test_a_mapped_cache_entry_written_in_place_is_not_served_again(tmp_path, caplog):
+    """Entries in the page cache are served from a shared mapping of the file, checked once
+    when loaded: a write into the file in place afterwards changed the bytes the memory
+    buffer went on serving (wrong bytes, and the cache never counted it damaged)."""
+    import resource
+
+    from shardfs import directio
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
+        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
+    data, m, pool, cache = setup(tmp_path, [1 << 20, 1 << 20])
+    for i, h in enumerate(m.hexes):
+        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
+        with open(cache.path(h), "rb") as f:
+            f.read()  # (in the page cache now: loaded through a mapping)
+    off = m.manifest.offsets[1]
+
+    async def main(reader, pushes):
+        first = await reader.read(m, off, 8192)
+        assert bytes(first) == data[off:off + 8192]
+        assert isinstance(reader.mem.get(m.hexes[1]).obj, directio.MappedPages)  # (what this test is about)
+        fd = os.open(cache.path(m.hexes[1]), os.O_WRONLY)
+        try:
+            os.pwrite(fd, bytes([data[off + 100] ^ 0xFF]), 100)  # in place: the mapped pages change
+        finally:
+            os.close(fd)
+        assert bytes(await reader.read(m, off, 8192)) == data[off:off + 8192]
+        assert bytes(await reader.read(m, 0, 8192)) == data[:8192]  # (an untouched entry serves on)
+
+    trio.run(partial(with_reader, push=False), pool, cache, main)
+    assert cache.corrupt == 1 and "changed on disk while in use" in caplog.text  # counted, and said
+    assert m.hexes[1] not in cache  # dropped (the node it came from again is on this disk: not refilled)
