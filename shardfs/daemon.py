@@ -14,9 +14,11 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -24,7 +26,7 @@ import trio
 
 from .cache import ChunkCache
 from .errors import ChunkUnavailable, CorruptChunk, IndexUnavailable, KeyMismatch, NotFound, ShardfsError
-from .index import Index, lease_holder
+from .index import Index, k_version, lease_holder
 from .manifest import Manifest
 from .pool import NodePool
 from .reader import OpenModel, Reader
@@ -100,6 +102,7 @@ class Daemon:
         self._pin_stuck: dict[str, tuple] = {}  # name -> (version, error) already warned about
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
+        self._leased: dict[int, float] = {}  # version -> when (monotonic) its lease was last taken
         self._stale_snapshots: list[int] = []
         self._bad_records: set[str] = set()  # malformed version records already logged
         self._prefetching: dict[int, trio.CancelScope] = {}
@@ -301,6 +304,7 @@ class Daemon:
         for vid in gone:
             del self.models[vid]
             self.open_count.pop(vid, None)
+            self._leased.pop(vid, None)
             self._model_locks.pop(vid, None)
         return gone
 
@@ -315,7 +319,9 @@ class Daemon:
             except OSError:
                 pass
         if reading:
+            now = time.monotonic()
             self._index().lease_versions(self.holder, reading, READ_LEASE_TTL)
+            self._leased.update(dict.fromkeys(reading, now))
         return self.fetch_catalogue()
 
     # -- models ----------------------------------------------------------------------
@@ -353,6 +359,10 @@ class Daemon:
     async def open_model(self, entry: FileEntry) -> OpenModel:
         m = self.models.get(entry.vid)
         if m is not None:
+            if time.monotonic() - self._leased.get(entry.vid, -math.inf) > READ_LEASE_TTL / 2:
+                # loaded long ago, closed since: its lease may have lapsed, and the poll renews
+                # it only later (up to POLL s): a gc meanwhile would drop it under this reader
+                await trio.to_thread.run_sync(self._lease_again, entry, abandon_on_cancel=True)
             return m
         lock = self._model_locks.setdefault(entry.vid, trio.Lock())
         try:
@@ -366,6 +376,22 @@ class Daemon:
                 del self._model_locks[entry.vid]
         return m
 
+    def _lease_again(self, entry: FileEntry) -> None:
+        """Worker thread: lease a loaded version again before it is opened; NotFound if gc
+        dropped it meanwhile. With Redis away it goes on as the mount does then (no gc runs
+        without Redis either)."""
+        now = time.monotonic()
+        try:
+            idx = self._index()
+            idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
+            there = idx.r.exists(k_version(entry.vid))
+        except Exception as e:  # noqa: BLE001 - the index is away: serve what is loaded
+            log.debug("cannot lease %s (version %d) again: %s", entry.name, entry.vid, e)
+            return
+        self._leased[entry.vid] = now
+        if not there:
+            raise NotFound(f"{entry.name} (version {entry.vid}) was replaced and gc has dropped it")
+
     def _snap_path(self, vid: int) -> str:
         return os.path.join(self.snap_dir, f"{vid}.json")
 
@@ -375,7 +401,9 @@ class Daemon:
             idx = self._index()
             # leased before it is loaded: a gc that drops it first makes this load fail
             # (NotFound), one that comes later keeps it
+            now = time.monotonic()
             idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
+            self._leased[entry.vid] = now
             ver = idx.version(entry.vid)
             if (ver.name, ver.size, ver.sha256, ver.created) != (entry.name, entry.size, entry.sha256, entry.created):
                 raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): that version id "

@@ -325,6 +325,37 @@ def test_an_index_reset_under_the_mount_never_serves_another_versions_bytes(cli,
     assert open(m2.file("second.bin"), "rb").read() == b.read_bytes()
 
 
+def test_a_model_opened_long_after_its_last_read_is_leased_before_the_open_returns(
+        store, mounts, cli, redis_proc, tmp_path):
+    """A version loaded earlier and closed since was opened without a lease: the mount's
+    poll renews the leases of open versions only every 2 s, so a put --force and a gc
+    --grace 0 in between dropped the version, and its chunks, under the new reader (EIO)."""
+    import io
+
+    import redis as redis_py
+
+    from shardfs.index import Index
+    from shardfs.ingest import put_file
+    from shardfs.maintenance import gc
+    cli.env["SHARDFS_READ_LEASE_TTL"] = "4"  # (lapses 4 s after close; re-leased at open past 2 s)
+    m = mounts()
+    name, ref = "org/deep/other.bin", store["other"].read_bytes()
+    with open(m.file(name), "rb") as f:
+        assert f.read(4096) == ref[:4096]  # loaded (and leased), then closed
+    _, ends = lease_ends(redis_proc)
+    wait_for(lambda: lease_ends(redis_proc)[0] > max(ends), timeout=30, what="the lease lapsing")
+    m.cli("cache", "evict", name, "--mount", m.path)  # (its chunks must come from the nodes)
+    idx = Index(redis_py.Redis.from_url(redis_proc.url), redis_proc.url)
+    new = tmp_path / "new.bin"
+    new.write_bytes(os.urandom(1 << 20))
+    with open(m.file(name), "rb") as f:  # then, at once (before the mount's next poll):
+        put_file(idx, str(new), name, force=True, chunk_size=1 << 20, progress=False)
+        dropped = []
+        gc(idx, out=io.StringIO(), first=lambda: dropped.extend(idx.prune_versions(0)))
+        assert dropped == [], "gc dropped a version a mount had just opened"
+        assert f.read() == ref  # the old bytes, to the end
+
+
 def test_rm_and_gc_under_an_open_reader_let_it_read_to_the_end(store, mounts, cli):
     cli.env["SHARDFS_READ_LEASE_TTL"] = "8"  # (renewed every 2 s while open; lapses 8 s after close)
     m = mounts()
