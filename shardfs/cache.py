@@ -353,23 +353,30 @@ class ChunkCache:
 
     # -- admin -----------------------------------------------------------------------
 
-    def evict(self, hex_ids) -> int:
-        """Drop the given chunks (pinned or not); returns bytes freed."""
+    def evict(self, hex_ids, unremoved: list | None = None) -> int:
+        """Drop the given chunks (pinned or not); returns bytes freed. An entry whose file
+        cannot be removed (a read-only cache directory) is dropped all the same, not counted
+        as freed: (bytes, why) go to `unremoved`."""
         freed = 0
         for h in hex_ids:
             with self._lock:
                 size = self._lru.get(h, 0)
-            if self.discard(h):
+            why = _unlink(self.path(h))
+            if self._forget(h):
+                if why:
+                    if unremoved is not None:
+                        unremoved.append((size, why))
+                    continue
                 freed += size
                 self._count("evictions")
         if freed:
             self._room_again()  # (the next fill checks again)
         return freed
 
-    def evict_all(self) -> int:
+    def evict_all(self, unremoved: list | None = None) -> int:
         with self._lock:
             hexes = list(self._lru)
-        return self.evict(hexes)
+        return self.evict(hexes, unremoved)
 
     def pin(self, name: str, hex_ids) -> None:
         """(Blocking: writes the pins file. The daemon calls it from a worker thread.)"""
@@ -414,8 +421,12 @@ def envelope_id_ok(name: str) -> bool:
     return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
 
 
-def _unlink(path: str) -> None:
+def _unlink(path: str) -> str:
+    """Remove a file; '' once it is gone (or was), else why it is still there."""
     try:
         os.unlink(path)
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return ""

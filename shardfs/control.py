@@ -211,18 +211,20 @@ async def _dispatch(daemon, req, send):
                 "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
                 "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models)}
     if op == "evict":
+        unremoved = []
         if req.get("all"):
-            freed = await trio.to_thread.run_sync(cache.evict_all)
+            freed = await trio.to_thread.run_sync(cache.evict_all, unremoved)
             reader.mem.clear()
             for m in list(daemon.models.values()):
                 await daemon.drop_kernel_pages(m)
-            return {"freed": freed}
-        freed = 0
-        for m in await _models(daemon, req):
-            freed += await trio.to_thread.run_sync(cache.evict, m.hexes)
-            reader.forget(m.hexes)
-            await daemon.drop_kernel_pages(m)
-        return {"freed": freed}
+        else:
+            freed = 0
+            for m in await _models(daemon, req):
+                freed += await trio.to_thread.run_sync(cache.evict, m.hexes, unremoved)
+                reader.forget(m.hexes)
+                await daemon.drop_kernel_pages(m)
+        return {"freed": freed, "unremoved": sum(n for n, _ in unremoved),
+                "unremoved_count": len(unremoved), "why": unremoved[0][1] if unremoved else ""}
     if op == "warm":
         total = 0
         warmed = await _models(daemon, req)

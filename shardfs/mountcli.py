@@ -517,6 +517,10 @@ def cmd_cache(args) -> None:
             raise UsageError("name models to evict, or --all")
         res = request(mp, {"op": "evict", "names": args.names, "all": args.all})
         print(f"evicted {human(res['freed'])}")
+        if res.get("unremoved_count"):
+            raise ShardfsError(f"{res['unremoved_count']} cache entries ({human(res['unremoved'])}) could not be "
+                               f"removed from the cache directory: {res['why']}; they are no longer served, "
+                               f"and the mount's next start counts them again")
         return
     if not args.names:
         raise UsageError(f"name the models to {op}")

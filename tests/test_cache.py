@@ -209,3 +209,28 @@ def test_a_read_error_that_says_nothing_about_the_entry_keeps_it(tmp_path):
     assert bytes(cache.get(h)) == bytes(data)
     os.unlink(cache.path(h))
     assert cache.get(h) is None and h not in cache and cache.used == used - len(data)
+
+
+def test_evict_on_a_read_only_cache_dir_counts_nothing_it_did_not_free(tmp_path):
+    """`cache evict` on a read-only cache directory said "evicted 80 MiB" and exit 0: the
+    entries were forgotten, their files all still there."""
+    import subprocess
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    k = 64 << 10
+    cache = ChunkCache(str(tmp_path / "c"), 16 * k, free_floor=0)
+    raws = [os.urandom(k) for _ in range(3)]
+    ids = [envelope.chunk_id(r).hex() for r in raws]
+    for h, r in zip(ids, raws):
+        assert cache.put(h, r)
+    subprocess.run(["mount", "--bind", cache.root, cache.root], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", cache.root], check=True)
+        unremoved = []
+        assert cache.evict(ids[:2], unremoved) == 0
+        assert [n for n, _ in unremoved] == [k, k] and "Read-only" in unremoved[0][1]
+        assert cache.evictions == 0 and ids[0] not in cache  # (not served any more, all the same)
+    finally:
+        subprocess.run(["umount", cache.root], check=True)
+    assert all(os.path.exists(cache.path(h)) for h in ids)
+    assert cache.evict([ids[2]]) == k and not os.path.exists(cache.path(ids[2]))

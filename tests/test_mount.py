@@ -112,6 +112,24 @@ def test_concurrent_readers_same_and_different_models(store, mounts):
     assert 0 < stats["chunks_fetched"] <= chunks
 
 
+def test_evict_on_a_read_only_cache_dir_says_what_it_could_not_remove(store, mounts):
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    m = mounts()
+    m.cli("cache", "warm", "org/deep/other.bin", "--mount", m.path)
+    data = os.path.join(m.cache_dir, "data")
+    subprocess.run(["mount", "--bind", data, data], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", data], check=True)
+        r = m.cli("cache", "evict", "--all", "--mount", m.path, check=False)
+    finally:
+        subprocess.run(["umount", data], check=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stdout.strip() == "evicted 0 B", r.stdout
+    assert len(r.stderr.splitlines()) == 1 and "could not be removed" in r.stderr and "Read-only" in r.stderr
+    assert open(m.file("org/deep/other.bin"), "rb").read() == store["other"].read_bytes()
+
+
 def test_evict_and_warm_during_reads(store, mounts):
     m = mounts()
     ref = store["small"].read_bytes()
