@@ -24,6 +24,7 @@ import tempfile
 
 import trio
 
+from .cache import FULL_WHY
 from .errors import ChunkUnavailable, NotFound, ShardfsError, UsageError
 from .mounttab import resolve, within
 from .units import human
@@ -263,6 +264,11 @@ async def _dispatch(daemon, req, send):
                 break
         else:
             return {"bytes": total}
+        if cache.used + distinct - got <= cache.limit:  # the limit had room: the disk did not
+            # (a larger --cache-size would not help)
+            raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the "
+                               f"cache: {FULL_WHY['disk']} ({human(cache.free_floor)} kept free on the cache's "
+                               f"disk); free space there, or move the cache to a larger disk")
         raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the cache "
                            f"(limit {human(cache.limit)}, {human(cache.used)} used): "
                            f"the models asked for (with what else is being read) do not fit; "

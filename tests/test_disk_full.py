@@ -156,3 +156,24 @@ def test_node_add_refuses_a_node_server_on_a_read_only_disk(cli, small_fs):
         cli("node", "add", node.url)
     finally:
         node.stop()
+
+
+@needs_fuse
+def test_warm_short_of_disk_space_blames_the_disk_not_the_cache_size(cli, nodes, small_fs, mounts, tmp_path):
+    """The cache's limit had room and its disk did not: warm told the user to raise
+    --cache-size, which would not have helped."""
+    add_nodes(cli, nodes, 2)
+    ten = tmp_path / "ten.bin"
+    ten.write_bytes(os.urandom(10 << 20))
+    cli("put", ten, "--name", "ten.bin", *SMALL)
+    cache = small_fs("32M")
+    m = mounts(cache_dir=cache / "c")
+    st = json.loads(cli("cache", "stats", "--json", "--mount", m.path).stdout)["cache"]
+    assert st["limit"] == 16 << 20 and st["used"] == 0, st  # 10 MiB fits the limit
+    free = os.statvfs(cache).f_bavail * os.statvfs(cache).f_frsize
+    with open(cache / "filler", "wb") as f:  # someone else leaves 4 MiB above the free floor
+        f.write(b"\0" * (free - st["free_floor"] - (4 << 20)))
+    r = cli("cache", "warm", "ten.bin", "--mount", m.path, check=False)
+    line = assert_one_line_error(r, "ten.bin: only", "free floor")
+    assert "--cache-size" not in line, line
+    assert sha256_file(m.file("ten.bin")) == sha256_file(ten)  # (served all the same)
