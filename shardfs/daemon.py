@@ -10,6 +10,7 @@ models (the index's epoch counter) within POLL seconds.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import fcntl
 import json
@@ -78,13 +79,11 @@ class Daemon:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.tree = Tree()
         self.control_path = cfg.control_path
-        os.makedirs(cfg.cache_dir, exist_ok=True)
-        self._lock_file = open(os.path.join(cfg.cache_dir, ".lock"), "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        self._lock_file = _lock_cache_dir(cfg.cache_dir)
+        if self._lock_file is None:
             raise ShardfsError(f"cache directory {cfg.cache_dir} is used by another shardfs mount; "
-                               f"give this one its own --cache-dir") from None
+                               f"give this one its own --cache-dir")
+        self._lock_lost = False
         self.snap_dir = os.path.join(cfg.cache_dir, "snapshots")
         os.makedirs(self.snap_dir, exist_ok=True)
         self.cache = ChunkCache(os.path.join(cfg.cache_dir, "data"), cfg.cache_size)
@@ -308,9 +307,33 @@ class Daemon:
             self._model_locks.pop(vid, None)
         return gone
 
+    def _check_lock(self) -> None:
+        """Worker thread: the cache directory deleted (or replaced) under the mount takes its
+        lock file along, and a second mount could then lock the new one: lock it again."""
+        path = os.path.join(self.cfg.cache_dir, ".lock")
+        try:
+            held, there = os.fstat(self._lock_file.fileno()), os.stat(path)
+            if (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino):
+                return
+        except OSError:
+            pass
+        new = _lock_cache_dir(self.cfg.cache_dir)
+        if new is None:
+            if not self._lock_lost:
+                log.error("cache directory %s was removed or replaced under this mount, and another mount "
+                          "now uses it: unmount one of them", self.cfg.cache_dir)
+            self._lock_lost = True
+            return
+        self._lock_file.close()
+        self._lock_file, self._lock_lost = new, False
+        os.makedirs(self.snap_dir, mode=0o700, exist_ok=True)
+        log.warning("cache directory %s was removed or replaced under this mount; made it again (its "
+                    "entries and snapshots went with it)", self.cfg.cache_dir)
+
     def _poll_index(self, reading: list[int], stale: list[int]):
         """Worker thread: delete the snapshots of forgotten versions, renew the leases of the
         versions open here, fetch the catalogue if it changed (fetch_catalogue)."""
+        self._check_lock()
         for vid in stale:
             if vid in self.models:
                 continue  # opened again meanwhile
@@ -480,16 +503,47 @@ class Daemon:
             pass  # the kernel does not know the inode: nothing cached
 
 
+def _lock_cache_dir(cache_dir: str):
+    """The cache directory's lock file, locked (made with the directory if need be), or None
+    if another mount holds it."""
+    os.makedirs(cache_dir, exist_ok=True)
+    f = open(os.path.join(cache_dir, ".lock"), "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        return None
+    return f
+
+
+_snapshot_failed = False  # said once: a mount that cannot write its snapshots loses its fallback
+
+
 def _write_json(path: str, data) -> None:
     """Write a snapshot, readable by this account only: the catalogue holds node tokens."""
+    global _snapshot_failed
     tmp = path + ".tmp"
     try:
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:  # the directory was removed (with the cache): make it again
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
             os.fchmod(f.fileno(), 0o600)  # (a .tmp left by an older version may be 0644)
             json.dump(data, f)
         os.rename(tmp, path)
     except OSError as e:
-        log.debug("cannot write %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if not _snapshot_failed:
+            log.warning("cannot write the snapshot %s (%s): while Redis is away, models not saved there "
+                        "cannot be opened", path, e.strerror or e)
+        _snapshot_failed = True
+        return
+    if _snapshot_failed:
+        log.warning("snapshots are written again")
+    _snapshot_failed = False
 
 
 def raise_read_ahead(mountpoint: str, kb: int) -> str:
