@@ -143,6 +143,24 @@ redis.call('SADD', KEYS[2], unpack(ARGV))
 return 1
 """
 
+# A put paused past its lease (Ctrl-Z, a VM pause) may finish an upload after gc took the
+# chunk: a file no record leads gc to. It takes that file back under gc's own mark, which
+# makes other puts of the chunk wait (LEASE_LUA): only while no record exists (one that does
+# belongs to a put that stores the chunk again: the file is its now). The mark expires by
+# itself should the put die before it drops it.
+ORPHAN_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'state', 'deleting')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+UNMARK_LUA = """
+if redis.call('HGET', KEYS[1], 'state') == 'deleting' and redis.call('HLEN', KEYS[1]) == 1 then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # verify --repair drops a broken copy's location only while no running put leases the chunk:
 # such a put may have just stored it again on that node (it leases before it looks).
 # (ARGV[5]: a put that drops a copy it failed to store is not stopped by its own lease)
@@ -270,6 +288,8 @@ class Index:
         self._forget = client.register_script(FORGET_LUA)
         self._drop = client.register_script(DROP_LUA)
         self._add_locs = client.register_script(ADD_LOCS_LUA)
+        self._orphan = client.register_script(ORPHAN_LUA)
+        self._unmark = client.register_script(UNMARK_LUA)
         self._renew = client.register_script(RENEW_LUA)
         self._claimed = client.register_script(CLAIMED_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -771,6 +791,16 @@ class Index:
     def add_locations(self, hex_id: str, node_ids) -> bool:
         """False (and nothing added) if the chunk has no record: gc took it (ADD_LOCS_LUA)."""
         return not node_ids or bool(self._add_locs(keys=[k_chunk(hex_id), k_locs(hex_id)], args=list(node_ids)))
+
+    def listed(self, hex_id: str, node_id: str) -> bool:
+        return bool(self.r.sismember(k_locs(hex_id), node_id))
+
+    def mark_orphan(self, hex_id: str, ttl: float = 60) -> bool:
+        """Mark a chunk with no record as being deleted (ORPHAN_LUA); False if it has one."""
+        return bool(self._orphan(keys=[k_chunk(hex_id)], args=[int(ttl * 1000)]))
+
+    def unmark_orphan(self, hex_id: str) -> None:
+        self._unmark(keys=[k_chunk(hex_id)])
 
     def drop_unleased(self, hex_id: str, node_id: str, put_id: str = "") -> bool:
         """Drop one location unless a running put (other than put_id) leases the chunk

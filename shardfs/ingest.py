@@ -174,6 +174,9 @@ class Uploader:
                 raise ShardfsError(LAPSED)  # (gc took the chunk: only an unleased one can go)
             try:
                 self.pool.store(nid).put(hex_id, blob)
+                if not self.idx.listed(hex_id, nid):  # gc took the chunk while it was being stored
+                    self._take_back(hex_id, nid)  # (this put paused past its lease)
+                    raise ShardfsError(LAPSED)
                 have.add(nid)
             except NodeError as e:
                 # (unless another running put leases the chunk: it may have stored it there)
@@ -194,6 +197,19 @@ class Uploader:
             self.used |= have
         self.idx.record_chunk(hex_id, len(raw), len(blob), codec, [])
         return cid, len(blob), codec, False
+
+    def _take_back(self, hex_id: str, nid: str) -> None:
+        """Delete a copy just stored of a chunk gc has taken meanwhile: no record leads gc
+        to it any more (Index.mark_orphan). Left in place if another put owns it now, or
+        if the node or Redis fails here."""
+        try:
+            if self.idx.mark_orphan(hex_id):
+                try:
+                    self.pool.store(nid).delete(hex_id)
+                finally:
+                    self.idx.unmark_orphan(hex_id)
+        except (NodeError, redis.RedisError):
+            pass
 
     def _holds(self, nid: str, hex_id: str) -> bool:
         """Whether node nid still has a chunk the index lists there. A node that cannot tell

@@ -1410,6 +1410,29 @@ def test_one_gc_at_a_time_and_a_gc_that_lost_its_lock_changes_nothing(cli, nodes
     assert "deleted 25 unreferenced chunk(s)" in cli("gc").stdout  # (the claim left "deleting" is taken over)
 
 
+def test_a_put_paused_past_its_lease_while_gc_runs_publishes_nothing(cli, nodes, redis_proc, model_256):
+    """The real thing the test below builds from index calls: a put stopped (Ctrl-Z, a VM
+    pause) past its lease while gc takes its chunks must not publish when it goes on, nor
+    leave behind the copies it finishes storing after gc took their chunks (no record led
+    gc to them: they stayed for good, in 2 runs of 4)."""
+    procs = add_nodes(cli, nodes, 2)
+    p = spawn(cli, "put", model_256, "--name", "big", *MANY, env={"SHARDFS_LEASE_TTL": "2"})
+    wait_chunk_files(procs, 8, proc=p)
+    p.send_signal(signal.SIGSTOP)
+    try:
+        def gc_took_its_chunks():  # (once the lease has lapsed on Redis's clock)
+            return int(re.search(r"deleted (\d+) unreferenced", cli("gc").stdout).group(1)) > 0
+        wait_for(gc_took_its_chunks, timeout=30, what="gc taking the paused put's chunks")
+    finally:
+        p.send_signal(signal.SIGCONT)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode != 0 and "Traceback" not in err, (p.returncode, err)
+    assert len(err.strip().splitlines()) == 1 and "nothing was published" in err, err
+    assert ls_rows(cli) == {}
+    cli("gc")
+    assert all(node.chunk_files() == [] for node in procs), "copies stored after gc took their chunk stay"
+
+
 def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
     """A put paused past its lease (Ctrl-Z, a VM pause) used to revive it with its next
     heartbeat, and then published although gc had taken its chunks meanwhile."""
