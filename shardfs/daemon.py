@@ -317,7 +317,16 @@ class Daemon:
                 return
         except OSError:
             pass
-        new = _lock_cache_dir(self.cfg.cache_dir)
+        try:
+            new = _lock_cache_dir(self.cfg.cache_dir)
+            if new is not None:
+                os.makedirs(self.snap_dir, mode=0o700, exist_ok=True)
+        except OSError as e:  # (not the index's failure: the poll goes on)
+            if not self._lock_lost:
+                log.error("cache directory %s was removed or replaced under this mount and cannot be made "
+                          "again: %s", self.cfg.cache_dir, e.strerror or e)
+            self._lock_lost = True
+            return
         if new is None:
             if not self._lock_lost:
                 log.error("cache directory %s was removed or replaced under this mount, and another mount "
@@ -326,7 +335,6 @@ class Daemon:
             return
         self._lock_file.close()
         self._lock_file, self._lock_lost = new, False
-        os.makedirs(self.snap_dir, mode=0o700, exist_ok=True)
         log.warning("cache directory %s was removed or replaced under this mount; made it again (its "
                     "entries and snapshots went with it)", self.cfg.cache_dir)
 
@@ -382,7 +390,7 @@ class Daemon:
     async def open_model(self, entry: FileEntry) -> OpenModel:
         m = self.models.get(entry.vid)
         if m is not None:
-            if time.monotonic() - self._leased.get(entry.vid, -math.inf) > READ_LEASE_TTL / 2:
+            if self.redis_ok and time.monotonic() - self._leased.get(entry.vid, -math.inf) > READ_LEASE_TTL / 2:
                 # loaded long ago, closed since: its lease may have lapsed, and the poll renews
                 # it only later (up to POLL s): a gc meanwhile would drop it under this reader
                 await trio.to_thread.run_sync(self._lease_again, entry, abandon_on_cancel=True)
@@ -410,6 +418,8 @@ class Daemon:
             there = idx.r.exists(k_version(entry.vid))
         except Exception as e:  # noqa: BLE001 - the index is away: serve what is loaded
             log.debug("cannot lease %s (version %d) again: %s", entry.name, entry.vid, e)
+            # (asked again only after a poll: a hung Redis must not cost every open its timeout)
+            self._leased[entry.vid] = now - READ_LEASE_TTL / 2 + POLL
             return
         self._leased[entry.vid] = now
         if not there:

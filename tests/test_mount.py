@@ -149,6 +149,24 @@ def test_a_cache_dir_deleted_under_the_mount_is_made_again_and_locked(store, mou
     assert "was removed or replaced under this mount" in open(m.log).read()
 
 
+def test_a_cache_dir_that_cannot_be_made_again_leaves_the_index_polls_alone(store, mounts):
+    """A plain file where the cache directory was: taking the lock again raised out of the
+    poll, which then counted the index as away and renewed no read lease any more."""
+    m = mounts()
+    with open(m.file("org/small.safetensors"), "rb") as f:
+        assert f.read(100) == store["small"].read_bytes()[:100]
+        shutil.rmtree(m.cache_dir)
+        open(m.cache_dir, "w").close()
+        try:
+            wait_for(lambda: "cannot be made again" in open(m.log).read(), timeout=20, what="the mount saying so")
+            stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+            assert stats["redis_ok"] is True, stats
+            assert "index unavailable" not in open(m.log).read()
+            assert f.read() == store["small"].read_bytes()[100:]
+        finally:
+            os.unlink(m.cache_dir)
+
+
 def test_evict_and_warm_during_reads(store, mounts):
     m = mounts()
     ref = store["small"].read_bytes()
