@@ -121,11 +121,15 @@ class NodeServer:
                                                "Cache-Control": "public, max-age=31536000, immutable"})
             resp.content_length = size
             await resp.prepare(request)  # (sends the headers)
-            if request.method != "HEAD" and size:
-                if request.transport is None:
-                    raise ConnectionResetError("the client went away")
-                await loop.sendfile(request.transport, f, 0, size)  # (copies if sendfile cannot)
-            await resp.write_eof()
+            try:
+                if request.method != "HEAD" and size:
+                    if request.transport is None:
+                        raise ConnectionResetError("the client went away")
+                    await loop.sendfile(request.transport, f, 0, size)  # (copies if sendfile cannot)
+                await resp.write_eof()
+            except ConnectionError as e:  # a client that hung up mid-body (a read abandoned at its
+                log.debug("GET %s: %s", request.match_info["cid"], e)  # deadline): routine
+                resp.force_close()
         return resp
 
     async def put(self, request):

@@ -2070,6 +2070,25 @@ def test_a_node_out_of_file_descriptors_answers_503_never_404(tmp_path):
         proc.wait()
 
 
+def test_a_client_hanging_up_mid_chunk_is_routine_for_the_node_server(nodes):
+    """The mount hangs up on a body that misses its deadline: the server logged a traceback
+    for each one ("Error handling request"), and must go on serving."""
+    import socket
+    from shardfs.stores import FileStore
+    [srv] = nodes(1)
+    cid, blob, _ = envelope.encode(os.urandom(48 << 20))
+    FileStore(srv.url, srv.root).put(cid.hex(), blob)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", srv.port)) as s:
+            s.sendall(f"GET /chunks/{cid.hex()} HTTP/1.1\r\nHost: n\r\n\r\n".encode())
+            s.recv(65536)  # the headers and a little of the body, then gone
+    r = urllib3.request("GET", f"{srv.url}/chunks/{cid.hex()}", retries=False)
+    assert r.status == 200 and r.data == bytes(blob)
+    srv.stop()
+    err = srv.proc.stderr.read().decode(errors="replace")
+    assert "Traceback" not in err and "Error handling request" not in err, err
+
+
 def test_a_hung_replica_is_raced_once_then_asked_last(cli, nodes, redis_proc, model_small):
     """Raced requests to a hung node end at their own timeout with nobody waiting for them:
     the node was never marked failed, and every chunk it ranked first paid the hedge delay."""
