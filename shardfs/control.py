@@ -264,8 +264,8 @@ async def _dispatch(daemon, req, send):
                 break
         else:
             return {"bytes": total}
-        if cache.used + distinct - got <= cache.limit:  # the limit had room: the disk did not
-            # (a larger --cache-size would not help)
+        if cache.full == "disk" or cache._free_disk() - cache.free_floor < distinct - got:
+            # its disk has no room for the rest: a larger --cache-size would not help
             raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the "
                                f"cache: {FULL_WHY['disk']} ({human(cache.free_floor)} kept free on the cache's "
                                f"disk); free space there, or move the cache to a larger disk")

@@ -167,6 +167,15 @@ def test_a_cache_dir_that_cannot_be_made_again_leaves_the_index_polls_alone(stor
             os.unlink(m.cache_dir)
 
 
+def test_warm_of_a_model_the_limit_barely_takes_says_raise_the_cache_size(store, mounts):
+    """Above 95% of its limit the cache trims to 85%: a model just under the limit does not
+    stay whole, and the disk (with room to spare) is not the one to blame."""
+    m = mounts("--cache-size", "3200KiB")  # other.bin: 3 MiB + 12345 bytes, in 1 MiB chunks
+    r = m.cli("cache", "warm", "org/deep/other.bin", "--mount", m.path, check=False)
+    assert r.returncode == 1 and "stayed in the cache" in r.stderr, r.stderr
+    assert "raise --cache-size" in r.stderr and "free floor" not in r.stderr, r.stderr
+
+
 def test_evict_and_warm_during_reads(store, mounts):
     m = mounts()
     ref = store["small"].read_bytes()
