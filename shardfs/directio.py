@@ -120,16 +120,21 @@ def _stamp(st: os.stat_result) -> tuple:
 
 def changed_since_mapped(view) -> bool:
     """Whether `view` (or a slice of it) shows a file mapped by read_whole(pin=True) that has
-    been written, replaced or removed since: the pages of a shared mapping are the file's
-    own, so a write into it in place reaches them after their hash was checked. Anything
-    else is a private buffer: False."""
+    been written in place since it was mapped: the pages of a shared mapping are the file's
+    own, so such a write reaches them after their hash was checked. Anything else is a
+    private buffer: False."""
     pages = getattr(view, "obj", None)
     if not isinstance(pages, MappedPages):
         return False
     try:
-        return _stamp(os.stat(pages.path)) != pages.stamp
+        st = os.stat(pages.path)
+    except FileNotFoundError:
+        return False  # evicted: the mapped file is unlinked, no one opens it by its name now
     except OSError:
         return True
+    if (st.st_dev, st.st_ino) != pages.stamp[:2]:
+        return False  # evicted and filled again: the mapped pages are the old, unlinked file's
+    return _stamp(st) != pages.stamp
 
 
 def pinned_map(fd: int, size: int) -> memoryview | None:

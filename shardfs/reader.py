@@ -343,6 +343,8 @@ class Reader:
 
     def _push_pages(self, m: OpenModel, i: int, data, pages) -> bool:
         """Worker thread: push chunk i, then every page it shares that is now complete."""
+        if directio.changed_since_mapped(data):  # (a mapped entry written since: the kernel keeps
+            return False                         # what is pushed, so push nothing; reads reload it)
         ok = self.notify(m.inode, m.manifest.offsets[i], data)
         for at, page in pages:
             self.notify(m.inode, at, page)
@@ -391,12 +393,26 @@ class Reader:
             start = m.manifest.offsets[i]
             lo, hi = max(off, start), min(end, start + m.manifest.lengths[i])
             ranges.append((i, start, lo, hi, page_piece(m, i, lo, hi)))
-        parts = []
-        for i, start, lo, hi, piece in ranges:
-            if piece is None:
-                data = await self.chunk(m, i, sequential=state is not None and state.window > 0)
-                piece = data[lo - start:hi - start]
-            parts.append(piece)
+        stale: set[int] = set()
+        while True:
+            parts = []
+            for i, start, lo, hi, piece in ranges:
+                if piece is None or i in stale:
+                    data = await self.chunk(m, i, sequential=state is not None and state.window > 0)
+                    piece = data[lo - start:hi - start]
+                parts.append(piece)
+            # A part from a mapped cache entry was checked when it was taken; a write into the
+            # entry while later parts were awaited would reach this reply: check them again.
+            again = {r[0] for r, part in zip(ranges, parts) if directio.changed_since_mapped(part)}
+            if not again:
+                break
+            for i in again:  # (loaded and hashed again: a changed entry is dropped and fetched)
+                log.warning("%s: cache entry %s was changed on disk while in use; loading it again",
+                            m.name, m.hexes[i])
+                self.mem.drop(m.hexes[i])
+                if i in stale and self.cache is not None:  # written to again and again: from the nodes
+                    await trio.to_thread.run_sync(self.cache.discard, m.hexes[i])
+            stale |= again
         for i, _start, lo, hi, _piece in ranges:  # only once the whole reply is in hand
             handed_over(m, i, lo, hi)
         out = parts[0] if len(parts) == 1 else b"".join(parts)

@@ -376,3 +376,64 @@ def test_a_mapped_cache_entry_written_in_place_is_not_served_again(tmp_path, cap
     trio.run(partial(with_reader, push=False), pool, cache, main)
     assert cache.corrupt == 1 and "changed on disk while in use" in caplog.text  # counted, and said
     assert m.hexes[1] not in cache  # dropped (the node it came from again is on this disk: not refilled)
+
+
+def test_a_mapped_part_written_while_a_later_part_loads_is_checked_again(tmp_path, caplog):
+    """A reply over two chunks: the first, mapped, was checked when taken; a write into its
+    entry while the second chunk loaded reached the reply."""
+    import resource
+
+    from shardfs import directio
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
+        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
+    data, m, pool, cache = setup(tmp_path, [1 << 20, 1 << 20])
+    for i, h in enumerate(m.hexes):
+        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
+        with open(cache.path(h), "rb") as f:
+            f.read()
+    get, wrote = cache.get, []
+
+    def get_writing_the_first(h, keyring=None):  # the second chunk loads: the first is written meanwhile
+        if h == m.hexes[1] and not wrote:
+            fd = os.open(cache.path(m.hexes[0]), os.O_WRONLY)
+            try:
+                os.pwrite(fd, bytes([data[(1 << 20) - 10] ^ 0xFF]), (1 << 20) - 10)
+            finally:
+                os.close(fd)
+            wrote.append(1)
+        return get(h, keyring)
+    cache.get = get_writing_the_first
+
+    async def main(reader, pushes):
+        assert bytes(await reader.read(m, 0, 8192)) == data[:8192]
+        assert isinstance(reader.mem.get(m.hexes[0]).obj, directio.MappedPages)
+        off = (1 << 20) - 8192
+        assert bytes(await reader.read(m, off, 16384)) == data[off:off + 16384]
+        assert wrote
+
+    trio.run(partial(with_reader, push=False), pool, cache, main)
+    assert cache.corrupt == 1 and "changed on disk while in use" in caplog.text
+
+
+def test_a_mapped_entry_evicted_from_the_disk_is_served_on_from_memory(tmp_path, caplog):
+    """Eviction unlinks the file, which no one can then write by its name: that is not a
+    write (it was taken for one: a warning and a fetch from the nodes)."""
+    import resource
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
+        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
+    data, m, pool, cache = setup(tmp_path, [1 << 20])
+    h = m.hexes[0]
+    assert cache.put(h, data)
+    with open(cache.path(h), "rb") as f:
+        f.read()
+
+    async def main(reader, pushes):
+        assert bytes(await reader.read(m, 0, 8192)) == data[:8192]
+        assert cache.evict([h]) == 1 << 20  # the LRU or an admin
+        assert bytes(await reader.read(m, 8192, 8192)) == data[8192:16384]
+        assert cache.put(h, data)  # and filled again (another inode at the same path)
+        assert bytes(await reader.read(m, 16384, 8192)) == data[16384:24576]
+        assert reader.fetched == 0 and cache.hits == 1  # all from the one load
+
+    trio.run(partial(with_reader, push=False), pool, cache, main)
+    assert "changed on disk" not in caplog.text
