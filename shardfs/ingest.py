@@ -318,9 +318,15 @@ class PutSession:
         """Publish every stored file, and remove the models named in `remove`, at once."""
         with signals_held():
             publishing[:] = [s.name for s in stored]
-            vids = self.idx.publish_all(
-                [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
-                force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
+            try:
+                vids = self.idx.publish_all(
+                    [(s.name, s.manifest, s.size, s.sha256, s.chunk_size, self.replicas, s.stats) for s in stored],
+                    force, put_id=self.put_id, lease_margin=LEASE_TTL / 3, remove=remove, nodes=self.uploader.used)
+            except redis.RedisError:
+                raise  # (publishing stays set: the error line says the outcome is not known)
+            except BaseException:
+                publishing.clear()  # (refused: a name taken, a lapsed lease; nothing applied)
+                raise
             publishing.clear()
             for s, vid in zip(stored, vids):
                 s.result.vid = vid

@@ -516,11 +516,12 @@ def cmd_cache(args) -> None:
         if not args.all and not args.names:
             raise UsageError("name models to evict, or --all")
         res = request(mp, {"op": "evict", "names": args.names, "all": args.all})
-        print(f"evicted {human(res['freed'])}")
         if res.get("unremoved_count"):
-            raise ShardfsError(f"{res['unremoved_count']} cache entries ({human(res['unremoved'])}) could not be "
-                               f"removed from the cache directory: {res['why']}; they are no longer served, "
-                               f"and the mount's next start counts them again")
+            raise ShardfsError(f"evicted {human(res['freed'])}, but {res['unremoved_count']} cache entries "
+                               f"({human(res['unremoved'])}) could not be removed from the cache directory: "
+                               f"{res['why']}; they are no longer served, and the mount's next start counts "
+                               f"them again")
+        print(f"evicted {human(res['freed'])}")
         return
     if not args.names:
         raise UsageError(f"name the models to {op}")

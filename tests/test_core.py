@@ -1045,6 +1045,11 @@ def test_redis_failing_inside_a_publish_says_the_outcome_is_not_known(cli, nodes
     monkeypatch.setattr(ingest, "publishing", [])
     add_nodes(cli, nodes, 2)
     idx = open_idx(redis_proc)
+    cli("put", model_small, "--name", "taken")
+    with pytest.raises(ShardfsError, match="already exists"):  # refused: nothing applied, nothing pending
+        with ingest.PutSession(idx) as put, open(model_small, "rb") as src:
+            put.publish([put.store(src, "taken", 1 << 20, False)], False)
+    assert ingest.publishing == []
     with pytest.raises(redis.RedisError):
         with ingest.PutSession(idx) as put, open(model_small, "rb") as src:
             stored = put.store(src, "org/m", 1 << 20, False)
