@@ -345,31 +345,41 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
     trio.run(partial(with_reader, readahead_max=1), pool, cache, main)  # (in sequence, hardly any readahead)
 
 
+def cached_in_memory(tmp_path, lengths):
+    """setup(), with every chunk in the disk cache and its entry in the page cache: the
+    reader loads such entries through a locked mapping of the file (directio.pinned_map)."""
+    import resource
+    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
+        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
+    data, m, pool, cache = setup(tmp_path, lengths)
+    for i, h in enumerate(m.hexes):
+        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
+        with open(cache.path(h), "rb") as f:
+            f.read()
+    return data, m, pool, cache
+
+
+def write_in_place(path, at: int, byte: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, bytes([byte]), at)
+    finally:
+        os.close(fd)
+
+
 def test_a_mapped_cache_entry_written_in_place_is_not_served_again(tmp_path, caplog):
     """Entries in the page cache are served from a shared mapping of the file, checked once
     when loaded: a write into the file in place afterwards changed the bytes the memory
     buffer went on serving (wrong bytes, and the cache never counted it damaged)."""
-    import resource
-
     from shardfs import directio
-    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
-        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
-    data, m, pool, cache = setup(tmp_path, [1 << 20, 1 << 20])
-    for i, h in enumerate(m.hexes):
-        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
-        with open(cache.path(h), "rb") as f:
-            f.read()  # (in the page cache now: loaded through a mapping)
+    data, m, pool, cache = cached_in_memory(tmp_path, [1 << 20, 1 << 20])
     off = m.manifest.offsets[1]
 
     async def main(reader, pushes):
         first = await reader.read(m, off, 8192)
         assert bytes(first) == data[off:off + 8192]
         assert isinstance(reader.mem.get(m.hexes[1]).obj, directio.MappedPages)  # (what this test is about)
-        fd = os.open(cache.path(m.hexes[1]), os.O_WRONLY)
-        try:
-            os.pwrite(fd, bytes([data[off + 100] ^ 0xFF]), 100)  # in place: the mapped pages change
-        finally:
-            os.close(fd)
+        write_in_place(cache.path(m.hexes[1]), 100, data[off + 100] ^ 0xFF)  # the mapped pages change
         assert bytes(await reader.read(m, off, 8192)) == data[off:off + 8192]
         assert bytes(await reader.read(m, 0, 8192)) == data[:8192]  # (an untouched entry serves on)
 
@@ -381,25 +391,13 @@ def test_a_mapped_cache_entry_written_in_place_is_not_served_again(tmp_path, cap
 def test_a_mapped_part_written_while_a_later_part_loads_is_checked_again(tmp_path, caplog):
     """A reply over two chunks: the first, mapped, was checked when taken; a write into its
     entry while the second chunk loaded reached the reply."""
-    import resource
-
     from shardfs import directio
-    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
-        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
-    data, m, pool, cache = setup(tmp_path, [1 << 20, 1 << 20])
-    for i, h in enumerate(m.hexes):
-        assert cache.put(h, data[m.manifest.offsets[i]:m.manifest.offsets[i] + m.manifest.lengths[i]])
-        with open(cache.path(h), "rb") as f:
-            f.read()
+    data, m, pool, cache = cached_in_memory(tmp_path, [1 << 20, 1 << 20])
     get, wrote = cache.get, []
 
     def get_writing_the_first(h, keyring=None):  # the second chunk loads: the first is written meanwhile
         if h == m.hexes[1] and not wrote:
-            fd = os.open(cache.path(m.hexes[0]), os.O_WRONLY)
-            try:
-                os.pwrite(fd, bytes([data[(1 << 20) - 10] ^ 0xFF]), (1 << 20) - 10)
-            finally:
-                os.close(fd)
+            write_in_place(cache.path(m.hexes[0]), (1 << 20) - 10, data[(1 << 20) - 10] ^ 0xFF)
             wrote.append(1)
         return get(h, keyring)
     cache.get = get_writing_the_first
@@ -418,14 +416,8 @@ def test_a_mapped_part_written_while_a_later_part_loads_is_checked_again(tmp_pat
 def test_a_mapped_entry_evicted_from_the_disk_is_served_on_from_memory(tmp_path, caplog):
     """Eviction unlinks the file, which no one can then write by its name: that is not a
     write (it was taken for one: a warning and a fetch from the nodes)."""
-    import resource
-    if os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_MEMLOCK)[0] < 4 << 20:
-        pytest.skip("RLIMIT_MEMLOCK too low here to lock the chunks")
-    data, m, pool, cache = setup(tmp_path, [1 << 20])
+    data, m, pool, cache = cached_in_memory(tmp_path, [1 << 20])
     h = m.hexes[0]
-    assert cache.put(h, data)
-    with open(cache.path(h), "rb") as f:
-        f.read()
 
     async def main(reader, pushes):
         assert bytes(await reader.read(m, 0, 8192)) == data[:8192]
