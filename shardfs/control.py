@@ -210,7 +210,8 @@ async def _dispatch(daemon, req, send):
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
                 "chunks_fetched": reader.fetched, "local_uncached": reader.local_uncached,
                 "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
-                "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models)}
+                "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models),
+                "polls": daemon.polls}
     if op == "evict":
         unremoved = []
         if req.get("all"):

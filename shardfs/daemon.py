@@ -102,6 +102,7 @@ class Daemon:
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
         self._leased: dict[int, float] = {}  # version -> when (monotonic) its lease was last taken
+        self.polls = 0  # index polls done (cache stats: what "a few polls later" can wait on)
         self._stale_snapshots: list[int] = []
         self._bad_records: set[str] = set()  # malformed version records already logged
         self._prefetching: dict[int, trio.CancelScope] = {}
@@ -291,6 +292,7 @@ class Daemon:
                 self.redis_ok = False
                 self.idx = None if isinstance(e, IndexUnavailable) else self.idx
             self._stale_snapshots += self.forget_unused()
+            self.polls += 1
 
     def forget_unused(self) -> list[int]:
         """Trio thread: drop the in-memory state of versions neither current nor open (a

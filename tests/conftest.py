@@ -7,6 +7,7 @@ Nothing here is a mock: Redis is a real redis-server in a temp dir, nodes are re
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -337,6 +338,15 @@ class Mount:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def stats(self) -> dict:
+        return json.loads(self.cli("cache", "stats", "--json", "--mount", self.path).stdout)
+
+    def wait_polls(self, n: int, timeout: float = 60.0) -> None:
+        """Until the daemon has polled the index n more times (what "nothing changed a few
+        polls later" waits on, rather than a sleep a loaded machine can outrun)."""
+        start = self.stats()["polls"]
+        wait_for(lambda: self.stats()["polls"] >= start + n, timeout=timeout, what=f"{n} more index polls")
 
     def file(self, name):
         return os.path.join(self.path, name)

@@ -220,8 +220,6 @@ def test_a_key_file_others_can_read_is_warned_about(cli, nodes, tmp_path, keys):
 def test_a_pin_that_cannot_follow_a_version_under_another_key_is_warned_about_once(cli, nodes, tmp_path, keys, mounts):
     """The pin's move was retried at every poll (every 2 s), with a warning each time, for
     as long as the mount ran."""
-    import time
-
     from conftest import wait_for
     key, other = keys
     m, src = _mounted_secret(cli, nodes, tmp_path, key, mounts)
@@ -233,7 +231,7 @@ def test_a_pin_that_cannot_follow_a_version_under_another_key_is_warned_about_on
         with open(m.log, errors="replace") as f:
             return f.read().count("cannot move the pin of secret.bin")
     wait_for(lambda: warnings() >= 1, timeout=15, what="the warning")
-    time.sleep(7)  # three more polls
+    m.wait_polls(3)
     assert warnings() == 1
     with pytest.raises(OSError) as e:
         open(m.file("secret.bin"), "rb")

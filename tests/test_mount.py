@@ -378,7 +378,7 @@ def test_an_index_reset_under_the_mount_never_serves_another_versions_bytes(cli,
     assert os.listdir(m.path) == ["first.bin"]
     cli("node", "add", ns[0].url)
     cli("put", b, "--name", "second.bin")  # version 1 again, of another model
-    time.sleep(3)  # (past a few catalogue polls)
+    m.wait_polls(2)  # (the mount would have shown it by now)
     # the mount keeps what it had, with its bytes, and shows nothing under the reused id
     assert os.listdir(m.path) == ["first.bin"] and os.stat(m.file("first.bin")).st_ino == ino
     assert open(m.file("first.bin"), "rb").read() == a.read_bytes()
