@@ -897,7 +897,7 @@ def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
     node_port, node.proc = start_listening(launch, "node server with metrics")
     node.port, node.url = node_port + 1, f"http://127.0.0.1:{node_port + 1}"
     try:
-        wait_for(lambda: listens(node.proc, node.port), what="node server")
+        wait_for(lambda: listens(node.proc, node.port), timeout=30, what="node server")  # (after its metrics port)
         cli("node", "add", node.url)
         src = tmp_path / "m.bin"
         src.write_bytes(os.urandom(3 << 20))
