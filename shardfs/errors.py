@@ -44,13 +44,16 @@ class BadRecord(ShardfsError):
 
 
 class NodeError(Exception):
-    """A node could not serve or store a chunk. `full` is set when it is out of space."""
+    """A node could not serve or store a chunk. `full` is set when it is out of space;
+    `unsure` when the request went out and no answer came (a store may have taken effect)."""
 
-    def __init__(self, node: str, message: str, full: bool = False, missing: bool = False):
+    def __init__(self, node: str, message: str, full: bool = False, missing: bool = False,
+                 unsure: bool = False):
         super().__init__(f"{node}: {message}")
         self.node = node
         self.full = full
         self.missing = missing
+        self.unsure = unsure
 
 
 class KeyMismatch(ShardfsError):

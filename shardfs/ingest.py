@@ -179,8 +179,11 @@ class Uploader:
                     raise ShardfsError(LAPSED)
                 have.add(nid)
             except NodeError as e:
-                # (unless another running put leases the chunk: it may have stored it there)
-                self.idx.drop_unleased(hex_id, nid, self.put_id)
+                # (unless another running put leases the chunk: it may have stored it there;
+                # and kept if the node may have stored it before its answer was lost: gc
+                # finds a copy only through its listing, and verify drops a missing one)
+                if not e.unsure:
+                    self.idx.drop_unleased(hex_id, nid, self.put_id)
                 with self._lock:  # workers run in parallel: say it once per node, one whole line
                     if nid not in self.failed:
                         self.failed[nid] = str(e)

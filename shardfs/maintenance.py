@@ -386,7 +386,9 @@ def _repair(idx, pool, live, h, blob, good, want, bad, missing, unreadable, out)
             pool.store(nid).put(h, blob)
             have.append(nid)
         except NodeError as e:
-            if nid not in listed:  # only the listing added just now (a copy listed before stays listed)
+            # only the listing added just now (a copy listed before stays listed), and not if the
+            # node may have stored the copy before its answer was lost (gc finds it by its listing)
+            if nid not in listed and not e.unsure:
                 idx.drop_unleased(h, nid)  # (a running put may have stored it there meanwhile)
             print(f"repair: could not copy chunk {h[:16]} to {nid}: {e}", file=out)
     if len(have) >= want:

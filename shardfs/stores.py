@@ -494,9 +494,11 @@ class HttpStore(NodeStore):
         except urllib3.exceptions.ReadTimeoutError:
             waited = kw.get("timeout", self._pool.timeout).read_timeout
             raise NodeError(self.url, f"{method} {path}: no answer within {waited:g} s "
-                            "(connected, but the node did not answer)") from None
+                            "(connected, but the node did not answer)", unsure=True) from None
         except urllib3.exceptions.HTTPError as e:
-            raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}") from None
+            # (a request that never reached the node took no effect; any other may have)
+            sent = not isinstance(e, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+            raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}", unsure=sent) from None
 
     def get(self, hex_id):
         r = self._request("GET", "/chunks/" + hex_id, preload_content=False)

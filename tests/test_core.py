@@ -916,6 +916,27 @@ def test_redis_unreachable(base_env, model_small):
     assert_one_line_error(cli("--redis", other, "ls", check=False), other)
 
 
+def test_a_node_that_answers_a_put_too_late_leaves_no_copy_gc_cannot_find(cli, nodes, redis_proc, tmp_path):
+    """A PUT whose answer never came (the node paused, or killed after writing) may still
+    have stored the chunk: dropping its listing left a file no record leads gc to."""
+    procs = add_nodes(cli, nodes, 3)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(4 << 20))
+    p = spawn(cli, "put", src, "--name", "m", *MANY)
+    wait_chunk_files(procs[:1], 2, proc=p)
+    procs[0].proc.send_signal(signal.SIGSTOP)  # takes connections and bodies, answers nothing
+    try:
+        out, err = p.communicate(timeout=120)
+    finally:
+        procs[0].proc.send_signal(signal.SIGCONT)  # and then stores what it was sent
+    assert p.returncode == 0 and "skipping node n1" in err, err
+    get_and_compare(cli, "m", src, tmp_path)
+    cli("rm", "m")
+    cli("gc", "--grace", "0")
+    for node in procs:
+        assert node.chunk_files() == [], f"{node.root} keeps copies no record leads gc to"
+
+
 def test_node_dies_during_put_uses_next_in_rendezvous_order(cli, nodes, redis_proc, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 3)
     idx = open_idx(redis_proc)
