@@ -821,7 +821,9 @@ class Index:
         token = f"{lease_holder()}:{secrets.token_hex(4)}"
         if not self.r.set(K_GC, token, nx=True, px=int(ttl * 1000)):
             holder = _s(self.r.get(K_GC) or b"?").rsplit(":", 1)[0]
-            raise ShardfsError(f"another gc is running ({holder}); run gc again once it has ended")
+            left = max(1, -(-int(self.r.pttl(K_GC)) // 1000))
+            raise ShardfsError(f"another gc is running ({holder}); run gc again once it has ended (if it "
+                               f"was killed, its lock lapses within {left} s)")
         self.gc_token = token
 
         def renew():

@@ -426,6 +426,26 @@ def test_a_malformed_version_record_is_one_line_and_the_rest_is_still_checked(cl
     assert " b\n" in r.stdout and " a\n" not in r.stdout, r.stdout
 
 
+def test_what_a_killed_gc_leaves_is_said_and_the_next_gc_finishes(cli, nodes, redis_proc, model_small):
+    """A gc killed part-way leaves its lock (until it lapses) and its claims: the gc refused
+    meanwhile named no way out, and the stuck put advised a gc that was refused."""
+    from shardfs.index import K_GC, k_chunk
+    [node] = add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "m", *SMALL)
+    idx = open_idx(redis_proc)
+    hexes = [c.hex() for c in idx.model("m").manifest.ids]
+    cli("rm", "m")
+    # what `kill -9` of a gc leaves: its lock (60 s; 4 here) and one chunk claimed, not deleted yet
+    idx.r.set(K_GC, "otherhost:4242:0a1b2c3d:beef", px=4000)
+    idx.r.hset(k_chunk(hexes[0]), "state", "deleting")
+    line = assert_one_line_error(cli("gc", "--grace", "0", check=False), "another gc is running (otherhost:4242")
+    assert re.search(r"if it was killed, its lock lapses within [1-4] s", line), line
+    assert len(node.chunk_files()) == len(set(hexes))
+    wait_for(lambda: not idx.r.exists(K_GC), timeout=10, what="the lock lapsing")
+    cli("gc", "--grace", "0")  # takes the claimed chunk along with the rest
+    assert node.chunk_files() == [] and not idx.r.exists(k_chunk(hexes[0]))
+
+
 def test_gc_refused_for_another_gc_changes_nothing(cli, nodes, redis_proc, model_small, tmp_path):
     """gc dropped replaced versions before it found another gc running, and then failed."""
     add_nodes(cli, nodes, 1)
