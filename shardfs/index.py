@@ -121,7 +121,9 @@ return st
 
 # Every change gc makes to a chunk's record is a script that first checks gc's token in
 # KEYS[3]: a gc that paused past its lock's expiry (and so may run beside another) changes
-# nothing more.
+# nothing more. A claim also ends the puts whose leases lapsed: that changes K_PUTS, which a
+# publish watches, so a put that checked its lease and then paused past it (between the
+# check and its EXEC) cannot publish once gc has claimed a chunk it relied on.
 CLAIM_LUA = """
 if redis.call('GET', KEYS[3]) ~= ARGV[4] then return -1 end
 local refs = tonumber(redis.call('HGET', KEYS[1], 'refs') or '0')
@@ -130,6 +132,7 @@ if redis.call('HGET', KEYS[1], 'state') == 'deleting' then return 1 end
 for _, p in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '+inf')) do
   if redis.call('SISMEMBER', ARGV[3] .. p, ARGV[1]) == 1 then return 0 end
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[2])
 redis.call('HSET', KEYS[1], 'state', 'deleting')
 return 1
 """

@@ -481,10 +481,12 @@ class HttpStore(NodeStore):
         self._connect_timeout = connect_timeout
 
     def _request(self, method, path, preload_content=True, **kw):
+        sent = False  # whether a request went out that the node may have acted on
         try:
             try:
                 return self._pool.request(method, self._prefix + path, preload_content=preload_content, **kw)
             except urllib3.exceptions.ProtocolError:
+                sent = True
                 # The connection dropped before an answer: most often a kept-alive one the
                 # node closed (its idle timeout) just as this request went out on it. Once
                 # more, on a new connection: every request here is idempotent (chunks are
@@ -497,7 +499,8 @@ class HttpStore(NodeStore):
                             "(connected, but the node did not answer)", unsure=True) from None
         except urllib3.exceptions.HTTPError as e:
             # (a request that never reached the node took no effect; any other may have)
-            sent = not isinstance(e, (urllib3.exceptions.NewConnectionError, urllib3.exceptions.ConnectTimeoutError))
+            sent = sent or not isinstance(e, (urllib3.exceptions.NewConnectionError,
+                                              urllib3.exceptions.ConnectTimeoutError))
             raise NodeError(self.url, f"{method} failed: {type(e).__name__}: {e}", unsure=sent) from None
 
     def get(self, hex_id):

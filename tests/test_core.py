@@ -989,6 +989,8 @@ def test_node_dies_during_put_uses_next_in_rendezvous_order(cli, nodes, redis_pr
     rerouted = 0
     for h, info in zip(ids, idx.chunk_info(ids)):
         locs = set(info["locs"])
+        if len(locs) == 3 and victim_id in locs:  # its store there was under way at the kill: it
+            locs.discard(victim_id)  # may have landed, so it stays listed (gc finds it; verify checks)
         assert len(locs) == 2, f"chunk {h} has locations {locs}"
         if victim_id in locs:  # stored before the kill
             assert victim_id in rank(h, all_w)[:2]
@@ -1477,6 +1479,33 @@ def test_a_put_paused_past_its_lease_while_gc_runs_publishes_nothing(cli, nodes,
     assert ls_rows(cli) == {}
     cli("gc")
     assert all(node.chunk_files() == [] for node in procs), "copies stored after gc took their chunk stay"
+
+
+def test_a_put_pausing_between_its_lease_check_and_its_publish_cannot_publish_what_gc_took(redis_proc):
+    """publish_all checks the put's lease, then EXECs. A put paused past its lease in
+    between (while gc claimed a chunk it relied on, without touching anything the publish
+    watched) published a version whose chunk gc was deleting."""
+    from shardfs.index import K_PUTS, LAPSED
+    from shardfs.manifest import Manifest
+    idx, gc_idx = open_idx(redis_proc), open_idx(redis_proc)
+    h = "ab" * 32
+    idx.start_put("p1", 1.5)
+    assert idx.lease_chunk("p1", h, 1.5) == "absent"
+    idx.record_chunk(h, 10, 10, 0, [])
+    check = idx._check_names
+    claimed = []
+
+    def then_paused_past_the_lease(p, names, force, remove):
+        check(p, names, force, remove)
+        if not claimed:  # (the first attempt only)
+            wait_for(lambda: idx.now_ms() > idx.r.zscore(K_PUTS, "p1"), timeout=10, what="the lapse")
+            with gc_idx.gc_lock():
+                claimed.append(gc_idx.claim_for_gc(h))
+    idx._check_names = then_paused_past_the_lease
+    with pytest.raises(ShardfsError, match=re.escape(LAPSED[:40])):
+        idx.publish_all([("m", Manifest.build([(bytes.fromhex(h), 10)]), 10, "0" * 64, 1 << 20, 1, {})],
+                        False, put_id="p1")
+    assert claimed == [True] and "m" not in idx.models()
 
 
 def test_a_put_whose_lease_gc_ended_never_publishes(redis_proc, monkeypatch):
