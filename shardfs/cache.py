@@ -169,8 +169,10 @@ class ChunkCache:
         if not known:
             self._count("misses")
             return None
-        if touch:  # (its mtime keeps the LRU order across restarts; set before the read, since
-            try:   # an entry served from a mapping is checked against the mtime it had then)
+        # Its mtime keeps the LRU order across restarts. Set before the read: an entry served
+        # from a mapping is checked against the mtime it had then (directio.changed_since_mapped).
+        if touch:
+            try:
                 os.utime(self.path(hex_id))
             except OSError:
                 pass

@@ -321,18 +321,14 @@ class Daemon:
             pass
         try:
             new = _lock_cache_dir(self.cfg.cache_dir)
+            why = "another mount now uses it: unmount one of them"
             if new is not None:
                 os.makedirs(self.snap_dir, mode=0o700, exist_ok=True)
         except OSError as e:  # (not the index's failure: the poll goes on)
-            if not self._lock_lost:
-                log.error("cache directory %s was removed or replaced under this mount and cannot be made "
-                          "again: %s", self.cfg.cache_dir, e.strerror or e)
-            self._lock_lost = True
-            return
+            new, why = None, f"it cannot be made again: {e.strerror or e}"
         if new is None:
             if not self._lock_lost:
-                log.error("cache directory %s was removed or replaced under this mount, and another mount "
-                          "now uses it: unmount one of them", self.cfg.cache_dir)
+                log.error("cache directory %s was removed or replaced under this mount; %s", self.cfg.cache_dir, why)
             self._lock_lost = True
             return
         self._lock_file.close()
