@@ -232,11 +232,7 @@ class Reader:
         it is there (warm). sequential: asked for by a handle reading in sequence (see _fill)."""
         h = m.hexes[i]
         data = self.mem.get(h)
-        if data is not None and directio.changed_since_mapped(data):
-            # a cache entry mapped from the page cache, written in place since its hash was
-            # checked: load it again (checked again: damaged, it is dropped and fetched anew)
-            log.warning("%s: cache entry %s was changed on disk while in use; loading it again", m.name, h)
-            self.mem.drop(h)
+        if data is not None and self._dropped_if_written(m, i, data):
             data = None
         if data is None:
             flight = self._start(m, i, keep, sequential)
@@ -254,6 +250,17 @@ class Reader:
         if flight.data is None:
             raise flight.error
         return flight.data
+
+    def _dropped_if_written(self, m: OpenModel, i: int, data) -> bool:
+        """Whether `data` (chunk i, or part of it) is a cache entry mapped from the page cache
+        that was written in place since its hash was checked (directio.changed_since_mapped);
+        if so it leaves the memory buffer, to be loaded and checked again (damaged, it is
+        dropped and fetched anew)."""
+        if not directio.changed_since_mapped(data):
+            return False
+        log.warning("%s: cache entry %s was changed on disk while in use; loading it again", m.name, m.hexes[i])
+        self.mem.drop(m.hexes[i])
+        return True
 
     def _start(self, m: OpenModel, i: int, keep: bool = True, sequential: bool = False) -> _Flight:
         h = m.hexes[i]
@@ -403,14 +410,11 @@ class Reader:
                 parts.append(piece)
             # A part from a mapped cache entry was checked when it was taken; a write into the
             # entry while later parts were awaited would reach this reply: check them again.
-            again = {r[0] for r, part in zip(ranges, parts) if directio.changed_since_mapped(part)}
+            again = {r[0] for r, part in zip(ranges, parts) if self._dropped_if_written(m, r[0], part)}
             if not again:
                 break
-            for i in again:  # (loaded and hashed again: a changed entry is dropped and fetched)
-                log.warning("%s: cache entry %s was changed on disk while in use; loading it again",
-                            m.name, m.hexes[i])
-                self.mem.drop(m.hexes[i])
-                if i in stale and self.cache is not None:  # written to again and again: from the nodes
+            for i in again & stale:  # written to again and again: from the nodes
+                if self.cache is not None:
                     await trio.to_thread.run_sync(self.cache.discard, m.hexes[i])
             stale |= again
         for i, _start, lo, hi, _piece in ranges:  # only once the whole reply is in hand
