@@ -812,7 +812,9 @@ def test_chunks_of_nodes_on_the_cache_disk_are_read_without_a_second_copy(store,
 
 @pytest.mark.parametrize("prefetch", [True, False])
 def test_header_driven_prefetch(store, mounts, prefetch):
-    m = mounts(CACHE_LOCAL, *([] if prefetch else ["--no-prefetch"]))
+    # (the reader's own readahead kept small: grown over a few sequential kernel reads, its
+    # default 64 MiB window took in this whole 24 MiB file and pushed it without any prefetch)
+    m = mounts(CACHE_LOCAL, "--read-ahead", "1MiB", *([] if prefetch else ["--no-prefetch"]))
     path = m.file("org/small.safetensors")
 
     def cached():
@@ -885,19 +887,23 @@ def test_unwritable_cache_still_serves_reads_with_one_warning(store, mounts, tmp
 def test_metrics_are_scraped_from_the_mount_and_a_node(cli, tmp_path, mounts):
     import urllib.request
 
-    from conftest import NodeProc, free_port, listens, start_listening
+    from conftest import NodeProc, free_port, start_listening
     mount_port = free_port()
     node = NodeProc(str(tmp_path / "mnode"))
     import sys
 
-    def launch(node_port):  # (the node's own port is its metrics port + 1)
+    metrics_port = {}
+
+    def launch(port):  # (waited for on its own port, which it opens after the metrics one: a
+        # taken port, either of them, ends the process, and start_listening tries other ports;
+        # the metrics port was port - 1, and a port taken there left the test waiting in vain)
+        metrics_port[port] = free_port()
         return subprocess.Popen([sys.executable, "-m", "shardfs", "node", "serve", "--root", node.root,
-                                 "--listen", f"127.0.0.1:{node_port + 1}", "--metrics", f"127.0.0.1:{node_port}"],
+                                 "--listen", f"127.0.0.1:{port}", "--metrics", f"127.0.0.1:{metrics_port[port]}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    node_port, node.proc = start_listening(launch, "node server with metrics")
-    node.port, node.url = node_port + 1, f"http://127.0.0.1:{node_port + 1}"
+    node.port, node.proc = start_listening(launch, "node server with metrics")
+    node.url, node_port = f"http://127.0.0.1:{node.port}", metrics_port[node.port]
     try:
-        wait_for(lambda: listens(node.proc, node.port), timeout=30, what="node server")  # (after its metrics port)
         cli("node", "add", node.url)
         src = tmp_path / "m.bin"
         src.write_bytes(os.urandom(3 << 20))
