@@ -348,9 +348,7 @@ class Daemon:
             except OSError:
                 pass
         if reading:
-            now = time.monotonic()
-            self._index().lease_versions(self.holder, reading, READ_LEASE_TTL)
-            self._leased.update(dict.fromkeys(reading, now))
+            self._lease(self._index(), reading)
         return self.fetch_catalogue()
 
     # -- models ----------------------------------------------------------------------
@@ -405,21 +403,25 @@ class Daemon:
                 del self._model_locks[entry.vid]
         return m
 
+    def _lease(self, idx: Index, vids: list[int]) -> None:
+        """Worker thread: lease these versions for READ_LEASE_TTL, and note when."""
+        now = time.monotonic()
+        idx.lease_versions(self.holder, vids, READ_LEASE_TTL)
+        self._leased.update(dict.fromkeys(vids, now))
+
     def _lease_again(self, entry: FileEntry) -> None:
         """Worker thread: lease a loaded version again before it is opened; NotFound if gc
         dropped it meanwhile. With Redis away it goes on as the mount does then (no gc runs
         without Redis either)."""
-        now = time.monotonic()
         try:
             idx = self._index()
-            idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
+            self._lease(idx, [entry.vid])
             there = idx.r.exists(k_version(entry.vid))
         except Exception as e:  # noqa: BLE001 - the index is away: serve what is loaded
             log.debug("cannot lease %s (version %d) again: %s", entry.name, entry.vid, e)
             # (asked again only after a poll: a hung Redis must not cost every open its timeout)
-            self._leased[entry.vid] = now - READ_LEASE_TTL / 2 + POLL
+            self._leased[entry.vid] = time.monotonic() - READ_LEASE_TTL / 2 + POLL
             return
-        self._leased[entry.vid] = now
         if not there:
             raise NotFound(f"{entry.name} (version {entry.vid}) was replaced and gc has dropped it")
 
@@ -432,9 +434,7 @@ class Daemon:
             idx = self._index()
             # leased before it is loaded: a gc that drops it first makes this load fail
             # (NotFound), one that comes later keeps it
-            now = time.monotonic()
-            idx.lease_versions(self.holder, [entry.vid], READ_LEASE_TTL)
-            self._leased[entry.vid] = now
+            self._lease(idx, [entry.vid])
             ver = idx.version(entry.vid)
             if (ver.name, ver.size, ver.sha256, ver.created) != (entry.name, entry.size, entry.sha256, entry.created):
                 raise IndexUnavailable(f"cannot load {entry.name} (version {entry.vid}): that version id "

@@ -159,7 +159,7 @@ def test_a_cache_dir_that_cannot_be_made_again_leaves_the_index_polls_alone(stor
         open(m.cache_dir, "w").close()
         try:
             wait_for(lambda: "cannot be made again" in open(m.log).read(), timeout=20, what="the mount saying so")
-            stats = json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+            stats = m.stats()
             assert stats["redis_ok"] is True, stats
             assert "index unavailable" not in open(m.log).read()
             assert f.read() == store["small"].read_bytes()[100:]
