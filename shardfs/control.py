@@ -208,6 +208,7 @@ async def _dispatch(daemon, req, send):
         return {"cache": cache.stats(), "models": models, "redis_ok": daemon.redis_ok,
                 "index_conflict": daemon.index_conflict,
                 "memory_buffer": reader.mem.used, "bytes_served": reader.bytes_served,
+                "bytes_pushed": reader.bytes_pushed,
                 "chunks_fetched": reader.fetched, "local_uncached": reader.local_uncached,
                 "failovers": daemon.pool.failovers, "hedges": daemon.pool.hedges,
                 "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models),

@@ -34,6 +34,7 @@ def daemon_metrics(daemon):
     r, c, p = daemon.reader, daemon.cache, daemon.pool
     for name, doc, value in (
             ("shardfs_bytes_served", "Bytes returned to readers by the mount", r.bytes_served),
+            ("shardfs_bytes_pushed", "Bytes put into the kernel's page cache ahead of reads", r.bytes_pushed),
             ("shardfs_chunks_fetched", "Chunks fetched from nodes", r.fetched),
             ("shardfs_cache_hits", "Disk cache hits", c.hits),
             ("shardfs_cache_misses", "Disk cache misses", c.misses),

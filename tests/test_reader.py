@@ -82,9 +82,10 @@ def test_a_shared_page_is_answered_from_the_pieces_not_by_reloading_the_chunk(tm
     async def main(reader, pushes):
         chunk = await reader.chunk(m, 1, keep=False)
         await reader._push_now(m, 1, chunk)  # as prefetch does
-        assert 1 in m.in_kernel
-        # chunk 1 pushed whole, its two shared pages wait for chunks 0 and 2
-        assert [off for off, _ in pushes] == [m.manifest.offsets[1]]
+        # chunk 1's whole pages pushed; its two shared pages wait for chunks 0 and 2
+        first, last = -(-m.manifest.offsets[1] // PAGE) * PAGE, m.manifest.offsets[2] // PAGE * PAGE
+        assert pushes == [(first, data[first:last])]
+        assert 1 not in m.in_kernel
         reader.mem.clear()
         hits, fetched = cache.hits, reader.fetched
         page = m.manifest.offsets[1] // PAGE * PAGE
@@ -97,6 +98,75 @@ def test_a_shared_page_is_answered_from_the_pieces_not_by_reloading_the_chunk(tm
         last = (m.manifest.offsets[2]) // PAGE * PAGE
         assert (last, data[last:last + PAGE]) in pushes
         assert last not in m.pieces
+        assert 1 in m.in_kernel  # its pages: pushed, read, pushed with chunk 2's piece
+
+    trio.run(with_reader, pool, cache, main)
+
+
+def test_pushes_take_whole_pages_only(tmp_path):
+    """The kernel keeps a page a push covers only in part without marking it up to date, and
+    a reader finding it asks for it alone and waits: every push is of whole pages (or runs
+    to the end of the file), and together with the replies they hand over every chunk."""
+    from shardfs.reader import ReadState
+
+    lengths = [PAGE + 100, 3 * PAGE + 5, 2 * PAGE - 3, 5 * PAGE + 7, PAGE // 2]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        st = ReadState()
+        got = b"".join([bytes(await reader.read(m, off, 2 * PAGE, st)) for off in range(0, len(data), 2 * PAGE)])
+        assert got == data
+        while reader._pushing or reader._flights:
+            await trio.sleep(0.01)
+        assert pushes
+        for off, buf in pushes:
+            assert off % PAGE == 0 and (len(buf) % PAGE == 0 or off + len(buf) == len(data)), (off, len(buf))
+            assert buf == data[off:off + len(buf)]
+        assert m.in_kernel == set(range(len(lengths)))
+
+    trio.run(with_reader, pool, cache, main)
+
+
+def test_shared_pages_are_pushed_when_the_chunk_push_is_skipped(tmp_path, monkeypatch):
+    """With pushes bounded (MAX_PUSHING) a chunk's own push may be skipped; the page it
+    completes with a neighbour still goes, or a reader of the pushed neighbour would stop at it."""
+    import shardfs.reader
+
+    lengths = [2 * PAGE + 100, 3 * PAGE + 5, PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        await reader.chunk(m, 0)  # pushed (its whole pages)
+        while reader._pushing:
+            await trio.sleep(0.01)
+        monkeypatch.setattr(shardfs.reader, "MAX_PUSHING", 0)
+        await reader.chunk(m, 1)  # its own push skipped: only the page it shares with chunk 0
+        while reader._pushing:
+            await trio.sleep(0.01)
+        shared = m.manifest.offsets[1] // PAGE * PAGE
+        assert pushes == [(0, data[:2 * PAGE]), (shared, data[shared:shared + PAGE])]
+        assert m.in_kernel == {0}
+
+    trio.run(with_reader, pool, cache, main)
+
+
+def test_a_chunk_is_pushed_once_when_prefetch_and_a_reader_both_bring_it(tmp_path):
+    """Prefetch pushes each chunk it brings, and so does a reader's fill: together, once
+    (an mmap load of the bench model pushed 1.35 GB for a 1.07 GB file before)."""
+    lengths = [4 * PAGE, 4 * PAGE, 4 * PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        got = await reader.chunk(m, 1)  # a reader's fill: its push is under way
+        await reader._push_now(m, 1, got)  # prefetch, with the same chunk
+        while reader._pushing:
+            await trio.sleep(0.01)
+        await reader._push_now(m, 1, got)  # the kernel holds it now
+        assert pushes == [(4 * PAGE, data[4 * PAGE:8 * PAGE])]
+        assert m.in_kernel == {1} and not m.pushing
+        await reader.read(m, 4 * PAGE, PAGE)  # the kernel asks again: it dropped the pages
+        await reader._push_now(m, 1, got)
+        assert len(pushes) == 2
 
     trio.run(with_reader, pool, cache, main)
 
@@ -119,9 +189,9 @@ def test_sequential_reads_leave_chunks_from_the_disk_cache_to_their_replies(tmp_
 
     async def main(reader, pushes):
         st = ReadState()
-        assert bytes(await reader.read(m, 0, 4 * PAGE, st)) == data[:4 * PAGE]  # its readahead: chunks 1, 2
+        assert bytes(await reader.read(m, 0, PAGE, st)) == data[:PAGE]  # its readahead: chunks 1, 2
         await settled(reader)
-        assert [off for off, _ in pushes] == [0]  # decoded from the node: pushed whole
+        assert pushes == [(0, data[:4 * PAGE])]  # decoded from the node: pushed whole
         assert bytes(await reader.read(m, 4 * PAGE, 4 * PAGE, st)) == data[4 * PAGE:8 * PAGE]
         await settled(reader)
         assert cache.hits == 2 and [off for off, _ in pushes] == [0]  # the cache's: replies only
@@ -338,7 +408,7 @@ def test_prefetch_stands_down_while_a_handle_streams_the_file(tmp_path):
         await reader.prefetch(m)
         assert times and min(times) >= m.streamed_at + STREAM_QUIET  # (on trio's clock, as the reader)
         pushed = {off for off, buf in pushes if len(buf) > PAGE}
-        assert pushed == {m.manifest.offsets[i] for i in range(7, len(m.manifest))}
+        assert pushed == {-(-m.manifest.offsets[i] // PAGE) * PAGE for i in range(7, len(m.manifest))}  # (whole pages)
         for off, buf in pushes:
             assert buf == data[off:off + len(buf)]
 
