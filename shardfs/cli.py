@@ -208,7 +208,11 @@ def cmd_put(args):
     if not folder:
         name = check_name(name)  # (before the index: a bad name starts no embedded Redis)
     else:
-        files = _folder_files(args.file)
+        files, hidden = _folder_files(args.file)
+        if hidden:  # (.git, .cache/huggingface, .gitattributes: not part of the model)
+            print(f"shardfs: leaving out {len(hidden)} hidden entr{'y' if len(hidden) == 1 else 'ies'} "
+                  f"(names starting with '.'): {', '.join(hidden[:5])}{', ...' if len(hidden) > 5 else ''}",
+                  file=sys.stderr)
         names = {rel: check_name(f"{name}/{rel}") for rel in files}
         for path in files.values():
             open_source(path).close()  # a pipe, a broken link, an unreadable file: say so now
@@ -257,9 +261,10 @@ def cmd_put(args):
         print(f"removed {old}: not in the new {name}/")
 
 
-def _folder_files(root: str) -> dict[str, str]:
-    """Every regular file under a model folder: relative name -> path (symlinks followed)."""
-    out, seen = {}, set()
+def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
+    """Every regular file under a model folder: relative name -> path (symlinks followed),
+    and the hidden files and folders left out (relative names; a folder's contents unread)."""
+    out, seen, hidden = {}, set(), []
 
     def unreadable(e: OSError):  # (os.walk skips a directory it cannot list without a word)
         raise UsageError(f"cannot read folder {e.filename}: {e.strerror}; nothing was put")
@@ -272,14 +277,17 @@ def _folder_files(root: str) -> dict[str, str]:
         if (st.st_dev, st.st_ino) in seen:  # a symbolic link back up the tree
             raise UsageError(f"{d} is a folder already seen under {root} (a symbolic link loop); nothing was put")
         seen.add((st.st_dev, st.st_ino))
+        hidden += [os.path.relpath(os.path.join(d, x), root) + "/" for x in sorted(dirs) if x.startswith(".")]
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         for f in sorted(files):
             if f.startswith("."):
+                hidden.append(os.path.relpath(os.path.join(d, f), root))
                 continue
             out[os.path.relpath(os.path.join(d, f), root)] = os.path.join(d, f)
     if not out:
-        raise UsageError(f"{root} is an empty folder")
-    return out
+        raise UsageError(f"{root} is an empty folder" + (f" (but for hidden entries: {', '.join(hidden[:5])})"
+                                                          if hidden else ""))
+    return out, hidden
 
 
 def _version_row(ver, stats):

@@ -57,6 +57,7 @@ CASES = [
     (("cache", "evict"), "name models to evict, or --all"),
     (("cache", "warm"), "name the models to warm"),
     (("rm", "\udcff"), "model name b'\\xff' is not valid UTF-8"),
+    (("put", "{tmp}/hidden-only"), "hidden-only is an empty folder (but for hidden entries: .git/)"),
 ]
 
 
@@ -68,6 +69,7 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     os.mkfifo(tmp_path / "fifo")  # (a key file that is a FIFO hung the command)
     (tmp_path / "empty.toml").write_text('cache_dir = ""\n')
+    (tmp_path / "hidden-only" / ".git").mkdir(parents=True)
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path).replace("\\u202e", "\u202e") for a in args]
     says = says.format(tmp=tmp_path, f=f)
     # From an empty directory of the test's own: an empty path was taken for the current

@@ -772,12 +772,16 @@ def test_model_folder_put_mount_and_rm(cli, nodes, tmp_path, mounts):
         with safe_open(str(src / shard), "np") as f:
             weight_map.update({f"s{i}.{k}": shard for k in f.keys()})
     (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (src / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    (src / ".cache" / "huggingface").mkdir(parents=True)
+    (src / ".cache" / "huggingface" / "config.json.metadata").write_text("x")
     r = cli("put", src, "--name", "org/tiny-model")
     assert r.stdout.count("put org/tiny-model/") == 5
+    assert "leaving out 2 hidden entries (names starting with '.'): .cache/, .gitattributes" in r.stderr
     assert cli("put", src, "--name", "org/tiny-model", check=False).returncode != 0  # clash without --force
     m = mounts()
     root = m.file("org/tiny-model")
-    assert sorted(os.listdir(root)) == sorted(os.listdir(src))
+    assert sorted(os.listdir(root)) == sorted(x for x in os.listdir(src) if not x.startswith("."))
     index = json.load(open(os.path.join(root, "model.safetensors.index.json")))
     for shard in set(index["weight_map"].values()):
         with safe_open(os.path.join(root, shard), "np") as fm, safe_open(str(src / shard), "np") as fo:
