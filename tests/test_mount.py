@@ -839,6 +839,8 @@ def test_header_driven_prefetch(store, mounts, prefetch):
         if prefetch:
             wait_for(lambda: cached() == size and not prefetching(), timeout=30,
                      what="the tensors to be prefetched and pushed")
+            pushed = stats()["bytes_pushed"]
+            assert size // 2 < pushed <= size, (pushed, size)  # whole pages, each pushed once
         else:
             time.sleep(1.5)
             assert cached() < size // 2
