@@ -356,7 +356,8 @@ class Reader:
         if pages is None:
             pages = shared_pages(m, i, data)
         # once is enough: prefetch and a reader's fill can both come to push a chunk
-        body = body and i not in m.pushing and i not in m.in_kernel
+        lo, hi = whole_pages(m, i)
+        body = body and hi > lo and i not in m.pushing and not held(m, i, lo, hi)
         if not body and not pages:
             return
         if body:
@@ -384,9 +385,8 @@ class Reader:
         if directio.changed_since_mapped(data):  # (a mapped entry written since: the kernel keeps
             return []                            # what is pushed, so push nothing; reads reload it)
         start = m.manifest.offsets[i]
-        end = start + len(data)
-        lo, hi = -(-start // PAGE) * PAGE, (end if end == m.size else end // PAGE * PAGE)
-        wanted = ([(lo, memoryview(data)[lo - start:hi - start])] if body and hi > lo else []) + pages
+        lo, hi = whole_pages(m, i)
+        wanted = ([(lo, memoryview(data)[lo - start:hi - start])] if body else []) + pages
         pushed = []
         for at, part in wanted:
             if self.notify(m.inode, at, part):
@@ -616,6 +616,25 @@ def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
     while len(m.pieces) > MAX_PIECES:  # a loader that never reads the neighbours: forget
         del m.pieces[next(iter(m.pieces))]
     return done
+
+
+def whole_pages(m: OpenModel, i: int) -> tuple[int, int]:
+    """The bytes of chunk i on pages of its own, [lo, hi): what its push covers (at the end of
+    the file, its partial last page too). Empty (hi <= lo) for a chunk within one shared page."""
+    start = m.manifest.offsets[i]
+    end = start + m.manifest.lengths[i]
+    return -(-start // PAGE) * PAGE, (end if end == m.size else end // PAGE * PAGE)
+
+
+def held(m: OpenModel, i: int, lo: int, hi: int) -> bool:
+    """Whether the kernel holds every page of chunk i in [lo, hi) (page-aligned), as far as
+    handed_over has recorded."""
+    if i in m.in_kernel:
+        return True
+    first = m.manifest.offsets[i] // PAGE
+    a, b = lo // PAGE - first, -(-hi // PAGE) - first
+    want = ((1 << (b - a)) - 1) << a
+    return m.served.get(i, 0) & want == want
 
 
 def handed_over(m: OpenModel, i: int, lo: int, hi: int) -> None:

@@ -171,6 +171,21 @@ def test_a_chunk_is_pushed_once_when_prefetch_and_a_reader_both_bring_it(tmp_pat
     trio.run(with_reader, pool, cache, main)
 
 
+def test_a_pushed_chunk_is_not_pushed_again_while_its_shared_pages_wait(tmp_path):
+    """A chunk starting and ending mid-page is held in full only once its neighbours' pieces
+    complete the pages at its ends; its own pages, pushed, are not pushed again meanwhile."""
+    lengths = [2 * PAGE + 100, 3 * PAGE + 5, PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        got = await reader.chunk(m, 1, keep=False)
+        await reader._push_now(m, 1, got)
+        await reader._push_now(m, 1, got)  # (prefetch coming to it after a reader's fill)
+        assert len(pushes) == 1 and 1 not in m.in_kernel
+
+    trio.run(with_reader, pool, cache, main)
+
+
 def test_sequential_reads_leave_chunks_from_the_disk_cache_to_their_replies(tmp_path):
     """A chunk decoded from a node is pushed whole; a chunk from the disk cache is pushed only
     for a reader jumping about (one push instead of a round trip per kernel readahead),
