@@ -356,26 +356,27 @@ class Reader:
         if pages is None:
             pages = shared_pages(m, i, data)
         # once is enough: prefetch and a reader's fill can both come to push a chunk
-        lo, hi = whole_pages(m, i)
-        body = body and hi > lo and i not in m.pushing and not held(m, i, lo, hi)
-        if not body and not pages:
+        own = whole_pages(m, i)
+        if not body or own[1] <= own[0] or i in m.pushing or held(m, i, *own):
+            own = None
+        if own is None and not pages:
             return
-        if body:
+        if own is not None:
             m.pushing.add(i)
         try:
-            pushed = await trio.to_thread.run_sync(self._push_pages, m, i, data, body, pages,
+            pushed = await trio.to_thread.run_sync(self._push_pages, m, i, data, own, pages,
                                                    limiter=self._notify_limiter, abandon_on_cancel=True)
         finally:
-            if body:
+            if own is not None:
                 m.pushing.discard(i)
-        for lo, hi in pushed:  # (a shared page counts for each chunk it holds a part of)
-            self.bytes_pushed += hi - lo
-            for j in m.manifest.span(lo, hi - lo):
-                handed_over(m, j, lo, hi)
+        for a, b in pushed:  # (a shared page counts for each chunk it holds a part of)
+            self.bytes_pushed += b - a
+            for j in m.manifest.span(a, b - a):
+                handed_over(m, j, a, b)
 
-    def _push_pages(self, m: OpenModel, i: int, data, body: bool, pages) -> list[tuple[int, int]]:
-        """Worker thread: push the whole pages of chunk i (with `body`), then `pages`.
-        Returns the ranges the kernel took.
+    def _push_pages(self, m: OpenModel, i: int, data, own, pages) -> list[tuple[int, int]]:
+        """Worker thread: push `own`, the range [lo, hi) of chunk i's whole pages (or None),
+        then `pages`. Returns the ranges the kernel took.
 
         Whole pages only: the kernel keeps a page that a push covers in part, not marked up
         to date, and a reader that finds it asks for that page alone, and waits. The pages
@@ -385,8 +386,10 @@ class Reader:
         if directio.changed_since_mapped(data):  # (a mapped entry written since: the kernel keeps
             return []                            # what is pushed, so push nothing; reads reload it)
         start = m.manifest.offsets[i]
-        lo, hi = whole_pages(m, i)
-        wanted = ([(lo, memoryview(data)[lo - start:hi - start])] if body else []) + pages
+        wanted = list(pages)
+        if own is not None:
+            lo, hi = own
+            wanted.insert(0, (lo, memoryview(data)[lo - start:hi - start]))
         pushed = []
         for at, part in wanted:
             if self.notify(m.inode, at, part):
