@@ -611,6 +611,8 @@ def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
         owners = m.manifest.span(at, stop - at)
         if len(owners) < 2:
             continue  # the page is this chunk's alone: its own push covers it
+        if held(m, i, at, stop):
+            continue  # pushed (or read) already: assembled again, it would be pushed twice
         have = m.pieces.setdefault(at, {})
         have[i] = bytes(data[max(at, off) - off:min(stop, end) - off])
         if len(have) == len(owners):
