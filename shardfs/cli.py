@@ -263,8 +263,12 @@ def cmd_put(args):
 
 def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
     """Every regular file under a model folder: relative name -> path (symlinks followed),
-    and the hidden files and folders left out (relative names; a folder's contents unread)."""
-    out, seen, hidden = {}, set(), []
+    and the hidden files and folders left out (relative names; a folder's contents unread).
+    A folder reached twice through symbolic links gives its files under both names (put
+    stores their bytes once); only a link to a folder it sits in is an error (a loop)."""
+    out, hidden = {}, []
+    ids: dict[str, tuple[int, int]] = {}  # folder walked -> (st_dev, st_ino)
+    parent: dict[str, str] = {}  # folder walked -> the folder it was listed in
 
     def unreadable(e: OSError):  # (os.walk skips a directory it cannot list without a word)
         raise UsageError(f"cannot read folder {e.filename}: {e.strerror}; nothing was put")
@@ -274,11 +278,14 @@ def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
             st = os.stat(d)
         except OSError as e:  # (removed or changed since its parent was listed)
             unreadable(e)
-        if (st.st_dev, st.st_ino) in seen:  # a symbolic link back up the tree
-            raise UsageError(f"{d} is a folder already seen under {root} (a symbolic link loop); nothing was put")
-        seen.add((st.st_dev, st.st_ino))
+        me = ids[d] = (st.st_dev, st.st_ino)
+        up = d
+        while (up := parent.get(up)) is not None:  # (os.walk goes top-down: all above are in ids)
+            if ids[up] == me:
+                raise UsageError(f"{d} is the folder {up} again (a symbolic link loop); nothing was put")
         hidden += [os.path.relpath(os.path.join(d, x), root) + "/" for x in sorted(dirs) if x.startswith(".")]
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        parent.update((os.path.join(d, x), d) for x in dirs)
         for f in sorted(files):
             if f.startswith("."):
                 hidden.append(os.path.relpath(os.path.join(d, f), root))

@@ -615,6 +615,27 @@ def test_a_folder_put_refuses_a_subfolder_it_cannot_read_or_a_link_loop(cli, nod
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_folder_reached_twice_through_links_is_not_a_loop(cli, nodes, tmp_path):
+    """Two links to one folder (a shared tokenizer, say) put its files under both names;
+    only a link to a folder it sits in is a loop."""
+    add_nodes(cli, nodes, 1)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "tok.json").write_text('{"vocab": 1}')
+    h = tmp_path / "H"
+    (h / "a").mkdir(parents=True)
+    (h / "b").mkdir()
+    (h / "a" / "tok").symlink_to(shared)
+    (h / "b" / "tok").symlink_to(shared)
+    cli("put", h, "--name", "p/m")
+    assert set(ls_rows(cli)) == {"p/m/a/tok/tok.json", "p/m/b/tok/tok.json"}
+    (shared / "up").symlink_to(shared)  # now a loop below each of the two links
+    r = cli("put", h, "--name", "p/n", check=False)
+    assert r.returncode == 2 and r.stderr.strip() == (f"shardfs: error: {h}/a/tok/up is the folder {h}/a/tok "
+                                                      "again (a symbolic link loop); nothing was put"), r.stderr
+    assert set(ls_rows(cli)) == {"p/m/a/tok/tok.json", "p/m/b/tok/tok.json"}
+
+
 def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 3)
     cli("put", model_small, "--name", "a/first", *SMALL)
