@@ -1487,6 +1487,39 @@ def test_one_gc_at_a_time_and_a_gc_that_lost_its_lock_changes_nothing(cli, nodes
     assert "deleted 25 unreferenced chunk(s)" in cli("gc").stdout  # (the claim left "deleting" is taken over)
 
 
+def test_a_put_meeting_a_chunk_a_stopped_gc_claimed_says_to_run_gc(cli, nodes, redis_proc, model_small, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A gc stopped part-way leaves the chunks it claimed "deleting" until the next gc. A put
+    that needs one waits GC_WAIT for it, then ends with one line saying to run gc, and
+    publishes nothing; after that gc the same put goes through, bit-exact."""
+    from shardfs import cli as shardfs_cli
+    from shardfs import ingest
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "old", *SMALL)
+    cli("rm", "old")
+    idx = open_idx(redis_proc)
+    h = sorted(idx.all_chunks())[0]
+    with idx.gc_lock():
+        assert idx.claim_for_gc(h)  # ... and this gc stops here
+    monkeypatch.setattr(ingest, "GC_WAIT", 0.5)
+    for k, v in cli.env.items():
+        monkeypatch.setenv(k, v)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
+    try:
+        rc = shardfs_cli.main(["put", str(model_small), "--name", "new", *SMALL, "--no-progress"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert rc != 0 and len(err.strip().splitlines()) == 1, (rc, err)
+    assert err.startswith(f"shardfs: error: chunk {h[:16]} is stuck in garbage collection"), err
+    assert "run `shardfs gc`, then put again" in err, err
+    assert ls_rows(cli) == {}
+    cli("gc")
+    cli("put", model_small, "--name", "new", *SMALL)
+    get_and_compare(cli, "new", model_small, tmp_path)
+
+
 def test_a_put_paused_past_its_lease_while_gc_runs_publishes_nothing(cli, nodes, redis_proc, model_256):
     """The real thing the test below builds from index calls: a put stopped (Ctrl-Z, a VM
     pause) past its lease while gc takes its chunks must not publish when it goes on, nor
