@@ -735,6 +735,35 @@ def test_redis_stopped_while_mounted(store, mounts, redis_proc):
     wait_for(lambda: os.path.exists(m.file("after/redis.bin")), timeout=15, what="catch-up after Redis returns")
 
 
+def test_redis_hung_while_mounted(store, mounts, redis_proc, cli):
+    """A Redis that takes connections and answers nothing (SIGSTOP: a hung host) costs
+    timeouts, never a stuck mount: an open file reads on, a model loaded before opens again
+    (the renewal of its read lease gives up after the socket timeout), known models stay
+    listed, and everything catches up once Redis answers again."""
+    cli.env["SHARDFS_READ_LEASE_TTL"] = "4"  # a model loaded 2 s ago is leased again when opened
+    m = mounts()
+    ref = store["small"].read_bytes()
+    path = m.file("org/small.safetensors")
+    f = open(path, "rb")
+    assert f.read(1000) == ref[:1000]
+    redis_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # past half the lease: the next open asks the hung Redis
+        with open(path, "rb") as g:
+            assert g.read() == ref
+        assert f.read() == ref[1000:]  # the file open all along
+        f.close()
+        assert "small.safetensors" in os.listdir(m.file("org"))
+        wait_for(lambda: json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"] is False,
+                 timeout=60, what="the mount noticing Redis does not answer")
+        assert sha256_file(path) == sha256_file(store["small"])
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
+    m.cli("put", store["other"], "--name", "after/hang.bin")
+    wait_for(lambda: os.path.exists(m.file("after/hang.bin")), timeout=30, what="catch-up after Redis answers")
+    assert sha256_file(m.file("after/hang.bin")) == sha256_file(store["other"])
+
+
 def test_a_mount_restarted_while_redis_is_down_starts_from_its_saved_model_list(store, mounts, redis_proc):
     m = mounts()
     assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])  # opened: snapshot kept
