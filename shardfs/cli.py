@@ -261,6 +261,9 @@ def cmd_put(args):
         print(f"removed {old}: not in the new {name}/")
 
 
+MAX_FOLDER_VISITS = 64
+
+
 def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
     """Every regular file under a model folder: relative name -> path (symlinks followed),
     and the hidden files and folders left out (relative names; a folder's contents unread).
@@ -269,6 +272,7 @@ def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
     out, hidden = {}, []
     ids: dict[str, tuple[int, int]] = {}  # folder walked -> (st_dev, st_ino)
     parent: dict[str, str] = {}  # folder walked -> the folder it was listed in
+    visits: dict[tuple[int, int], int] = {}  # (links can reach a folder 2^depth ways: bounded)
 
     def unreadable(e: OSError):  # (os.walk skips a directory it cannot list without a word)
         raise UsageError(f"cannot read folder {e.filename}: {e.strerror}; nothing was put")
@@ -283,6 +287,10 @@ def _folder_files(root: str) -> tuple[dict[str, str], list[str]]:
         while (up := parent.get(up)) is not None:  # (os.walk goes top-down: all above are in ids)
             if ids[up] == me:
                 raise UsageError(f"{d} is the folder {up} again (a symbolic link loop); nothing was put")
+        visits[me] = visits.get(me, 0) + 1
+        if visits[me] > MAX_FOLDER_VISITS:
+            raise UsageError(f"{d}: symbolic links reach that folder more than {MAX_FOLDER_VISITS} ways "
+                             f"under {root}; nothing was put")
         hidden += [os.path.relpath(os.path.join(d, x), root) + "/" for x in sorted(dirs) if x.startswith(".")]
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         parent.update((os.path.join(d, x), d) for x in dirs)

@@ -634,6 +634,18 @@ def test_a_folder_reached_twice_through_links_is_not_a_loop(cli, nodes, tmp_path
     assert r.returncode == 2 and r.stderr.strip() == (f"shardfs: error: {h}/a/tok/up is the folder {h}/a/tok "
                                                       "again (a symbolic link loop); nothing was put"), r.stderr
     assert set(ls_rows(cli)) == {"p/m/a/tok/tok.json", "p/m/b/tok/tok.json"}
+    (shared / "up").unlink()
+    deep = tmp_path / "D"  # 7 levels of two links each: the bottom folder is reached 128 ways
+    for level in range(7):
+        (deep / f"l{level}").mkdir(parents=True)
+        for link in ("x", "y"):
+            (deep / f"l{level}" / link).symlink_to(deep / f"l{level + 1}")
+    (deep / "l7").mkdir()
+    (deep / "l7" / "w.bin").write_bytes(b"w")
+    r = cli("put", deep / "l0", "--name", "p/deep", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "symbolic links reach that folder more than 64 ways" in r.stderr, r.stderr
+    assert set(ls_rows(cli)) == {"p/m/a/tok/tok.json", "p/m/b/tok/tok.json"}
 
 
 def test_same_file_under_second_name_adds_no_bytes(cli, nodes, model_small, tmp_path):
