@@ -120,7 +120,7 @@ class Daemon:
     def closed(self, m: OpenModel) -> None:
         self.open_count[m.vid] -= 1
         if self.open_count[m.vid] == 0:
-            m.pieces.clear()  # only a help while the file is being loaded
+            m.forget_pieces()  # only a help while the file is being loaded
             self.stop_prefetch(m)
 
     async def _prefetch(self, m: OpenModel, scope: trio.CancelScope) -> None:

@@ -71,8 +71,9 @@ class OpenModel:
     served: dict[int, int] = field(default_factory=dict)  # chunk -> bitmask of its pages read
     # Chunks start where tensors start, rarely on a page boundary, and the kernel takes a
     # pushed page only if the push covers all of it. So the pages two chunks share are
-    # assembled here from each chunk's piece and pushed once complete: page -> {chunk: bytes}
-    pieces: dict[int, dict[int, bytes]] = field(default_factory=dict)
+    # assembled here from each chunk's piece and pushed once complete: page -> {chunk: bytes},
+    # or None from its assembly until its push is over (so it is not assembled again meanwhile)
+    pieces: dict[int, dict[int, bytes] | None] = field(default_factory=dict)
     streamed_at: float = float("-inf")  # trio clock of the last read by a streaming handle
     pushing: set[int] = field(default_factory=set)  # chunks whose pages a push is handing over
 
@@ -84,6 +85,11 @@ class OpenModel:
         self.in_kernel.clear()
         self.served.clear()
         self.pieces.clear()
+
+    def forget_pieces(self) -> None:
+        """Drop the recorded pieces of shared pages (the file's last handle closed), but not
+        the marks of pages being pushed."""
+        self.pieces = {at: None for at, have in self.pieces.items() if have is None}
 
 
 @dataclass
@@ -369,6 +375,9 @@ class Reader:
         finally:
             if own is not None:
                 m.pushing.discard(i)
+            for at, _page in pages:  # pushed (recorded below) or not: assembled again if needed
+                if at in m.pieces and m.pieces[at] is None:
+                    del m.pieces[at]
         for a, b in pushed:  # (a shared page counts for each chunk it holds a part of)
             self.bytes_pushed += b - a
             for j in m.manifest.span(a, b - a):
@@ -613,11 +622,13 @@ def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
             continue  # the page is this chunk's alone: its own push covers it
         if held(m, i, at, stop):
             continue  # pushed (or read) already: assembled again, it would be pushed twice
+        if at in m.pieces and m.pieces[at] is None:
+            continue  # assembled, its push under way (held once it is over)
         have = m.pieces.setdefault(at, {})
         have[i] = bytes(data[max(at, off) - off:min(stop, end) - off])
         if len(have) == len(owners):
             done.append((at, b"".join(have[j] for j in owners)))
-            del m.pieces[at]
+            m.pieces[at] = None  # (the caller pushes it: _push_now clears the mark)
     while len(m.pieces) > MAX_PIECES:  # a loader that never reads the neighbours: forget
         del m.pieces[next(iter(m.pieces))]
     return done
@@ -669,7 +680,7 @@ def page_piece(m: OpenModel, i: int, lo: int, hi: int):
     at = lo // PAGE * PAGE
     if hi - 1 >= at + PAGE:
         return None
-    piece = m.pieces.get(at, {}).get(i)
+    piece = (m.pieces.get(at) or {}).get(i)
     if piece is None:
         return None
     first = max(at, m.manifest.offsets[i])  # where the piece starts in the file
