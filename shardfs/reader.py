@@ -376,7 +376,7 @@ class Reader:
             if own is not None:
                 m.pushing.discard(i)
             for at, _page in pages:  # pushed (recorded below) or not: assembled again if needed
-                if at in m.pieces and m.pieces[at] is None:
+                if m.pieces.get(at, ()) is None:
                     del m.pieces[at]
         for a, b in pushed:  # (a shared page counts for each chunk it holds a part of)
             self.bytes_pushed += b - a
@@ -622,7 +622,7 @@ def shared_pages(m: OpenModel, i: int, data) -> list[tuple[int, bytes]]:
             continue  # the page is this chunk's alone: its own push covers it
         if held(m, i, at, stop):
             continue  # pushed (or read) already: assembled again, it would be pushed twice
-        if at in m.pieces and m.pieces[at] is None:
+        if m.pieces.get(at, ()) is None:
             continue  # assembled, its push under way (held once it is over)
         have = m.pieces.setdefault(at, {})
         have[i] = bytes(data[max(at, off) - off:min(stop, end) - off])
