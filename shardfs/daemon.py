@@ -39,6 +39,10 @@ POLL = 2.0
 # A version open in this mount is leased in the index, so `gc` keeps it (and its chunks)
 # even after it was replaced; renewed every POLL while open, lapses this long after close.
 READ_LEASE_TTL = float(os.environ.get("SHARDFS_READ_LEASE_TTL", "120"))
+# An open that renews a read lease waits on Redis this long at most (a hung Redis would cost
+# every such open the client's whole socket timeout and connect); the renewal goes on in
+# its thread, and the open goes on as with Redis away.
+LEASE_WAIT = 1.0
 
 
 @dataclass
@@ -265,6 +269,8 @@ class Daemon:
         return True
 
     def _refresh_locs(self, hex_id: str) -> list[str]:
+        if not self.redis_ok:
+            return []  # (a hung Redis would hold this read for the client's timeout per chunk)
         try:
             self.pool.update(self._index().nodes())
             return self._index().locations(hex_id)
@@ -389,7 +395,12 @@ class Daemon:
             if self.redis_ok and time.monotonic() - self._leased.get(entry.vid, -math.inf) > READ_LEASE_TTL / 2:
                 # loaded long ago, closed since: its lease may have lapsed, and the poll renews
                 # it only later (up to POLL s): a gc meanwhile would drop it under this reader
-                await trio.to_thread.run_sync(self._lease_again, entry, abandon_on_cancel=True)
+                with trio.move_on_after(LEASE_WAIT):
+                    await trio.to_thread.run_sync(self._lease_again, entry, abandon_on_cancel=True)
+                    return m
+                log.info("Redis did not answer in %g s to renew the read lease of %s; opening it "
+                         "without waiting further", LEASE_WAIT, entry.name)
+                self._lease_later(entry.vid)
             return m
         lock = self._model_locks.setdefault(entry.vid, trio.Lock())
         try:
@@ -419,11 +430,15 @@ class Daemon:
             there = idx.r.exists(k_version(entry.vid))
         except Exception as e:  # noqa: BLE001 - the index is away: serve what is loaded
             log.debug("cannot lease %s (version %d) again: %s", entry.name, entry.vid, e)
-            # (asked again only after a poll: a hung Redis must not cost every open its timeout)
-            self._leased[entry.vid] = time.monotonic() - READ_LEASE_TTL / 2 + POLL
+            self._lease_later(entry.vid)
             return
         if not there:
             raise NotFound(f"{entry.name} (version {entry.vid}) was replaced and gc has dropped it")
+
+    def _lease_later(self, vid: int) -> None:
+        """An open could not renew vid's lease: the next open asks again only after a poll
+        (a hung Redis must not cost every open its wait, nor pile up renewal threads)."""
+        self._leased[vid] = max(self._leased.get(vid, -math.inf), time.monotonic() - READ_LEASE_TTL / 2 + POLL)
 
     def _snap_path(self, vid: int) -> str:
         return os.path.join(self.snap_dir, f"{vid}.json")
@@ -431,6 +446,9 @@ class Daemon:
     def _load_model(self, entry: FileEntry) -> OpenModel:
         """Worker thread: manifest + locations from Redis, else from the local snapshot."""
         try:
+            if not self.redis_ok and os.path.exists(self._snap_path(entry.vid)):
+                # (a hung Redis would cost this open the client's timeout before the snapshot)
+                raise IndexUnavailable("Redis did not answer the last poll")
             idx = self._index()
             # leased before it is loaded: a gc that drops it first makes this load fail
             # (NotFound), one that comes later keeps it

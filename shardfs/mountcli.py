@@ -396,6 +396,7 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
         except Exception as e:  # noqa: BLE001 - start from the saved snapshot if the index is away
             if not daemon.load_saved_catalogue():
                 raise ShardfsError(f"cannot load the model list: {e}") from None
+            daemon.redis_ok = False  # (until a poll reaches it: opens go to the snapshots meanwhile)
     except ShardfsError as e:
         tell(f"error: {e}")
         raise

@@ -739,7 +739,8 @@ def test_redis_hung_while_mounted(store, mounts, redis_proc, cli):
     """A Redis that takes connections and answers nothing (SIGSTOP: a hung host) costs
     timeouts, never a stuck mount: an open file reads on, a model loaded before opens again
     (the renewal of its read lease gives up after the socket timeout), known models stay
-    listed, and everything catches up once Redis answers again."""
+    listed, and everything catches up once Redis answers again. The open that renews the
+    read lease waits on Redis for LEASE_WAIT only, not for the client's timeout."""
     cli.env["SHARDFS_READ_LEASE_TTL"] = "4"  # a model loaded 2 s ago is leased again when opened
     m = mounts()
     ref = store["small"].read_bytes()
@@ -751,6 +752,7 @@ def test_redis_hung_while_mounted(store, mounts, redis_proc, cli):
         time.sleep(2.5)  # past half the lease: the next open asks the hung Redis
         with open(path, "rb") as g:
             assert g.read() == ref
+        assert "did not answer in 1 s to renew the read lease of org/small.safetensors" in open(m.log).read()
         assert f.read() == ref[1000:]  # the file open all along
         f.close()
         assert "small.safetensors" in os.listdir(m.file("org"))
@@ -778,6 +780,30 @@ def test_a_mount_restarted_while_redis_is_down_starts_from_its_saved_model_list(
         open(m.file("org/deep/other.bin"), "rb").read()
     assert e.value.errno == errno.EIO
     redis_proc.start()
+    wait_for(lambda: json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"],
+             timeout=30, what="the mount reaching Redis again")
+    assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])
+
+
+def test_a_mount_restarted_while_redis_hangs_opens_models_from_their_snapshots(store, mounts, redis_proc):
+    """A Redis that takes connections and answers nothing at start-up: the mount starts from
+    its saved model list and loads models opened before from their snapshots at once, not
+    after a Redis timeout per model; it reaches Redis again once Redis answers."""
+    m = mounts()
+    assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])  # opened: snapshot kept
+    m.umount()
+    redis_proc.proc.send_signal(signal.SIGSTOP)
+    try:
+        r = m.cli("mount", m.path, "--cache-dir", m.cache_dir)
+        assert "warning" in r.stderr and "cache dir saw last" in r.stderr, r.stderr
+        m.pid = int(r.stdout.split("daemon pid ")[1].split(",")[0])
+        m.log = r.stdout.split(", log ")[1].rsplit(")", 1)[0]
+        assert json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"] is False
+        assert sha256_file(m.file("org/small.safetensors")) == sha256_file(store["small"])
+        log = open(m.log).read()
+        assert "loaded org/small.safetensors from its local snapshot (index: Redis did not answer" in log, log
+    finally:
+        redis_proc.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)["redis_ok"],
              timeout=30, what="the mount reaching Redis again")
     assert sha256_file(m.file("org/deep/other.bin")) == sha256_file(store["other"])
