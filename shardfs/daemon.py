@@ -227,9 +227,10 @@ class Daemon:
             except (ShardfsError, OSError) as e:
                 self._changed.add(name)  # try again at the next poll
                 # once per version and reason: a version under another key fails every poll
-                why = (entry.vid, str(e))
+                why = (entry and entry.vid, str(e))
                 (log.debug if self._pin_stuck.get(name) == why else log.warning)(
-                    "cannot move the pin of %s to its current version yet: %s", name, e)
+                    "cannot %s yet: %s", f"unpin {name} (removed)" if entry is None
+                    else f"move the pin of {name} to its current version", e)
                 self._pin_stuck[name] = why
                 continue
             self._pin_stuck.pop(name, None)

@@ -272,6 +272,28 @@ def test_a_pin_follows_its_name_to_a_new_version_and_goes_with_a_removed_one(cli
              timeout=15, what="the pin of the removed name gone")
 
 
+def test_a_removed_pinned_model_whose_pin_cannot_be_saved_yet_is_unpinned_later(cli, nodes, tmp_path, mounts):
+    """Removing a pinned model whose pin could not be dropped (the pins file cannot be
+    written) raised inside the index poll, and the mount then took the index for away at
+    every poll: `cache stats` said redis_ok false for good. Now it warns, goes on, and
+    drops the pin once the file can be written."""
+    m, a, b = pinned_a_beside_b(cli, nodes, tmp_path, mounts, 2 << 20)
+    stuck = os.path.join(m.cache_dir, "data", "pins.json.tmp")
+    os.mkdir(stuck)  # the save's temp file cannot be written
+    cli("rm", "a")
+    wait_for(lambda: "cannot unpin a (removed) yet" in open(m.log).read(), timeout=15, what="the warning")
+
+    def stats():
+        return json.loads(m.cli("cache", "stats", "--json", "--mount", m.path).stdout)
+    polls = stats()["polls"]
+    wait_for(lambda: stats()["polls"] >= polls + 2, timeout=15, what="two more polls")
+    assert stats()["redis_ok"] is True and stats()["cache"]["pins"] == ["a"]
+    os.rmdir(stuck)
+    wait_for(lambda: stats()["cache"]["pins"] == [], timeout=15, what="the pin of the removed name gone")
+    assert stats()["redis_ok"] is True
+    assert sha256_file(m.file("b")) == sha256_file(b)
+
+
 def lease_ends(redis_proc) -> tuple[int, list[float]]:
     """Redis's clock (ms) and the ends of the mounts' leases on the versions they have open."""
     from shardfs.index import K_READING
