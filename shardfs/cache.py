@@ -13,7 +13,8 @@ file mtimes, which hits refresh (at most once a minute).
 
 Fills are atomic (tmp file + rename) but not fsynced: every entry is hashed against its
 id when it is loaded, so an entry torn by a crash or damaged on disk is dropped and
-fetched again, never served. A cache that cannot be written (full, read-only, gone)
+fetched again, never served. The pins file is the exception: nothing could tell a torn
+one from no pins, so it is fsynced before it replaces the last. A cache that cannot be written (full, read-only, gone)
 only costs speed: `put` reports False once and readers are served from memory.
 
 Thread-safe: the daemon calls it from worker threads; one lock guards the index.
@@ -33,7 +34,7 @@ from collections import OrderedDict
 
 from . import directio, envelope
 from .errors import ShardfsError
-from .stores import chunk_relpath, disk_id
+from .stores import chunk_relpath, disk_id, fsync_dir
 from .units import human
 
 # read errors that say nothing about the entry: a miss this time, the entry stays
@@ -141,13 +142,19 @@ class ChunkCache:
         try:
             with open(tmp, "w") as f:
                 json.dump(pins, f)
-            os.rename(tmp, path)
+                f.flush()
+                os.fsync(f.fileno())  # (renamed over the old file only once its bytes are on disk:
+            os.rename(tmp, path)      # a crash must not leave an empty pins file, every pin lost)
         except OSError as e:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
             raise ShardfsError(f"cannot save the pins in {self.root}: {e.strerror}; nothing changed") from None
+        try:
+            fsync_dir(self.root)
+        except OSError as e:  # (the new pins are in place; only a crash now could undo them)
+            log.warning("cannot sync the cache directory %s after saving its pins: %s", self.root, e.strerror)
 
     # -- entries ---------------------------------------------------------------------
 

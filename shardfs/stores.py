@@ -94,7 +94,7 @@ def mark_root(root: str) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))  # (empty: counts no bytes)
     except FileExistsError:
         return
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def init_root(path: str, adopt: bool) -> str | None:
@@ -120,7 +120,7 @@ def write_refused(root: str) -> str | None:
     return f"{why}; if it is the node's directory, `touch {os.path.join(root, MARKER)}`" if why else None
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -344,7 +344,7 @@ def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
                 os.mkdir(d)  # (the root must exist: a vanished one is not recreated, see MARKER)
             except FileExistsError:
                 pass
-            _fsync_dir(os.path.dirname(d))
+            fsync_dir(os.path.dirname(d))
         fd, tmp = tempfile.mkstemp(dir=d, prefix=TEMP_PREFIX)
         try:
             os.fchmod(fd, 0o644)  # (mkstemp's 0600 would keep other users and servers out)
@@ -354,7 +354,7 @@ def write_atomic(path: str, blob, node: str = "", direct: bool = True) -> bool:
             os.fsync(fd)
         finally:
             os.close(fd)
-        _fsync_dir(d)  # (POSIX promises the name only with this: see above)
+        fsync_dir(d)  # (POSIX promises the name only with this: see above)
     except OSError as e:
         full = e.errno in (errno.ENOSPC, errno.EDQUOT)
         raise NodeError(node or d, f"cannot store chunk: {e.strerror}", full=full) from None

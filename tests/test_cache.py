@@ -190,6 +190,28 @@ def test_pins_that_cannot_be_saved_change_nothing(tmp_path):
     assert ChunkCache(str(tmp_path / "c"), 64 << 20).pins() == ["a"]  # and on disk
 
 
+def test_pins_reach_the_disk_before_they_replace_the_last(tmp_path, monkeypatch):
+    """The pins file is the one file of the cache that no hash checks: a crash that left it
+    empty lost every pin. Its bytes are synced before the rename, the directory after."""
+    c = ChunkCache(str(tmp_path / "c"), 64 << 20)
+    calls = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(a, b):
+        calls.append(("rename", str(a)))
+        real_rename(a, b)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    c.pin("a", ["aa" * 32])
+    tmp = str(tmp_path / "c" / "pins.json.tmp")
+    assert calls == [("fsync", tmp), ("rename", tmp), ("fsync", str(tmp_path / "c"))], calls
+    assert ChunkCache(str(tmp_path / "c"), 64 << 20).pins() == ["a"]
+
+
 def test_a_read_error_that_says_nothing_about_the_entry_keeps_it(tmp_path):
     """A read error dropped the entry from the byte count but left its file: the cache
     could outgrow its limit by such files until a restart. Out of file descriptors, the
