@@ -62,6 +62,9 @@ class Manifest:
             magic, count = _HEAD.unpack_from(blob)
             if magic != _MAGIC or len(blob) != _HEAD.size + count * _ENTRY.size:
                 raise ValueError("bad header or length")
-            return cls.build(_ENTRY.iter_unpack(memoryview(blob)[_HEAD.size:]))
+            m = cls.build(_ENTRY.iter_unpack(memoryview(blob)[_HEAD.size:]))
+            if len(dict(zip(m.ids, m.lengths))) != len(set(zip(m.ids, m.lengths))):
+                raise ValueError("one chunk id listed with two lengths")  # (a chunk's bytes are its id)
+            return m
         except (struct.error, ValueError) as e:
             raise CorruptChunk(f"malformed manifest: {e}") from None

@@ -292,6 +292,8 @@ class Reader:
                 await self.flight_bytes.acquire(size)
                 try:
                     data, source = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                    if len(data) != size:  # (its bytes hash to its id: the manifest is what is wrong)
+                        raise CorruptChunk(f"chunk is {len(data)} bytes, the manifest says {size}")
                     self.fetched += source != "cache"
                     if h in self._unavailable_logged:  # (so that a later failure is logged again)
                         self._unavailable_logged.discard(h)

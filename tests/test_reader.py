@@ -15,6 +15,7 @@ import trio.testing
 
 from shardfs import envelope
 from shardfs.cache import ChunkCache
+from shardfs.errors import CorruptChunk
 from shardfs.index import Node
 from shardfs.manifest import Manifest
 from shardfs.pool import NodePool
@@ -551,3 +552,31 @@ def test_a_mapped_entry_evicted_from_the_disk_is_served_on_from_memory(tmp_path,
 
     trio.run(partial(with_reader, push=False), pool, cache, main)
     assert "changed on disk" not in caplog.text
+
+
+def test_a_manifest_whose_lengths_disagree_with_its_chunks_gives_an_error_not_shifted_bytes(tmp_path):
+    """Chunks are checked against their ids, lengths only in the manifest. A damaged manifest
+    that moves a boundary (two chunks' lengths off by the same amount, the size unchanged)
+    would have had every read past it served shifted bytes, and a short one at its end: now
+    the chunk whose length disagrees is an error (EIO at the mount), the others read on."""
+    lengths = [3 * PAGE, 2 * PAGE, 3 * PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+    ids = m.manifest.ids
+    bad = Manifest.build([(ids[0], 3 * PAGE), (ids[1], 2 * PAGE + 100), (ids[2], 3 * PAGE - 100)])
+    m = OpenModel(1, 7, "m.bin", len(data), "", bad, m.locs)
+
+    async def main(reader, pushes):
+        assert bytes(await reader.read(m, 0, 3 * PAGE)) == data[:3 * PAGE]
+        for off in (3 * PAGE, 6 * PAGE):
+            with pytest.raises(CorruptChunk, match="the manifest says"):
+                await reader.read(m, off, PAGE)
+
+    trio.run(with_reader, pool, cache, main)
+
+
+def test_a_manifest_listing_one_chunk_with_two_lengths_is_refused():
+    cid = envelope.chunk_id(b"x" * 10)
+    blob = Manifest.build([(cid, 10), (cid, 11)]).encode()
+    with pytest.raises(CorruptChunk, match="two lengths"):
+        Manifest.decode(blob)
+    assert Manifest.decode(Manifest.build([(cid, 10), (cid, 10)]).encode()).lengths == (10, 10)
