@@ -633,4 +633,10 @@ async def _serve(daemon: Daemon, ready, sigs) -> None:
             log.info("signal %d: unmounting", sig)
             sd_notify("STOPPING=1")
             break
+        # Pushes under way end while FUSE is still served: the kernel can hold a push's
+        # pages locked for a read only this loop answers, and a push blocked so at the close
+        # would hold the session (and the process) for ever.
+        daemon.reader.stop_pushing()
+        with trio.move_on_after(5):
+            await daemon.reader.idle()
         n.cancel_scope.cancel()

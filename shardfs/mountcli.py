@@ -422,6 +422,11 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
         raise ShardfsError(f"cannot mount {mp}: {e}") from None
     finally:
         tell("error: the mount daemon stopped before the mount was ready")
+    # Unmounted. A fetch still waiting on a hung node (its thread left behind) would hold the
+    # exit for the node's timeout, since Python joins executor threads at exit (a systemd
+    # stop would wait on it too), and nothing it does matters any more.
+    logging.shutdown()
+    os._exit(0)
 
 
 def _single(e: BaseException) -> BaseException:

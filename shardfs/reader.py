@@ -215,6 +215,7 @@ class Reader:
         self.refresh_locs = refresh_locs  # blocking fn(hex) -> list of node ids, or None
         self.notify = notify  # fn(inode, offset, data): push a filled chunk into the page cache
         self._notify_limiter = trio.CapacityLimiter(2)
+        self.stopping = False  # stop_pushing()
         # chunks in hand for prefetch, across every open file: half the fetch slots, so
         # readers' page faults always find a free one, and a quarter of the memory budget
         self._prefetch_slots = trio.Semaphore(max(1, fetchers // 2))
@@ -291,7 +292,9 @@ class Reader:
             async with self.fetch_limiter:
                 await self.flight_bytes.acquire(size)
                 try:
-                    data, source = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=False)
+                    # (abandoned when cancelled, at shutdown: a hung node must not hold the
+                    # unmount for its timeout; the thread only reads, and its result goes)
+                    data, source = await trio.to_thread.run_sync(self._load, m, h, abandon_on_cancel=True)
                     if len(data) != size:  # (its bytes hash to its id: the manifest is what is wrong)
                         raise CorruptChunk(f"chunk is {len(data)} bytes, the manifest says {size}")
                     self.fetched += source != "cache"
@@ -339,7 +342,7 @@ class Reader:
     def _keep(self, m: OpenModel, i: int, data, push: bool = True) -> None:
         """A reader wants chunk i: keep it in memory and, with `push`, push it into the page cache."""
         self.mem.put(m.hexes[i], data)
-        if not push or self.notify is None:
+        if not push or self.notify is None or self.stopping:
             return
         # In a thread, never on the trio thread: the kernel may hold these pages locked for
         # a read that only this trio thread can answer. Bounded: a push that would wait is
@@ -403,9 +406,15 @@ class Reader:
             wanted.insert(0, (lo, memoryview(data)[lo - start:hi - start]))
         pushed = []
         for at, part in wanted:
+            if self.stopping:
+                break
             if self.notify(m.inode, at, part):
                 pushed.append((at, at + len(part)))
         return pushed
+
+    def stop_pushing(self) -> None:
+        """At shutdown: start no more page-cache pushes (idle() then waits for those under way)."""
+        self.stopping = True
 
     async def idle(self) -> None:
         """Wait until no page-cache push runs (before the FUSE session is closed)."""

@@ -757,6 +757,36 @@ def test_redis_stopped_while_mounted(store, mounts, redis_proc):
     wait_for(lambda: os.path.exists(m.file("after/redis.bin")), timeout=15, what="catch-up after Redis returns")
 
 
+def test_sigterm_unmounts_at_once_while_a_read_waits_on_a_hung_node(cli, nodes, tmp_path, mounts):
+    """A node that takes connections and answers nothing holds a read for up to
+    READ_DEADLINE (120 s). A SIGTERM then (systemd stopping the unit) made the daemon wait
+    for that fetch before it unmounted, with the mount answering nobody meanwhile. Now the
+    fetch is left behind: the daemon unmounts and exits, and the waiting read fails."""
+    from shardfs.mounttab import mounts as mount_table
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(6 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    m = mounts("--no-prefetch")
+    path = m.file("m.bin")
+    os.stat(path)
+    n.proc.send_signal(signal.SIGSTOP)
+    try:
+        reader = subprocess.Popen([sys.executable, "-c", "import sys; open(sys.argv[1], 'rb').read()", path],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        assert reader.poll() is None  # (waiting on the hung node)
+        os.kill(m.pid, signal.SIGTERM)
+        wait_for(lambda: gone(m.pid), timeout=5, what="the daemon to exit")  # (not the node's 10 s timeout)
+        _, err = reader.communicate(timeout=30)
+        assert reader.returncode != 0 and "Error" in err.splitlines()[-1], err
+        assert str(m.path) not in mount_table()
+        assert "unmounted" in open(m.log).read()
+    finally:
+        n.proc.send_signal(signal.SIGCONT)
+
+
 def test_redis_hung_while_mounted(store, mounts, redis_proc, cli):
     """A Redis that takes connections and answers nothing (SIGSTOP: a hung host) costs
     timeouts, never a stuck mount: an open file reads on, a model loaded before opens again

@@ -580,3 +580,22 @@ def test_a_manifest_listing_one_chunk_with_two_lengths_is_refused():
     with pytest.raises(CorruptChunk, match="two lengths"):
         Manifest.decode(blob)
     assert Manifest.decode(Manifest.build([(cid, 10), (cid, 10)]).encode()).lengths == (10, 10)
+
+
+def test_no_push_starts_once_pushing_is_stopped(tmp_path):
+    """At shutdown the daemon stops pushes before it stops serving FUSE (a push can wait on
+    pages the kernel holds locked for a read only the serving loop answers): reads still
+    answer, nothing more goes to the page cache."""
+    lengths = [3 * PAGE, 2 * PAGE + 5, 3 * PAGE]
+    data, m, pool, cache = setup(tmp_path, lengths)
+
+    async def main(reader, pushes):
+        await reader._push_now(m, 0, await reader.chunk(m, 0, keep=False))  # as prefetch does
+        assert pushes == [(0, data[:3 * PAGE])]
+        reader.stop_pushing()
+        await reader._push_now(m, 2, await reader.chunk(m, 2, keep=False))
+        assert bytes(await reader.read(m, 3 * PAGE, len(data) - 3 * PAGE)) == data[3 * PAGE:]
+        await trio.testing.wait_all_tasks_blocked()
+        assert pushes == [(0, data[:3 * PAGE])]
+
+    trio.run(with_reader, pool, cache, main)
