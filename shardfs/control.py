@@ -179,17 +179,22 @@ async def _models(daemon, req):
     names = req.get("names") or []
     if not names:
         raise UsageError("give one or more model names (or --all where allowed)")
-    out = []
-    for name in names:
+    out = {}  # (each model once: a folder named 20k times over made a list of millions)
+    for name in dict.fromkeys(names):
         if name.endswith("/"):  # a folder: every model under it
             found = [n for n in daemon.tree.current if n.startswith(name)]
             if not found:
                 raise NotFound(f"no models under {name!r} in this mount")
-            out += found
+            out.update(dict.fromkeys(found))
         else:
             daemon.entry_by_name(name)
-            out.append(name)
-    return [await daemon.open_model(daemon.entry_by_name(n)) for n in out]
+            out[name] = None
+        await trio.sleep(0)  # (a long request does not hold up reads)
+    models = []
+    for n in out:
+        models.append(await daemon.open_model(daemon.entry_by_name(n)))
+        await trio.sleep(0)
+    return models
 
 
 async def _dispatch(daemon, req, send):
@@ -199,9 +204,10 @@ async def _dispatch(daemon, req, send):
         models = []
         cached_of = await daemon.cached_bytes_of(list(daemon.tree.current.values()))
         for name, entry in sorted(daemon.tree.current.items()):
-            cached = cached_of.get(entry.vid)
+            cached, distinct = cached_of.get(entry.vid, (None, None))
             models.append({"name": name, "version": entry.vid, "size": entry.size, "cached": cached,
-                           "cached_pct": round(100 * cached / entry.size, 1) if cached is not None and entry.size
+                           # (of its distinct chunks: a chunk that repeats is cached once)
+                           "cached_pct": round(100 * cached / distinct, 1) if cached is not None and distinct
                            else (100.0 if cached is not None else None),
                            "pinned": name in cache.pins(), "open": daemon.open_count.get(entry.vid, 0),
                            "prefetching": entry.vid in daemon._prefetching})
@@ -260,8 +266,7 @@ async def _dispatch(daemon, req, send):
             await send({"progress": m.size, "total": m.size, "name": m.name})
         # every chunk went in, but a later one may have pushed an earlier one out again (LRU)
         for m in warmed:
-            got = cache.cached_bytes(m.hexes)
-            distinct = sum(dict(zip(m.hexes, m.manifest.lengths)).values())
+            got, distinct = cache.cached_of(m.hexes, m.manifest.lengths)
             if got < distinct:
                 break
         else:
@@ -276,27 +281,36 @@ async def _dispatch(daemon, req, send):
                            f"the models asked for (with what else is being read) do not fit; "
                            f"raise --cache-size, warm fewer, or pin them")
     if op == "pin":
-        ms = await _models(daemon, req)
-        for m in ms:  # (writes the pins file: not on this thread)
-            await trio.to_thread.run_sync(cache.pin, m.name, m.hexes, abandon_on_cancel=False)
+        async with daemon.pin_lock:  # (see Daemon.pin_lock)
+            ms = await _models(daemon, req)
+            for m in ms:  # (writes the pins file: not on this thread)
+                await trio.to_thread.run_sync(cache.pin, m.name, m.hexes, abandon_on_cancel=False)
         return {"pinned": [m.name for m in ms]}
     if op == "unpin":
-        names, missing = [], []
-        pinned = cache.pins()
-        for name in req.get("names") or []:
-            if name.endswith("/"):  # a folder, as for pin: every pinned model under it
-                under = [n for n in pinned if n.startswith(name)]
-                names += under
-                missing += [] if under else [name]
-            else:
-                names.append(name)
-        for name in names:
-            if not await trio.to_thread.run_sync(cache.unpin, name, abandon_on_cancel=False):
-                missing.append(name)
-        if missing:
-            raise NotFound(f"not pinned: {', '.join(missing)}")
-        return {"unpinned": names}
+        async with daemon.pin_lock:
+            return await _unpin(daemon, req)
     raise UsageError(f"unknown control op {op!r}")
+
+
+async def _unpin(daemon, req):
+    cache = daemon.cache
+    names, missing = [], []
+    pinned = cache.pins()
+    for name in req.get("names") or []:
+        if name.endswith("/"):  # a folder, as for pin: every pinned model under it
+            under = [n for n in pinned if n.startswith(name)]
+            names += under
+            missing += [] if under else [name]
+        elif name in pinned:
+            names.append(name)
+        else:
+            missing.append(name)
+    if missing:  # (before any is unpinned: a command that fails changes nothing)
+        raise NotFound(f"not pinned: {', '.join(missing)}")
+    names = list(dict.fromkeys(names))
+    for name in names:
+        await trio.to_thread.run_sync(cache.unpin, name, abandon_on_cancel=False)
+    return {"unpinned": names}
 
 
 # -- client side ------------------------------------------------------------------------

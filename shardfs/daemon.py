@@ -102,6 +102,10 @@ class Daemon:
         self.redis_ok = True
         self.index_conflict: str | None = None  # set once the index is found reset under the mount
         self._changed: set[str] = set()  # names whose version changed, for follow_pins
+        # held by follow_pins and by the control socket's pin and unpin: an unpin while
+        # follow_pins opened the new version was undone by it, and a pin that opened the old
+        # version while follow_pins passed the name by (not pinned yet) stayed on the old one
+        self.pin_lock = trio.Lock()
         self._pin_stuck: dict[str, tuple] = {}  # name -> (version, error) already warned about
         self._model_locks: dict[int, trio.Lock] = {}
         self.holder = lease_holder()  # for read leases
@@ -213,6 +217,10 @@ class Daemon:
         """Trio thread: a pin is of a name, so it moves to the name's new version (whose
         chunks LRU must then leave alone, and the old one's no longer); a removed name's
         pin goes with it."""
+        async with self.pin_lock:
+            await self._follow_pins()
+
+    async def _follow_pins(self) -> None:
         changed, self._changed = self._changed, set()
         for name in sorted(changed & set(self.cache.pins())):
             entry = self.tree.current.get(name)
@@ -341,7 +349,8 @@ class Daemon:
         self._lock_file.close()
         self._lock_file, self._lock_lost = new, False
         log.warning("cache directory %s was removed or replaced under this mount; made it again (its "
-                    "entries and snapshots went with it)", self.cfg.cache_dir)
+                    "entries and snapshots went with it; the pins are written to it again)", self.cfg.cache_dir)
+        self.cache.lost()
 
     def _poll_index(self, reading: list[int], stale: list[int]):
         """Worker thread: delete the snapshots of forgotten versions, renew the leases of the
@@ -360,8 +369,9 @@ class Daemon:
 
     # -- models ----------------------------------------------------------------------
 
-    async def cached_bytes_of(self, entries: list[FileEntry]) -> dict[int, int]:
-        """Bytes of each version's chunks in the disk cache (`cache stats`), without opening
+    async def cached_bytes_of(self, entries: list[FileEntry]) -> dict[int, tuple[int, int]]:
+        """(bytes in the disk cache, bytes in all) of each version's distinct chunks
+        (ChunkCache.cached_of; `cache stats`), without opening
         the versions: a version not open here costs a look at its manifest, in batches, and
         nothing is kept (opening every model of a large catalogue would keep every manifest
         and location table in memory, and write a snapshot of each). Versions whose manifest
@@ -370,7 +380,7 @@ class Daemon:
         for e in entries:
             m = self.models.get(e.vid)
             if m is not None:
-                out[e.vid] = self.cache.cached_bytes(m.hexes)
+                out[e.vid] = self.cache.cached_of(m.hexes, m.manifest.lengths)
             else:
                 todo.append(e.vid)
 
@@ -378,7 +388,7 @@ class Daemon:
             got = {}
             for ver in self._index().versions(vids):
                 try:
-                    got[ver.vid] = self.cache.cached_bytes([c.hex() for c in ver.manifest.ids])
+                    got[ver.vid] = self.cache.cached_of([c.hex() for c in ver.manifest.ids], ver.manifest.lengths)
                 except ShardfsError:
                     pass  # a damaged record: opening it says so
             return got

@@ -181,7 +181,7 @@ class ShardOps(pyfuse3.Operations):
             got = (await self.d.cached_bytes_of([entry])).get(entry.vid)
             if got is None:
                 raise pyfuse3.FUSEError(errno.EAGAIN)
-            return str(got).encode()
+            return str(got[0]).encode()
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
     @_errors

@@ -135,9 +135,18 @@ def test_a_cache_dir_deleted_under_the_mount_is_made_again_and_locked(store, mou
     same directory, and snapshots of models opened later silently failed to be written."""
     m = mounts()
     assert open(m.file("org/small.safetensors"), "rb").read(100) == store["small"].read_bytes()[:100]
+    m.cli("cache", "pin", "org/small.safetensors", "--mount", m.path)
+    m.cli("cache", "warm", "org/small.safetensors", "--mount", m.path)
     shutil.rmtree(m.cache_dir)
-    wait_for(lambda: os.path.exists(os.path.join(m.cache_dir, ".lock")), timeout=20,
-             what="the mount making its cache directory again")
+    data = os.path.join(m.cache_dir, "data")
+    wait_for(lambda: os.path.exists(os.path.join(data, "pins.json")), timeout=20,
+             what="the mount making its cache directory again, with its pins")
+    # Its entries went with it: the stats said 100% cached of files no longer there, and
+    # the pins were lost at the next restart.
+    st = m.stats()
+    files = [os.path.join(d, f) for d, _s, fs in os.walk(os.path.join(data, "chunks")) for f in fs]
+    assert st["cache"]["entries"] == len(files) and st["cache"]["used"] == sum(map(os.path.getsize, files))
+    assert st["cache"]["pins"] == ["org/small.safetensors"], st["cache"]
     (tmp_path / "second").mkdir()
     r = cli("mount", tmp_path / "second", "--cache-dir", m.cache_dir, check=False)
     if r.returncode == 0:  # (the defect: two daemons on one cache directory)
@@ -1085,3 +1094,20 @@ def test_mount_and_control_socket_are_private_to_the_owner(store, mounts):
             s.sendall(bad)
             answer = json.loads(s.makefile("rb").readline())
             assert answer["ok"] is False and words in answer["error"], answer
+
+
+def test_a_warmed_model_whose_chunks_repeat_is_all_cached_in_stats(cli, nodes, tmp_path, mounts):
+    """cache stats counts each distinct chunk once; it divided that by the file's size, so
+    a warmed model with runs of zeros showed as half cached (here: 50.0)."""
+    add_nodes(cli, nodes, 1)
+    z = tmp_path / "z.bin"
+    z.write_bytes(os.urandom(1 << 20) + bytes(3 << 20))  # chunks: one random, three the same
+    cli("put", z, "--name", "z.bin", "--chunk-size", "1MiB")
+    m = mounts(CACHE_LOCAL)
+    row = next(x for x in m.stats()["models"] if x["name"] == "z.bin")
+    assert row["cached_pct"] in (0.0, None), row
+    m.cli("cache", "warm", "z.bin", "--mount", m.path)
+    row = next(x for x in m.stats()["models"] if x["name"] == "z.bin")
+    assert row["cached_pct"] == 100.0 and row["cached"] == 2 << 20, row
+    assert os.getxattr(m.file("z.bin"), "user.shardfs.cached_bytes") == str(2 << 20).encode()
+    assert open(m.file("z.bin"), "rb").read() == z.read_bytes()
