@@ -11,7 +11,7 @@ import os
 import shutil
 import subprocess
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 
@@ -139,6 +139,14 @@ last_url: str | None = None  # the URL the last open_index used (for error messa
 def open_index(flag: str | None = None, timeout: float = 5.0, loading_wait: float = LOADING_WAIT) -> Index:
     global last_url
     url = last_url = resolve_url(flag)
+    try:
+        parsed = urlsplit(url)
+    except ValueError as e:
+        raise UsageError(f"bad Redis URL {display_url(url)}: {e}") from None
+    db = unquote(parsed.path).strip("/")
+    if parsed.scheme in ("redis", "rediss") and db and not db.isdigit():  # (redis-py took it for db 0)
+        raise UsageError(f"bad Redis URL {display_url(url)}: the database after the host must be a number "
+                         f"(redis://HOST:PORT/0), not {db!r}")
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout,
                                       health_check_interval=30)

@@ -347,6 +347,9 @@ def put_file(idx: Index, path: str, name: str, *, replicas: int | None = None,
     with open_source(path) as src:
         if idx.current_vid(name) is not None and not force:
             raise UsageError(f"model {name!r} already exists; use --force to replace it")
+        conflict = idx.path_conflict(name)  # (checked again at publish: this saves the upload)
+        if conflict:
+            raise UsageError(conflict)
         with PutSession(idx, replicas=replicas, default_node_url=default_node_url, keyring=keyring) as put:
             return put.publish([put.store(src, name, chunk_size, progress)], force)[0]
 

@@ -289,6 +289,10 @@ def cmd_mount(args) -> None:
     _check_sizes(args)
     _preflight(mp)
     cache_dir = os.path.abspath(args.cache_dir)
+    under = os.path.realpath(cache_dir)
+    if under == mp or under.startswith(mp.rstrip("/") + "/"):  # (mp is resolved: no symlink hides it)
+        # hidden by the mount it serves, and read-only through it: every fill failed
+        raise UsageError(f"cache dir {cache_dir} is inside the mountpoint {mp}; give one outside it")
     _check_cache_dir(cache_dir)
     if args.metrics:
         from .nodeserver import parse_listen

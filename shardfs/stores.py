@@ -32,16 +32,24 @@ from .errors import NodeError, UsageError
 HEX_ID = re.compile(r"[0-9a-f]{64}")
 
 
+TOKEN_MAX = 1024
+
+
 def read_token(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        with open(path) as f:
-            token = f.read().strip()
+        with open(path, "rb") as f:
+            blob = f.read(TOKEN_MAX + 1)
     except OSError as e:
         raise UsageError(f"cannot read token file {path}: {e.strerror}") from None
+    token = blob.strip().decode("ascii", "replace")
     if not token:
         raise UsageError(f"token file {path} is empty")
+    # (it goes into an HTTP header: a key file given by mistake made a UnicodeDecodeError)
+    if len(blob) > TOKEN_MAX or not all(" " < c <= "~" for c in token):
+        raise UsageError(f"token file {path} does not hold a token: one line of printable ASCII, at most "
+                         f"{TOKEN_MAX} bytes (is it another file, such as a model key?)")
     return token
 
 

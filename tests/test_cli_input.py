@@ -58,6 +58,12 @@ CASES = [
     (("cache", "warm"), "name the models to warm"),
     (("rm", "\udcff"), "model name b'\\xff' is not valid UTF-8"),
     (("put", "{tmp}/hidden-only"), "hidden-only is an empty folder (but for hidden entries: .git/)"),
+    # (from a black-box pass: a traceback, a typo taken for database 0, a cache the mount hid)
+    (("node", "add", "http://127.0.0.1:17101", "--token-file", "{tmp}/token.bin"), "token.bin does not hold a token"),
+    (("node", "serve", "--root", "{tmp}/r", "--listen", "127.0.0.1:1", "--token-file", "{tmp}/token.bin"),
+     "token.bin does not hold a token"),
+    (("--redis", "redis://127.0.0.1:1/abc", "ls"), "the database after the host must be a number"),
+    (("mount", "{mp}", "--cache-dir", "{mp}/cache"), "is inside the mountpoint"),
 ]
 
 
@@ -70,6 +76,7 @@ def test_bad_values_are_one_line(cli, tmp_path, args, says):
     os.mkfifo(tmp_path / "fifo")  # (a key file that is a FIFO hung the command)
     (tmp_path / "empty.toml").write_text('cache_dir = ""\n')
     (tmp_path / "hidden-only" / ".git").mkdir(parents=True)
+    (tmp_path / "token.bin").write_bytes(bytes(range(128, 160)))  # (a key file, say)
     args = [a.format(f=f, mp=tmp_path / "mp", tmp=tmp_path).replace("\\u202e", "\u202e") for a in args]
     says = says.format(tmp=tmp_path, f=f)
     # From an empty directory of the test's own: an empty path was taken for the current

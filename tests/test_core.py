@@ -877,8 +877,12 @@ def test_a_name_cannot_be_both_a_file_and_a_folder(cli, nodes, tmp_path):
     f = tmp_path / "m.bin"
     f.write_bytes(os.urandom(100_000))
     cli("put", f, "--name", "a/m.bin")
-    assert_one_line_error(cli("put", f, "--name", "a/m.bin/x", check=False), "cannot make it a folder")
-    assert_one_line_error(cli("put", f, "--name", "a", "--force", check=False), "cannot be a file")
+    g = tmp_path / "new.bin"
+    g.write_bytes(os.urandom(300_000))
+    assert_one_line_error(cli("put", g, "--name", "a/m.bin/x", check=False), "cannot make it a folder")
+    assert_one_line_error(cli("put", g, "--name", "a", "--force", check=False), "cannot be a file")
+    # refused before the upload: nothing stored for gc to reclaim (it uploaded it all first)
+    assert "deleted 0 unreferenced chunk(s)" in cli("gc", "--grace", "0").stdout
     cli("put", f, "--name", "b/")  # a trailing slash: the file's own name inside that folder
     assert "b/m.bin" in cli("ls").stdout
 
