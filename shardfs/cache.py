@@ -495,6 +495,11 @@ class ChunkCache:
             self._room_again()  # (the next fill checks again)
         return found
 
+    def pinned_except(self, names) -> set[str]:
+        """The chunks pinned by models other than `names`."""
+        with self._lock:
+            return {h for n, hs in self._pins.items() if n not in names for h in hs}
+
     def pinned(self, hex_id: str) -> bool:
         return hex_id in self._pinned  # (a set replaced whole under the lock: safe to read)
 

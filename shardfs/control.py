@@ -105,6 +105,7 @@ async def _send(stream, obj) -> None:
 
 
 async def _handle(daemon, stream) -> None:
+    req = {}
     try:
         creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
@@ -128,7 +129,10 @@ async def _handle(daemon, stream) -> None:
         async def send(obj):
             async with lock:
                 await _send(stream, obj)
-        result = await _kept_alive(send, lambda: _dispatch(daemon, req, send))
+        # A warm stops when its client leaves (Ctrl-C): what it fetched stays cached. Other
+        # requests are short, and end what they began.
+        result = await _kept_alive(send, lambda tell: _dispatch(daemon, req, tell),
+                                   stop_when_left=req.get("op") == "warm")
         await _send(stream, {"ok": True, "result": result})
     except (ShardfsError, ValueError, KeyError, TypeError) as e:
         try:
@@ -136,7 +140,8 @@ async def _handle(daemon, stream) -> None:
         except trio.BrokenResourceError:
             pass
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client went away (Ctrl-C on `cache warm`): nothing to answer
+        if req.get("op") == "warm":  # (Ctrl-C on `cache warm`: it stopped; see _kept_alive)
+            log.info("cache warm of %s stopped: its client left", ", ".join(map(str, req.get("names") or [])))
     except Exception as e:  # noqa: BLE001 - a bug: logged, and the client is told, not left hanging
         log.exception("control request failed")
         while isinstance(e, BaseExceptionGroup) and len(e.exceptions) == 1:
@@ -150,26 +155,40 @@ async def _handle(daemon, stream) -> None:
         await stream.aclose()
 
 
-async def _kept_alive(send, work):
-    """await work() while a line goes to the client every KEEPALIVE seconds: the client
-    waits for a word from the daemon (answer_wait()), however long the work takes."""
+async def _kept_alive(send, work, stop_when_left: bool = False):
+    """await work(tell) while a line goes to the client every KEEPALIVE seconds: the client
+    waits for a word from the daemon (answer_wait()), however long the work takes. work
+    sends its own lines with tell. With stop_when_left, the work is cancelled once a line
+    finds the client gone (then trio.BrokenResourceError: there is no one to answer)."""
     box = {}
+    scope = trio.CancelScope()
+
+    async def tell(obj):
+        try:
+            await send(obj)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if stop_when_left:
+                scope.cancel()
+            raise
 
     async def alive():
         try:
             while True:
                 await trio.sleep(KEEPALIVE)
-                await send({"alive": True})
+                await tell({"alive": True})
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client left; the work goes on
+            pass  # the client left (the work goes on, unless stop_when_left)
     async with trio.open_nursery() as n:
         n.start_soon(alive)
-        try:
-            box["result"] = await work()
-        except Exception as e:  # noqa: BLE001 - raised below, outside the nursery (not grouped)
-            box["error"] = e
-        finally:
-            n.cancel_scope.cancel()
+        with scope:
+            try:
+                box["result"] = await work(tell)
+            except Exception as e:  # noqa: BLE001 - raised below, outside the nursery (not grouped)
+                box["error"] = e
+            finally:
+                n.cancel_scope.cancel()
+    if scope.cancel_called and "result" not in box:  # (caught by the nursery's scope, also cancelled)
+        raise trio.BrokenResourceError("the client left")
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -228,11 +247,18 @@ async def _dispatch(daemon, req, send):
                 await daemon.drop_kernel_pages(m)
         else:
             freed = 0
-            for m in await _models(daemon, req):
-                freed += await trio.to_thread.run_sync(cache.evict, m.hexes, unremoved)
+            ms = await _models(daemon, req)
+            # chunks these models share with pinned others stay: evicting a model must not
+            # undo another's pin (a pinned model lost its cached chunks to `evict` of a sibling)
+            keep = cache.pinned_except({m.name for m in ms})
+            kept = cache.cached_bytes({h for m in ms for h in m.hexes} & keep)
+            for m in ms:
+                freed += await trio.to_thread.run_sync(cache.evict, [h for h in m.hexes if h not in keep],
+                                                       unremoved)
                 reader.forget(m.hexes)
                 await daemon.drop_kernel_pages(m)
-        return {"freed": freed, "unremoved": sum(n for n, _ in unremoved),
+        return {"freed": freed, "kept_pinned": 0 if req.get("all") else kept,
+                "unremoved": sum(n for n, _ in unremoved),
                 "unremoved_count": len(unremoved), "why": unremoved[0][1] if unremoved else ""}
     if op == "warm":
         total = 0
@@ -250,7 +276,7 @@ async def _dispatch(daemon, req, send):
                         if "done" in state:
                             await send({"progress": state["done"], "total": state["size"], "name": m.name})
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass  # the client left; the warm goes on
+                    pass  # the client left: tell cancelled the warm
 
             failure = None
             async with trio.open_nursery() as n:
@@ -276,6 +302,9 @@ async def _dispatch(daemon, req, send):
             raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the "
                                f"cache: {FULL_WHY['disk']} ({human(cache.free_floor)} kept free on the cache's "
                                f"disk); free space there, or move the cache to a larger disk")
+        if distinct > cache.limit:
+            raise ShardfsError(f"{m.name}: its {human(distinct)} of chunks is more than the cache's whole limit "
+                               f"({human(cache.limit)}): raise --cache-size (only {human(got)} stayed)")
         raise ShardfsError(f"{m.name}: only {human(got)} of its {human(distinct)} of chunks stayed in the cache "
                            f"(limit {human(cache.limit)}, {human(cache.used)} used): "
                            f"the models asked for (with what else is being read) do not fit; "
@@ -285,7 +314,8 @@ async def _dispatch(daemon, req, send):
             ms = await _models(daemon, req)
             for m in ms:  # (writes the pins file: not on this thread)
                 await trio.to_thread.run_sync(cache.pin, m.name, m.hexes, abandon_on_cancel=False)
-        return {"pinned": [m.name for m in ms]}
+        need = sum(dict(pair for m in ms for pair in zip(m.hexes, m.manifest.lengths)).values())
+        return {"pinned": [m.name for m in ms], "bytes": need, "limit": cache.limit}
     if op == "unpin":
         async with daemon.pin_lock:
             return await _unpin(daemon, req)

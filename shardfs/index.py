@@ -282,6 +282,11 @@ def _s(v) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _glob_escape(name: str) -> str:
+    """`name` as a Redis MATCH pattern that matches only itself."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in name)
+
+
 class Index:
     def __init__(self, client: redis.Redis, url: str):
         self.r = client
@@ -439,8 +444,16 @@ class Index:
     def model(self, name: str) -> Version:
         vid = self.current_vid(name)
         if vid is None:
-            raise NotFound(f"no model named {name!r}; see `shardfs ls`")
+            raise self.missing(name)
         return self.version(vid)
+
+    def missing(self, name: str, folder_hint: str = "") -> NotFound:
+        """The error for a name no model has; for a folder of models, it says so."""
+        pattern = _glob_escape(name) + "/*"
+        for _inside, _vid in self.r.hscan_iter(K_MODELS, match=pattern, count=1000):
+            return NotFound(f"no model named {name!r}: {name}/ is a folder of models (`shardfs ls {name}/` lists "
+                            f"them){folder_hint}")
+        return NotFound(f"no model named {name!r}; see `shardfs ls`")
 
     def model_vids(self, name: str) -> list[int]:
         return [int(v) for v in self.r.lrange(k_model_versions(name), 0, -1)]
@@ -475,7 +488,7 @@ class Index:
             folder = "/".join(parts[:i])
             if folder not in ignore and r.hexists(K_MODELS, folder):
                 return f"model {folder!r} exists, so {name!r} cannot make it a folder; choose another name"
-        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in name) + "/*"
+        pattern = _glob_escape(name) + "/*"
         for inside, _vid in r.hscan_iter(K_MODELS, match=pattern, count=1000):
             if _s(inside) not in ignore:
                 return (f"folder {name + '/'!r} holds model {_s(inside)!r}, so {name!r} cannot be a file; "
@@ -590,7 +603,7 @@ class Index:
                 try:
                     p.watch(K_MODELS, k_model_versions(name), K_READING)
                     if not p.hexists(K_MODELS, name):
-                        raise NotFound(f"no model named {name!r}; see `shardfs ls`")
+                        raise self.missing(name, f"; `shardfs rm {name}/` removes them all")
                     removal = self._removal(p, name)
                     p.multi()
                     self._queue_removal(p, *removal)

@@ -531,7 +531,9 @@ def cmd_cache(args) -> None:
                                f"({human(res['unremoved'])}) could not be removed from the cache directory: "
                                f"{res['why']}; they are no longer served, and the mount's next start counts "
                                f"them again")
-        print(f"evicted {human(res['freed'])}")
+        kept = res.get("kept_pinned")
+        print(f"evicted {human(res['freed'])}" + (f"; kept {human(kept)} of chunks that pinned models share "
+                                                  f"(`cache unpin` them first to evict those too)" if kept else ""))
         return
     if not args.names:
         raise UsageError(f"name the models to {op}")
@@ -557,3 +559,6 @@ def cmd_cache(args) -> None:
         return
     res = request(mp, {"op": op, "names": args.names})
     print(f"{op}ned: {', '.join(res.get('pinned') or res.get('unpinned'))}")
+    if op == "pin" and res.get("bytes", 0) > res.get("limit", float("inf")):
+        print(f"shardfs: warning: the pinned models' chunks take {human(res['bytes'])}, more than the cache's "
+              f"{human(res['limit'])} limit: they cannot all stay cached; raise --cache-size", file=sys.stderr)

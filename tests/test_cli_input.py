@@ -244,7 +244,7 @@ def test_a_control_answer_keeps_the_client_waiting_while_the_daemon_works(monkey
     async def send(obj):
         sent.append(obj)
 
-    async def slow(fail=False):
+    async def slow(tell, fail=False):
         await trio.sleep(0.5)
         if fail:
             raise NotFound("no such model")
@@ -253,4 +253,28 @@ def test_a_control_answer_keeps_the_client_waiting_while_the_daemon_works(monkey
     assert trio.run(control._kept_alive, send, slow, clock=clock) == 7
     assert len(sent) >= 5 and all(m == {"alive": True} for m in sent), sent
     with pytest.raises(NotFound):
-        trio.run(control._kept_alive, send, lambda: slow(fail=True), clock=clock)
+        trio.run(control._kept_alive, send, lambda tell: slow(tell, fail=True), clock=clock)
+
+
+def test_a_warm_whose_client_left_stops_and_a_pin_goes_on(monkeypatch):
+    """Ctrl-C on `cache warm` left the daemon warming the whole model."""
+    import trio
+    import trio.testing
+
+    from shardfs import control
+    monkeypatch.setattr(control, "KEEPALIVE", 0.05)
+    done = []
+
+    async def gone(obj):
+        raise trio.BrokenResourceError
+
+    async def work(tell):
+        for step in range(10):
+            await trio.sleep(0.1)
+            done.append(step)
+        return "finished"
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    with pytest.raises(trio.BrokenResourceError):
+        trio.run(lambda: control._kept_alive(gone, work, stop_when_left=True), clock=clock)
+    assert done == []  # stopped at the first keep-alive that found the client gone
+    assert trio.run(control._kept_alive, gone, work, clock=clock) == "finished" and len(done) == 10

@@ -885,6 +885,11 @@ def test_a_name_cannot_be_both_a_file_and_a_folder(cli, nodes, tmp_path):
     assert "deleted 0 unreferenced chunk(s)" in cli("gc", "--grace", "0").stdout
     cli("put", f, "--name", "b/")  # a trailing slash: the file's own name inside that folder
     assert "b/m.bin" in cli("ls").stdout
+    # a folder's name where a model's is wanted says it is a folder (it said only "no model named 'a'")
+    assert_one_line_error(cli("info", "a", check=False), "no model named 'a': a/ is a folder of models "
+                          "(`shardfs ls a/` lists them)")
+    assert_one_line_error(cli("rm", "a", check=False), "`shardfs rm a/` removes them all")
+    assert_one_line_error(cli("info", "c", check=False), "no model named 'c'; see `shardfs ls`")
 
 
 def test_folder_put_checks_every_file_before_publishing_any(cli, nodes, tmp_path):

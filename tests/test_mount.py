@@ -185,6 +185,19 @@ def test_warm_of_a_model_the_limit_barely_takes_says_raise_the_cache_size(store,
     assert "raise --cache-size" in r.stderr and "free floor" not in r.stderr, r.stderr
 
 
+def test_a_model_larger_than_the_whole_cache_is_named_so_when_pinned_and_warmed(store, mounts):
+    """Pinning it printed only "pinned:", and a warm's failure then advised to warm fewer or
+    pin them."""
+    m = mounts("--cache-size", "2MiB")  # other.bin: 3 MiB + 12345 bytes
+    r = m.cli("cache", "warm", "org/deep/other.bin", "--mount", m.path, check=False)
+    assert r.returncode == 1 and "is more than the cache's whole limit (2.0 MiB): raise --cache-size" in r.stderr
+    assert "pin them" not in r.stderr, r.stderr
+    r = m.cli("cache", "pin", "org/deep/other.bin", "--mount", m.path)
+    assert r.stdout == "pinned: org/deep/other.bin\n"
+    assert r.stderr == ("shardfs: warning: the pinned models' chunks take 3.0 MiB, more than the cache's 2.0 MiB "
+                        "limit: they cannot all stay cached; raise --cache-size\n"), r.stderr
+
+
 def test_evict_and_warm_during_reads(store, mounts):
     m = mounts()
     ref = store["small"].read_bytes()
@@ -1111,3 +1124,50 @@ def test_a_warmed_model_whose_chunks_repeat_is_all_cached_in_stats(cli, nodes, t
     assert row["cached_pct"] == 100.0 and row["cached"] == 2 << 20, row
     assert os.getxattr(m.file("z.bin"), "user.shardfs.cached_bytes") == str(2 << 20).encode()
     assert open(m.file("z.bin"), "rb").read() == z.read_bytes()
+
+
+def test_ctrl_c_on_cache_warm_stops_the_warm(cli, nodes, tmp_path, mounts):
+    """The client said "interrupted" and the daemon went on warming the whole model."""
+    n = nodes(1)[0]
+    cli("node", "add", n.url)
+    src = tmp_path / "m.bin"
+    src.write_bytes(os.urandom(40 << 20))
+    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    m = mounts("--no-prefetch")
+    n.proc.send_signal(signal.SIGSTOP)  # (the warm waits on its first fetches)
+    try:
+        warm = subprocess.Popen([sys.executable, "-m", "shardfs", "cache", "warm", "m.bin", "--mount", m.path],
+                                env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=ctrl_c_default)
+        wait_for(lambda: m.stats()["versions_in_memory"] == 1, timeout=30, what="the warm to start")
+        warm.send_signal(signal.SIGINT)
+        _, err = warm.communicate(timeout=30)
+        assert warm.returncode == 130 and "interrupted" in err, (warm.returncode, err)
+        wait_for(lambda: "cache warm of m.bin stopped: its client left" in open(m.log).read(), timeout=30,
+                 what="the daemon to stop the warm")  # (at its next keep-alive line)
+    finally:
+        n.proc.send_signal(signal.SIGCONT)
+    m.wait_polls(2)
+    row = next(x for x in m.stats()["models"] if x["name"] == "m.bin")
+    assert row["cached"] < 20 << 20, row  # the fetches under way then, not the rest
+    assert open(m.file("m.bin"), "rb").read() == src.read_bytes()
+
+
+def test_evicting_a_model_keeps_the_chunks_a_pinned_model_shares(cli, nodes, tmp_path, mounts):
+    """`cache evict b` dropped the chunks b shares with pinned a: a's pin undone by a sibling's evict."""
+    add_nodes(cli, nodes, 1)
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(os.urandom(4 << 20))
+    b.write_bytes(a.read_bytes() + os.urandom(1 << 20))  # its first four chunks are a's
+    for f in (a, b):
+        cli("put", f, "--name", f.name, "--chunk-size", "1MiB")
+    m = mounts(CACHE_LOCAL)
+    m.cli("cache", "pin", "a.bin", "--mount", m.path)
+    m.cli("cache", "warm", "a.bin", "b.bin", "--mount", m.path)
+    r = m.cli("cache", "evict", "b.bin", "--mount", m.path)
+    assert r.stdout.strip() == "evicted 1.0 MiB; kept 4.0 MiB of chunks that pinned models share " \
+                               "(`cache unpin` them first to evict those too)", r.stdout
+    by = {x["name"]: x for x in m.stats()["models"]}
+    assert by["a.bin"]["cached_pct"] == 100.0 and by["b.bin"]["cached"] == 4 << 20, by
+    assert m.cli("cache", "evict", "a.bin", "--mount", m.path).stdout.strip() == "evicted 4.0 MiB"  # its own pin: asked for
+    assert open(m.file("b.bin"), "rb").read() == b.read_bytes()
