@@ -163,20 +163,25 @@ def cmd_node_rm(args):
     idx = _index(args)
     if args.id not in idx.nodes():
         raise NotFound(f"no node {args.id!r}; see `shardfs node ls`")
-    sole, size = idx.sole_copies(args.id)
+    sole, size, listed = idx.sole_copies(args.id)
     if sole and not args.force:
         raise ShardfsError(f"node {args.id} holds the only copy of {sole} chunk(s) ({human(size)}) that models "
                            f"use: removing it would lose them. Copy them elsewhere first (`shardfs node drain "
                            f"{args.id}`, then `shardfs verify --repair`, with --key-file for encrypted models: "
                            f"it skips those it has no key for), or pass --force")
     idx.remove_node(args.id)
-    print(f"removed node {args.id}; run `shardfs verify --repair` to restore replicas it held")
+    print(f"removed node {args.id}" + (f"; run `shardfs verify --repair` to restore the replicas it held "
+                                        f"({listed} chunk(s))" if listed else " (it held no chunks)"))
 
 
 def cmd_node_drain(args):
     idx = _index(args)
-    idx.set_node_state(args.id, "draining" if not args.undo else "active")
-    print(f"node {args.id} is {'draining: new chunks go elsewhere' if not args.undo else 'active again'}")
+    state = "draining" if not args.undo else "active"
+    was = idx.set_node_state(args.id, state)
+    if was == state:
+        print(f"node {args.id} was {state} already" + ("" if args.undo else ": new chunks go elsewhere"))
+    else:
+        print(f"node {args.id} is {'draining: new chunks go elsewhere' if not args.undo else 'active again'}")
 
 
 def cmd_node_serve(args):

@@ -350,8 +350,9 @@ class Index:
             raise UsageError(f"node {url} is already registered as {_s(holder)}")
         return Node(nid, url, weight, "active", token)
 
-    def set_node_state(self, nid: str, state: str) -> None:
-        """(read and rewritten under WATCH: a `node rm` in between must not bring it back)"""
+    def set_node_state(self, nid: str, state: str) -> str:
+        """Returns the state it had. (Read and rewritten under WATCH: a `node rm` in between
+        must not bring it back.)"""
         with self.r.pipeline() as p:
             while True:
                 try:
@@ -360,19 +361,20 @@ class Index:
                     if raw is None:
                         raise NotFound(f"no node {nid!r}; see `shardfs node ls`")
                     d = json.loads(raw)
-                    d["state"] = state
+                    was, d["state"] = d.get("state", "active"), state
                     p.multi()
                     p.hset(K_NODES, nid, json.dumps(d))
                     p.execute()
-                    return
+                    return was
                 except redis.WatchError:
                     continue
 
-    def sole_copies(self, nid: str) -> tuple[int, int]:
+    def sole_copies(self, nid: str) -> tuple[int, int, int]:
         """(chunks, stored bytes) that some version references and no other registered node
-        holds: what unregistering it would lose. Scans every chunk's locations (which may
-        still name nodes removed earlier: those hold no copy anyone reads)."""
-        chunks = stored = 0
+        holds: what unregistering it would lose; and how many chunks it lists in all (what
+        verify --repair would copy again). Scans every chunk's locations (which may still
+        name nodes removed earlier: those hold no copy anyone reads)."""
+        chunks = stored = listed = 0
         others = set(self.nodes()) - {nid}
         keys = list(self.r.scan_iter(match=P + "l:*", count=1000))
         for at in range(0, len(keys), 512):
@@ -380,8 +382,13 @@ class Index:
             p = self.r.pipeline(transaction=False)
             for key in batch:
                 p.smembers(key)
-            sole = [k for k, locs in zip(batch, p.execute())
-                    if nid in (held := {_s(x) for x in locs}) and not held & others]
+            sole = []
+            for k, locs in zip(batch, p.execute()):
+                held = {_s(x) for x in locs}
+                if nid in held:
+                    listed += 1
+                    if not held & others:
+                        sole.append(k)
             p = self.r.pipeline(transaction=False)
             for key in sole:
                 p.hmget(k_chunk(_s(key)[len(P) + 2:]), "refs", "stored")
@@ -389,7 +396,7 @@ class Index:
                 if int(refs or 0) > 0:
                     chunks += 1
                     stored += int(size or 0)
-        return chunks, stored
+        return chunks, stored, listed
 
     def remove_node(self, nid: str) -> None:
         raw = self.r.hget(K_NODES, nid)
@@ -885,3 +892,8 @@ class Index:
     def expire_puts(self) -> None:
         for pid in self.r.zrangebyscore(K_PUTS, 0, self.now_ms()):
             self.end_put(_s(pid))
+
+    def live_puts(self) -> list[float]:
+        """Seconds until each running put's lease ends (a killed put's, when it lapses)."""
+        now = self.now_ms()
+        return [(score - now) / 1000 for _pid, score in self.r.zrangebyscore(K_PUTS, now, "+inf", withscores=True)]

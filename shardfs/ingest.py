@@ -411,7 +411,8 @@ def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
             raw = memoryview(buf)[:length]
             got = _read(src, read_full, src, raw)
             if got != length:
-                raise ShardfsError(f"{src.name} changed size while reading (short read at {off})")
+                raise ShardfsError(f"{src.name} changed size while reading (short read at {off}); nothing was "
+                                   "published (`shardfs gc` reclaims the chunks stored so far)")
             sha.update(raw)
             futures.append(ex.submit(job, buf, raw, span.codec))
             while futures and futures[0].done():
@@ -431,10 +432,11 @@ def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
             if not size:  # (a /proc or /sys file says 0 bytes and then reads as text)
                 raise ShardfsError(f"{src.name} reports a size of 0 but has data (a /proc or /sys file?); "
                                    "copy it to a regular file and put that")
-            raise ShardfsError(f"{src.name} grew while reading; put it again when it is complete")
+            raise ShardfsError(f"{src.name} grew while reading; nothing was published (`shardfs gc` reclaims the "
+                               "chunks stored so far): put it again when it is complete")
         if _changed(before, os.fstat(src.fileno())):
-            raise ShardfsError(f"{src.name} was written to while being put; nothing was published: "
-                               "put it again when it is complete")
+            raise ShardfsError(f"{src.name} was written to while being put; nothing was published (`shardfs gc` "
+                               "reclaims the chunks stored so far): put it again when it is complete")
         manifest = Manifest.build((cid, span.length) for (cid, *_), span in zip(results, spans))
         by_dtype: dict[str, list[int]] = {}
         for (_, stored, _, _), span in zip(results, spans):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import math
 import os
 import stat
 import sys
@@ -407,6 +408,11 @@ def gc(idx: Index, out=sys.stdout, first=None) -> tuple[int, int]:
         if first is not None:
             first()
         idx.expire_puts()
+        live = idx.live_puts()
+        if live:  # (their chunks are not this gc's: a killed put's are the next one's, once its lease ends)
+            print(f"gc: {len(live)} put(s) under way keep the chunks they stored; a put that was killed keeps "
+                  f"them until its lease ends (within {math.ceil(max(live))} s), and a later gc reclaims them",
+                  file=out)
         pool = NodePool(idx.nodes())
         try:
             return _gc(idx, pool, out)

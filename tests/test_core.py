@@ -1112,6 +1112,18 @@ def test_put_killed_midway_is_invisible_and_gc_reclaims(cli, nodes, redis_proc, 
     assert list(redis_proc.client().scan_iter(match="shardfs:l:*")) == []
 
 
+def test_gc_says_when_running_puts_keep_their_chunks(cli, nodes, redis_proc):
+    """After a killed put, gc said "deleted 0 unreferenced chunk(s)" and nothing of the put's
+    lease that kept them."""
+    add_nodes(cli, nodes, 1)
+    idx = Index(redis.Redis.from_url(redis_proc.url), redis_proc.url)
+    idx.start_put("a-put", 300)
+    out = cli("gc").stdout
+    assert "gc: 1 put(s) under way keep the chunks they stored" in out and "(within 300 s)" in out, out
+    idx.end_put("a-put")
+    assert "under way" not in cli("gc").stdout
+
+
 def test_redis_stopped_during_a_put_fails_it_cleanly_and_gc_reclaims(cli, nodes, redis_proc, model_256):
     procs = add_nodes(cli, nodes, 2)
     p = spawn(cli, "put", model_256, "--name", "big", *MANY, env={"SHARDFS_LEASE_TTL": "2"})
@@ -1218,7 +1230,7 @@ def test_a_file_rewritten_in_place_during_put_is_not_published(cli, nodes, model
         os.close(fd)
     _out, err = p.communicate(timeout=120)
     assert p.returncode == 1 and "was written to while being put; nothing was published" in err, err
-    assert len(err.strip().splitlines()) == 1
+    assert "`shardfs gc` reclaims the chunks stored so far" in err and len(err.strip().splitlines()) == 1
     assert ls_rows(cli) == {}
 
 
@@ -1366,14 +1378,19 @@ def test_node_rm_refuses_to_lose_the_only_copy_of_chunks(cli, nodes, model_small
     assert r.returncode != 0 and "holds the only copy of" in r.stderr and "--force" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert "n1" in cli("node", "ls").stdout
-    cli("node", "drain", "n1")
+    assert cli("node", "drain", "n1", "--undo").stdout == "node n1 was active already\n"  # (it said "active again")
+    assert cli("node", "drain", "n1").stdout == "node n1 is draining: new chunks go elsewhere\n"
     cli("verify", "--repair", check=False)  # copies what only n1 holds to n2
     cli("node", "rm", "n1")
     get_and_compare(cli, "M", model_small, tmp_path)
     r = cli("node", "rm", "n2", check=False)
     assert r.returncode != 0 and "holds the only copy" in r.stderr
-    cli("node", "rm", "n2", "--force")  # asked for: gone, with what it held
+    out = cli("node", "rm", "n2", "--force").stdout  # asked for: gone, with what it held
+    assert out.startswith("removed node n2; run `shardfs verify --repair` to restore the replicas it held ("), out
     assert cli("get", "M", tmp_path / "lost", check=False).returncode != 0
+    empty = nodes(1)[0]
+    cli("node", "add", empty.url)  # (n3) holds nothing: nothing to repair (it said to run verify --repair)
+    assert cli("node", "rm", "n3").stdout == "removed node n3 (it held no chunks)\n"
 
 
 def test_node_rm_counts_no_copy_on_a_node_removed_before(cli, nodes, model_small, tmp_path):
