@@ -85,7 +85,8 @@ class ChunkCache:
         self.disk = disk_id(self.root)  # which filesystem it is on (Reader: nodes on the same one)
         self._scan()
         self._load_pins()
-        self._maybe_evict()  # (started with a smaller limit than the entries take)
+        if self.used > self.limit:  # (started with a smaller limit than the entries take)
+            self._maybe_evict()
 
     # -- startup ---------------------------------------------------------------------
 

@@ -239,7 +239,7 @@ async def _dispatch(daemon, req, send):
                 "corrupt_copies": daemon.pool.corrupt_copies, "versions_in_memory": len(daemon.models),
                 "polls": daemon.polls}
     if op == "evict":
-        unremoved = []
+        unremoved, kept = [], 0
         if req.get("all"):
             freed = await trio.to_thread.run_sync(cache.evict_all, unremoved)
             reader.mem.clear()
@@ -257,7 +257,7 @@ async def _dispatch(daemon, req, send):
                                                        unremoved)
                 reader.forget(m.hexes)
                 await daemon.drop_kernel_pages(m)
-        return {"freed": freed, "kept_pinned": 0 if req.get("all") else kept,
+        return {"freed": freed, "kept_pinned": kept,
                 "unremoved": sum(n for n, _ in unremoved),
                 "unremoved_count": len(unremoved), "why": unremoved[0][1] if unremoved else ""}
     if op == "warm":

@@ -12,7 +12,8 @@ from shardfs.daemon import Daemon
 
 
 def model(name, vid):
-    return types.SimpleNamespace(name=name, vid=vid, hexes=[f"{vid:064x}"])
+    return types.SimpleNamespace(name=name, vid=vid, hexes=[f"{vid:064x}"],
+                                 manifest=types.SimpleNamespace(lengths=[4096]))
 
 
 def stand_in(tmp_path, open_takes=0.5):

@@ -136,7 +136,8 @@ def test_mount_cache_on_a_small_disk_stays_within_it_and_serves_exact_bytes(cli,
     os.unlink(cache / "filler")
     # room again, but 24 MiB cannot stay in a 16 MiB cache: warm says so, it does not claim success
     r = cli("cache", "warm", "m.safetensors", "--mount", m.path, check=False)
-    assert_one_line_error(r, "m.safetensors: only", "stayed in the cache", "do not fit")
+    assert_one_line_error(r, "m.safetensors: its 24.0 MiB of chunks is more than the cache's whole limit (16.0 MiB): "
+                          "raise --cache-size (only ")
     assert stats()["cache"]["full"] is False and "has room again" in open(m.log).read()
     assert sha256_file(m.file("other.bin")) == sha256_file(other)
 
