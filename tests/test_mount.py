@@ -515,12 +515,18 @@ def test_replica_killed_during_cold_read(cli, nodes, model_256, mounts, tmp_path
     assert stats["failovers"] > 0, stats  # the dead replica was asked, and its chunks came from another
 
 
-def test_chunk_bad_on_every_replica_gives_eio_for_that_range_only(cli, nodes, tmp_path, mounts):
+def one_node_and_a_model(cli, nodes, tmp_path, size: int):
+    """One HTTP node server, and m.bin (`size` random bytes, 1 MiB chunks) put on it."""
     n = nodes(1)[0]
     cli("node", "add", n.url)
     src = tmp_path / "m.bin"
-    src.write_bytes(os.urandom(4 << 20))
+    src.write_bytes(os.urandom(size))
     cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    return n, src
+
+
+def test_chunk_bad_on_every_replica_gives_eio_for_that_range_only(cli, nodes, tmp_path, mounts):
+    n, src = one_node_and_a_model(cli, nodes, tmp_path, 4 << 20)
     victim = sorted(n.chunk_files())[0]
     blob = bytearray(open(victim, "rb").read())
     blob[-1] ^= 0xFF
@@ -785,11 +791,7 @@ def test_sigterm_unmounts_at_once_while_a_read_waits_on_a_hung_node(cli, nodes, 
     for that fetch before it unmounted, with the mount answering nobody meanwhile. Now the
     fetch is left behind: the daemon unmounts and exits, and the waiting read fails."""
     from shardfs.mounttab import mounts as mount_table
-    n = nodes(1)[0]
-    cli("node", "add", n.url)
-    src = tmp_path / "m.bin"
-    src.write_bytes(os.urandom(6 << 20))
-    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    n, src = one_node_and_a_model(cli, nodes, tmp_path, 6 << 20)
     m = mounts("--no-prefetch")
     path = m.file("m.bin")
     os.stat(path)
@@ -1128,11 +1130,7 @@ def test_a_warmed_model_whose_chunks_repeat_is_all_cached_in_stats(cli, nodes, t
 
 def test_ctrl_c_on_cache_warm_stops_the_warm(cli, nodes, tmp_path, mounts):
     """The client said "interrupted" and the daemon went on warming the whole model."""
-    n = nodes(1)[0]
-    cli("node", "add", n.url)
-    src = tmp_path / "m.bin"
-    src.write_bytes(os.urandom(40 << 20))
-    cli("put", src, "--name", "m.bin", "--chunk-size", "1MiB")
+    n, src = one_node_and_a_model(cli, nodes, tmp_path, 40 << 20)
     m = mounts("--no-prefetch")
     n.proc.send_signal(signal.SIGSTOP)  # (the warm waits on its first fetches)
     try:
