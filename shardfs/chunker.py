@@ -29,6 +29,10 @@ MAX_HEADER = 100 << 20  # safetensors' own limit
 # containers of a tensor entry; one past either limit is cut like any other file.
 MAX_PARSED_HEADER = 16 << 20
 CONTAINER_BYTES = 8  # at most one { or [ per this many header bytes
+MAX_GGUF_NAME = 64 << 10  # a GGUF key or tensor name (real ones: under 100 bytes)
+# A tensor-aligned cut may make at most this many more chunks than a fixed one: tiny tensors
+# of alternating dtypes (or gaps between them) each closed a group, 100k chunks for 6.5 MB.
+EXTRA_SPANS = 4096
 
 # dtype -> codec name: byte grouping by element width, none for bytes and packed types.
 # Floats use zstd streams: lz4 cannot entropy-code an exponent byte (bf16 0.67 of raw against
@@ -162,8 +166,8 @@ def _gguf_tensors(f, file_size: int):
 
     def string():
         (n,) = struct.unpack("<Q", read(8))
-        if n > MAX_HEADER:
-            raise ValueError("GGUF string too long")
+        if n > MAX_GGUF_NAME:
+            raise ValueError("GGUF key or tensor name too long")
         return read(n).decode()
 
     def skip_bytes(n):
@@ -261,5 +265,8 @@ def plan_spans(f, file_size: int, chunk_size: int = DEFAULT_CHUNK) -> list[Span]
     if pos < file_size:
         spans.append(Span(pos, file_size - pos))
     # a header, gap or tail is cut like any other long stretch (a chunk holds at most MAX_CHUNK)
-    return [Span(off, min(chunk_size, s.offset + s.length - off), s.codec, s.dtype)
-            for s in spans if s.length > 0 for off in range(s.offset, s.offset + s.length, chunk_size)]
+    out = [Span(off, min(chunk_size, s.offset + s.length - off), s.codec, s.dtype)
+           for s in spans if s.length > 0 for off in range(s.offset, s.offset + s.length, chunk_size)]
+    if len(out) > -(-file_size // chunk_size) + EXTRA_SPANS:
+        return fixed_spans(file_size, chunk_size)  # (every chunk costs index space and round trips)
+    return out

@@ -790,6 +790,17 @@ class Index:
             p.sadd(k_locs(hex_id), *node_ids)
         p.execute()
 
+    def stored_bytes(self, chunk_ids) -> int:
+        """The stored bytes of these chunks (ids as bytes), in windows of round trips: one
+        pipeline for a whole large model held a reply per chunk at once (262k chunks, +590 MB)."""
+        total, ids = 0, list(chunk_ids)
+        for at in range(0, len(ids), 4096):
+            p = self.r.pipeline(transaction=False)
+            for cid in ids[at:at + 4096]:
+                p.hget(k_chunk(cid.hex()), "stored")
+            total += sum(int(v) for v in p.execute() if v is not None)
+        return total
+
     def chunk_info(self, hex_ids) -> list[dict | None]:
         """For each id: {raw, stored, codec, refs, state, locs} or None, in two round trips."""
         p = self.r.pipeline(transaction=False)

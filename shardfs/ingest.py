@@ -415,7 +415,9 @@ def _ingest(put: PutSession, src, size, name, chunk_size, progress) -> Stored:
                                    "published (`shardfs gc` reclaims the chunks stored so far)")
             sha.update(raw)
             futures.append(ex.submit(job, buf, raw, span.codec))
-            while futures and futures[0].done():
+            # (and wait for the oldest once many are queued behind it: one slow store let every
+            # later chunk's Future pile up, the whole file's at once)
+            while futures and (futures[0].done() or len(futures) >= 4 * workers):
                 results.append(futures.popleft().result())  # (a failed store raises here)
             if failed.is_set():
                 break
@@ -487,8 +489,7 @@ def _read(src, fn, *args):
 
 def _stored_total(idx: Index, manifest: Manifest) -> int:
     """Stored (compressed) bytes of one copy of the model's unique chunks."""
-    unique = list({c.hex() for c in manifest.ids})
-    return sum(info["stored"] for info in idx.chunk_info(unique) if info)
+    return idx.stored_bytes(set(manifest.ids))
 
 
 def _progress(total: int, name: str, enabled: bool | None):

@@ -8,6 +8,7 @@ the node directories and in Redis. Nothing is mocked.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import io
 import json
@@ -491,10 +492,14 @@ def test_verify_checks_versions_of_removed_models_a_mount_still_reads(cli, nodes
     assert "1 repaired" in r.stdout, r.stdout
 
 
-def test_put_holds_no_state_per_chunk_beyond_the_chunks_in_flight(redis_proc, nodes, cli, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slow_head", [False, True])
+def test_put_holds_no_state_per_chunk_beyond_the_chunks_in_flight(redis_proc, nodes, cli, tmp_path, monkeypatch,
+                                                                  slow_head):
     """put kept every chunk's Future (and an Event per chunk id) until the file ended: ~3 KB
     a chunk, 0.8 GB for a 1 TiB file at 4 MiB chunks. Measured with /usr/bin/time on a 256 MiB
-    put at 64 KiB chunks (4,097 chunks): 81 -> 68 MB peak RSS."""
+    put at 64 KiB chunks (4,097 chunks): 81 -> 68 MB peak RSS. slow_head: the first chunk's
+    store stalls (a chunk gc claimed waits up to 30 s, a slow node 10 s a read); only finished
+    Futures at the front were let go, so every later one piled up behind it (257 of 257)."""
     import weakref
     from concurrent.futures import ThreadPoolExecutor
     from shardfs import cli as shardfs_cli
@@ -516,6 +521,15 @@ def test_put_holds_no_state_per_chunk_beyond_the_chunks_in_flight(redis_proc, no
         stores.append(u)
         return u
     monkeypatch.setattr(ingest, "Uploader", keep)
+    if slow_head:
+        real_store, first = real_uploader.store, threading.Event()
+
+        def slow_first(self, raw, codec=None):
+            if not first.is_set():
+                first.set()
+                time.sleep(2)  # (the rest of the file is read and stored meanwhile, without the bound)
+            return real_store(self, raw, codec)
+        monkeypatch.setattr(real_uploader, "store", slow_first)
     add_nodes(cli, nodes, 1)
     model = tmp_path / "m.safetensors"
     write_safetensors(str(model), 16 << 20, seed=4)
@@ -2510,3 +2524,16 @@ def test_an_oversized_answer_or_file_is_a_failed_node_not_a_huge_allocation(tmp_
     finally:
         close()
         close2()
+
+
+def test_stored_bytes_sums_over_windows_of_round_trips(redis_proc):
+    """put's stats total asked for every chunk's record and locations in one pipeline: all
+    the replies in memory at once (262k chunks: +590 MB, from a review). Now HGET in windows."""
+    idx = open_idx(redis_proc)
+    ids = [hashlib.blake2b(str(i).encode(), digest_size=32).digest() for i in range(10_000)]
+    p = idx.r.pipeline(transaction=False)
+    for i, cid in enumerate(ids):
+        p.hset(f"shardfs:c:{cid.hex()}", mapping={"raw": 100, "stored": i, "codec": 0, "state": "ok"})
+    p.execute()
+    unknown = hashlib.blake2b(b"none", digest_size=32).digest()
+    assert idx.stored_bytes(set(ids) | {unknown}) == sum(range(10_000))
