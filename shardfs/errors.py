@@ -19,7 +19,9 @@ class NotFound(ShardfsError):
 
 
 class NameClash(ShardfsError):
-    pass
+    """A name taken (or made a folder) by a put that published first: refused as the same
+    check before the upload refuses it, with the same status."""
+    exit_code = 2
 
 
 class IndexUnavailable(ShardfsError):

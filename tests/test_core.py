@@ -1870,6 +1870,36 @@ def test_two_concurrent_puts_of_one_name(cli, nodes, redis_proc, model_small, tm
     cli("verify")
 
 
+def test_a_name_taken_while_a_put_uploads_is_refused_as_before_the_upload(cli, nodes, redis_proc, model_small,
+                                                                        tmp_path, capsys, monkeypatch):
+    """Both checks of a taken name say the same and exit 2: the one before the upload did, the
+    one at publish (another put of that name landed during the upload) exited 1."""
+    from shardfs import cli as shardfs_cli
+    from shardfs import ingest
+    add_nodes(cli, nodes, 1)
+    store = ingest.PutSession.store
+
+    def store_then_lose_the_race(self, *a, **kw):
+        out = store(self, *a, **kw)
+        cli("put", tmp_path / "other.bin", "--name", "same")  # lands first
+        return out
+    (tmp_path / "other.bin").write_bytes(b"the winner" * 1000)
+    monkeypatch.setattr(ingest.PutSession, "store", store_then_lose_the_race)
+    for k, v in cli.env.items():
+        monkeypatch.setenv(k, v)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
+    try:
+        rc = shardfs_cli.main(["put", str(model_small), "--name", "same", *SMALL, "--no-progress"])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err = capsys.readouterr().err
+    assert rc == 2 and err == "shardfs: error: model 'same' already exists; use --force to replace it\n", (rc, err)
+    before = cli("put", model_small, "--name", "same", *SMALL, check=False)
+    assert (before.returncode, before.stderr) == (rc, err)
+    get_and_compare(cli, "same", tmp_path / "other.bin", tmp_path)
+
+
 def test_concurrent_node_add_of_one_url_registers_it_once(cli, redis_proc):
     import threading
     from shardfs.errors import UsageError
