@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import redis
 
-from .errors import BadRecord, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
+from .errors import BadRecord, CorruptChunk, IndexUnavailable, NameClash, NotFound, ShardfsError, UsageError
 from .manifest import Manifest
 
 log = logging.getLogger("shardfs.index")
@@ -250,7 +250,28 @@ class Version:
 
     @property
     def manifest(self) -> Manifest:
-        return Manifest.decode(self.manifest_blob)
+        try:
+            return Manifest.decode(self.manifest_blob)
+        except CorruptChunk as e:  # (framing is checked when the record is read: see Index._version)
+            raise BadRecord(f"malformed version record {self.vid}: {e}") from None
+
+
+def _float(raw: bytes | None, default: float) -> float:
+    """A number field of a record; missing or malformed: `default`."""
+    try:
+        return float(raw) if raw is not None else default
+    except ValueError:
+        return default
+
+
+def _chunk_ids(blob: bytes | None) -> set[bytes]:
+    """The chunk ids of a stored manifest, for dropping a version's references. A manifest
+    that cannot be decoded gives none: its chunks keep their references, and so gc keeps
+    them (never deletes a chunk some version may still use)."""
+    try:
+        return set(Manifest.decode(blob or b"").ids)
+    except CorruptChunk:
+        return set()
 
 
 @contextlib.contextmanager
@@ -418,11 +439,15 @@ class Index:
     @staticmethod
     def _version(vid: int, h: dict) -> Version:
         try:
-            return Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
-                           int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
-                           h[b"manifest"])
+            ver = Version(vid, _s(h[b"name"]), int(h[b"size"]), _s(h[b"sha256"]), float(h[b"created"]),
+                          int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
+                          h[b"manifest"])
         except (KeyError, ValueError) as e:
             raise BadRecord(f"malformed version record {vid}: {e}") from None
+        why = Manifest.framing_error(ver.manifest_blob)  # (its entries are decoded where used)
+        if why is not None:
+            raise BadRecord(f"malformed version record {vid}: {why}")
+        return ver
 
     def version(self, vid: int) -> Version:
         h = self.r.hgetall(k_version(vid))
@@ -627,8 +652,7 @@ class Index:
         vids = [int(v) for v in p.lrange(k_model_versions(name), 0, -1)]
         leased = self._leased(p, self.now_ms())
         kept = [v for v in vids if v in leased]
-        chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
-                      if p.exists(k_version(v)) else set() for v in vids]
+        chunk_sets = [_chunk_ids(p.hget(k_version(v), "manifest")) for v in vids]
         return name, vids, kept, chunk_sets
 
     @staticmethod
@@ -709,13 +733,12 @@ class Index:
                         for i, vid in enumerate(vids[:-1]):  # (publish order; the last is current)
                             if vid == int(current) or vid in leased:
                                 continue
-                            replaced_at = float(p.hget(k_version(vids[i + 1]), "created") or now)
+                            replaced_at = _float(p.hget(k_version(vids[i + 1]), "created"), now)
                             if now - replaced_at >= grace:
                                 drop.append(vid)
                         if not drop:
                             break
-                        chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
-                                      if p.exists(k_version(v)) else set() for v in drop]
+                        chunk_sets = [_chunk_ids(p.hget(k_version(v), "manifest")) for v in drop]
                         p.multi()
                         for vid, ids in zip(drop, chunk_sets):
                             p.delete(k_version(vid))
@@ -743,8 +766,7 @@ class Index:
                     if not drop:
                         return []
                     names = [_s(p.hget(k_version(v), "name") or b"?") for v in drop]
-                    chunk_sets = [set(Manifest.decode(p.hget(k_version(v), "manifest") or b"").ids)
-                                  if p.exists(k_version(v)) else set() for v in drop]
+                    chunk_sets = [_chunk_ids(p.hget(k_version(v), "manifest")) for v in drop]
                     p.multi()
                     for vid, ids in zip(drop, chunk_sets):
                         p.delete(k_version(vid))

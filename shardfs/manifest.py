@@ -56,12 +56,25 @@ class Manifest:
         return _HEAD.pack(_MAGIC, len(self.ids)) + b"".join(
             _ENTRY.pack(i, n) for i, n in zip(self.ids, self.lengths))
 
+    @staticmethod
+    def framing_error(blob: bytes) -> str | None:
+        """What is wrong with the header or length of an encoded manifest, or None: a cheap
+        check, without decoding its entries."""
+        try:
+            magic, count = _HEAD.unpack_from(blob)
+        except struct.error as e:
+            return f"malformed manifest: {e}"
+        if magic != _MAGIC:
+            return f"malformed manifest: format {bytes(magic)!r} (a newer shardfs?), this release reads {_MAGIC!r}"
+        if len(blob) != _HEAD.size + count * _ENTRY.size:
+            return f"malformed manifest: {len(blob)} bytes for {count} entries"
+        return None
+
     @classmethod
     def decode(cls, blob: bytes) -> "Manifest":
         try:
-            magic, count = _HEAD.unpack_from(blob)
-            if magic != _MAGIC or len(blob) != _HEAD.size + count * _ENTRY.size:
-                raise ValueError("bad header or length")
+            if (why := cls.framing_error(blob)) is not None:
+                raise CorruptChunk(why)
             m = cls.build(_ENTRY.iter_unpack(memoryview(blob)[_HEAD.size:]))
             if len(dict(zip(m.ids, m.lengths))) != len(set(zip(m.ids, m.lengths))):
                 raise ValueError("one chunk id listed with two lengths")  # (a chunk's bytes are its id)

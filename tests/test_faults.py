@@ -40,7 +40,9 @@ def test_daemon_killed_mid_read_leaves_no_partial_cache_entry(cli, nodes, model_
 
 
 @needs_fuse
-def test_malformed_manifest_in_redis_gives_eio_not_a_dead_daemon(cli, nodes, tmp_path, mounts, redis_proc):
+def test_malformed_manifest_in_redis_hides_that_model_not_the_daemon(cli, nodes, tmp_path, mounts, redis_proc):
+    """(A manifest whose framing is wrong makes its version record malformed, as a bad field
+    does: the model is left out of the tree, and said so in the log.)"""
     n = nodes(1)[0]
     cli("node", "add", n.url)
     for name in ("good.bin", "bad.bin"):
@@ -50,11 +52,14 @@ def test_malformed_manifest_in_redis_gives_eio_not_a_dead_daemon(cli, nodes, tmp
     vid = int(r.hget("shardfs:models", "bad.bin"))
     r.hset(f"shardfs:v:{vid}", "manifest", b"SFM1garbage")
     m = mounts()
+    assert sorted(os.listdir(m.path)) == ["good.bin"]
     with pytest.raises(OSError) as e:
         open(m.file("bad.bin"), "rb").read()
-    assert e.value.errno == errno.EIO
+    assert e.value.errno == errno.ENOENT
     assert open(m.file("good.bin"), "rb").read() == (tmp_path / "good.bin").read_bytes()
     assert os.path.ismount(m.path)
+    with open(m.log) as f:
+        assert f"malformed version record {vid}: malformed manifest: 11 bytes for 1651663207 entries" in f.read()
 
 
 def test_redis_urls_with_password_and_unix_socket(tmp_path, base_env, nodes):
