@@ -163,13 +163,17 @@ def cmd_node_rm(args):
     idx = _index(args)
     if args.id not in idx.nodes():
         raise NotFound(f"no node {args.id!r}; see `shardfs node ls`")
-    sole, size, listed = idx.sole_copies(args.id)
-    if sole and not args.force:
-        raise ShardfsError(f"node {args.id} holds the only copy of {sole} chunk(s) ({human(size)}) that models "
-                           f"use: removing it would lose them. Copy them elsewhere first (`shardfs node drain "
-                           f"{args.id}`, then `shardfs verify --repair`, with --key-file for encrypted models: "
-                           f"it skips those it has no key for), or pass --force")
-    idx.remove_node(args.id)
+    with idx.copies_lock("node rm") as token:  # (no repair's copy under way is counted as one)
+        sole, size, listed = idx.sole_copies(args.id)
+        if sole and not args.force:
+            raise ShardfsError(f"node {args.id} holds the only copy of {sole} chunk(s) ({human(size)}) that models "
+                               f"use: removing it would lose them. Copy them elsewhere first (`shardfs node drain "
+                               f"{args.id}`, then `shardfs verify --repair`, with --key-file for encrypted models: "
+                               f"it skips those it has no key for), or pass --force")
+        if not idx.holds_copies_lock(token):
+            raise ShardfsError(f"node rm paused longer than its lock lasts, so its count may be out of date; "
+                               f"node {args.id} was not removed: run node rm again")
+        idx.remove_node(args.id)
     print(f"removed node {args.id}" + (f"; run `shardfs verify --repair` to restore the replicas it held "
                                         f"({listed} chunk(s))" if listed else " (it held no chunks)"))
 

@@ -68,6 +68,7 @@ LEASE_PREFIX = P + "put:"
 K_READING = P + "reading"  # zset "<vid>:<mount id>" -> lease expiry (ms): versions a mount has open
 K_REMOVED = P + "removed"  # set of version ids of removed models that a mount still reads
 K_GC = P + "gc"  # the running gc's token (SET NX PX): one gc at a time
+K_COPIES = P + "copies-lock"  # held by `node rm` and `verify --repair` (see Index.copies_lock)
 LAPSED = ("this put's lease on its chunks lapsed (Redis was unreachable, or the put paused, too long) "
           "and gc may have taken them; nothing was published, run put again")
 
@@ -869,34 +870,64 @@ class Index:
             yield _s(key)[len(P) + 2:]
 
     @contextlib.contextmanager
-    def gc_lock(self, ttl: float = 60.0):
-        """Hold the gc lock for the block: one gc at a time. Two at once could interleave a
-        claim, a put re-uploading the chunk, and the other's forget, leaving a published
-        chunk with no record. Renewed from a thread every ttl/3; a gc that pauses past it
-        (SIGSTOP, a VM pause) loses it, and the scripts it runs then change nothing."""
-        token = f"{lease_holder()}:{secrets.token_hex(4)}"
-        if not self.r.set(K_GC, token, nx=True, px=int(ttl * 1000)):
-            holder = _s(self.r.get(K_GC) or b"?").rsplit(":", 1)[0]
-            left = max(1, -(-int(self.r.pttl(K_GC)) // 1000))
-            raise ShardfsError(f"another gc is running ({holder}); run gc again once it has ended (if it "
-                               f"was killed, its lock lapses within {left} s)")
-        self.gc_token = token
+    def _locked(self, key: str, what: str, refused, ttl: float):
+        """Hold lock `key` (SET NX PX) for the block, as `what`; yields its token. Taken:
+        raises refused(what holds it, its holder (host and pid), seconds until it lapses if
+        that one was killed). Renewed from a thread every ttl/3: a holder that pauses past
+        it (SIGSTOP, a VM pause) loses it."""
+        token = f"{what}|{lease_holder()}:{secrets.token_hex(4)}"
+        if not self.r.set(key, token, nx=True, px=int(ttl * 1000)):
+            other, _, holder = _s(self.r.get(key) or b"?").rpartition("|")
+            left = max(1, -(-int(self.r.pttl(key)) // 1000))
+            raise refused(other, holder.rsplit(":", 1)[0], left)
 
         def renew():
             try:
-                return bool(self._relock(keys=[K_GC], args=[token, int(ttl * 1000)]))  # False: lost
+                return bool(self._relock(keys=[key], args=[token, int(ttl * 1000)]))  # False: lost
             except redis.RedisError:
                 return True  # a blip: try again
 
         try:
-            with _every(ttl / 3, renew, "shardfs-gc-lock"):
-                yield
+            with _every(ttl / 3, renew, f"shardfs-lock-{what}"):
+                yield token
         finally:
-            self.gc_token = None
             try:
-                self._unlock(keys=[K_GC], args=[token])
+                self._unlock(keys=[key], args=[token])
             except redis.RedisError:
                 pass  # it expires by itself
+
+    @contextlib.contextmanager
+    def gc_lock(self, ttl: float = 60.0):
+        """Hold the gc lock for the block: one gc at a time. Two at once could interleave a
+        claim, a put re-uploading the chunk, and the other's forget, leaving a published
+        chunk with no record. A gc that loses it (see _locked) runs scripts that then change
+        nothing."""
+        def refused(_other, holder, left):
+            return ShardfsError(f"another gc is running ({holder}); run gc again once it has ended (if it "
+                                f"was killed, its lock lapses within {left} s)")
+        with self._locked(K_GC, "gc", refused, ttl) as token:
+            self.gc_token = token
+            try:
+                yield
+            finally:
+                self.gc_token = None
+
+    @contextlib.contextmanager
+    def copies_lock(self, what: str, ttl: float = 60.0):
+        """Hold the lock that `node rm` and `verify --repair` share for the block. A repair
+        lists a chunk on its new node before copying it there, and drops that listing if the
+        copy fails; a `node rm` counting that listing as a copy, and two `node rm`s each
+        counting the other's node, lost the only copies (both reproduced by a review)."""
+        def refused(other, holder, left):
+            return ShardfsError(f"{'another ' if other == what else ''}`shardfs {other or 'node rm'}` is running "
+                                f"({holder}); run {what} again once it has ended (if it was killed, its lock "
+                                f"lapses within {left} s)")
+        with self._locked(K_COPIES, what, refused, ttl) as token:
+            yield token
+
+    def holds_copies_lock(self, token: str) -> bool:
+        """Whether copies_lock (its token) is still held, as its holder checks before acting."""
+        return bool(self._relock(keys=[K_COPIES], args=[token, 60_000]))
 
     def _gc_checked(self, result) -> int:
         if result == -1:

@@ -237,7 +237,10 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
         vids = idx.all_vids() + idx.removed_vids()
     asked = {models[n] for n in names} if names else set()
     with idx.reading(vids):  # gc must not drop a version (and its chunks) mid-check: false "lost"
-        return _verify(idx, vids, asked, repair, out, keyring)
+        if not repair:
+            return _verify(idx, vids, asked, repair, out, keyring)
+        with idx.copies_lock("verify --repair"):  # (no `node rm` counts a copy it is making)
+            return _verify(idx, vids, asked, repair, out, keyring)
 
 
 def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, keyring) -> VerifyReport:
@@ -362,7 +365,18 @@ def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
             print(f"repair: left chunk {h} listed on {nid}: a running put leases it (and may be storing "
                   "it there again); verify again once it ends", file=out)
             left.append(nid)
+        elif gone and _holds(store, h):
+            # stored there again between the look above and the drop, by a put that has ended
+            # since (and published, maybe): listed again, or that version has a lost chunk
+            idx.add_locations(h, [nid])
     return left
+
+
+def _holds(store, h: str) -> bool:
+    try:
+        return store.has(h)
+    except NodeError:
+        return False
 
 
 def _repair(idx, pool, live, h, blob, good, want, bad, missing, unreadable, out) -> bool:

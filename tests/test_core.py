@@ -1452,6 +1452,77 @@ def test_node_rm_counts_no_copy_on_a_node_removed_before(cli, nodes, model_small
     get_and_compare(cli, "M", model_small, tmp_path)
 
 
+def test_node_rm_waits_for_no_repair_and_no_other_node_rm(cli, redis_proc, model_small, tmp_path):
+    """(From a review of gc/verify/repair.) A repair lists a chunk on its new node before it
+    copies it there, and drops that listing if the copy fails: a `node rm` of the drained
+    node counted that listing as the other copy, passed, and the chunk was then on no
+    registered node. Two `node rm`s at once each counted the other's node: both passed.
+    `node rm` and `verify --repair` now hold one lock; here the repair really runs, and the
+    `node rm` comes while its last chunk is being copied, and that copy fails."""
+    from shardfs import maintenance
+    cli("node", "add", f"file://{tmp_path}/a")  # n1
+    cli("put", model_small, "--name", "m", "--replicas", "1", *SMALL)
+    cli("node", "add", f"file://{tmp_path}/b")  # n2
+    cli("node", "drain", "n1")
+    idx = open_idx(redis_proc)
+    n = len(manifest_hexes(idx, "m"))
+    real, calls, fired = idx.add_locations, [], []
+
+    def listed_then_node_rm(h, nids):
+        done = real(h, nids)
+        calls.append(h)
+        if len(calls) == n:  # the last chunk: listed on n2, not copied yet
+            fired.append(cli("node", "rm", "n1", check=False))
+            os.makedirs(tmp_path / "b" / h[:2] / h / "x")  # and this copy fails (a stand-in for a full disk)
+        return done
+    idx.add_locations = listed_then_node_rm
+    rep = maintenance.verify(idx, None, repair=True, out=io.StringIO())
+    assert rep.unrepaired == [calls[-1]], rep
+    line = assert_one_line_error(fired[0], "`shardfs verify --repair` is running (",
+                                 "run node rm again once it has ended")
+    assert re.search(r"its lock lapses within \d+ s", line), line
+    assert "n1" in cli("node", "ls").stdout
+    r = cli("node", "rm", "n1", check=False)  # the repair over: counted, and refused
+    assert_one_line_error(r, "node n1 holds the only copy of 1 chunk(s)")
+    with idx.copies_lock("node rm"):  # a node rm of another node, under way
+        assert_one_line_error(cli("node", "rm", "n1", check=False), "another `shardfs node rm` is running (")
+        assert_one_line_error(cli("verify", "--repair", check=False), "`shardfs node rm` is running (",
+                              "run verify --repair again once it has ended")
+        assert "0 lost" in cli("verify", check=False).stdout  # (a plain verify takes no lock)
+    shutil.rmtree(tmp_path / "b" / calls[-1][:2] / calls[-1])
+    assert "0 lost" in cli("verify", "--repair").stdout
+    cli("node", "rm", "n1")
+    get_and_compare(cli, "m", model_small, tmp_path)
+
+
+def test_repair_lists_again_a_copy_a_put_stored_while_it_dropped_the_listing(cli, redis_proc, model_small,
+                                                                            tmp_path, monkeypatch):
+    """(From a review of gc/verify/repair.) Repair looked for a missing copy, found none, and
+    dropped its listing: a put that stored that chunk there again in between, published and
+    ended, had just published a version with a chunk on no listed node."""
+    from shardfs import maintenance, stores
+    cli("node", "add", f"file://{tmp_path}/a")
+    cli("put", model_small, "--name", "m", "--replicas", "1", *SMALL)
+    idx = open_idx(redis_proc)
+    h = sorted(manifest_hexes(idx, "m"))[3]
+    os.unlink(tmp_path / "a" / h[:2] / h)  # a copy lost behind the index's back
+    real, fired = stores.FileStore.has, []
+
+    def looked_then_a_put_runs(self, hex_id):
+        got = real(self, hex_id)
+        if hex_id == h and not fired:  # the user puts the file again, as verify advises
+            fired.append(cli("put", model_small, "--name", "m2", "--replicas", "1", *SMALL))
+        return got
+    monkeypatch.setattr(stores.FileStore, "has", looked_then_a_put_runs)
+    maintenance.verify(idx, None, repair=True, out=io.StringIO())
+    assert fired and os.path.exists(tmp_path / "a" / h[:2] / h)
+    assert idx.locations(h) == ["n1"]
+    monkeypatch.undo()
+    r = cli("verify")
+    assert " 0 lost" in r.stdout and " 0 missing copies" in r.stdout, r.stdout
+    get_and_compare(cli, "m2", model_small, tmp_path)
+
+
 def test_get_leases_the_version_it_reads_so_gc_cannot_drop_it(cli, nodes, redis_proc, model_small, tmp_path):
     add_nodes(cli, nodes, 2)
     cli("put", model_small, "--name", "M", *SMALL)
