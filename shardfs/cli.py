@@ -457,7 +457,7 @@ def cmd_verify(args):
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
           + (f", {rep.repaired} repaired" if args.repair else "")
-          + (f"; {len(rep.bad_records)} malformed version record(s)" if rep.bad_records else ""))
+          + (f"; {len(rep.bad_records)} malformed or missing version record(s)" if rep.bad_records else ""))
     if rep.lost or rep.bad_records or (not rep.ok and not args.repair) or (args.repair and rep.unrepaired):
         sys.exit(1)
 

@@ -42,7 +42,11 @@ class UnknownFormat(CorruptChunk):
 
 
 class BadRecord(ShardfsError):
-    """A version record in the index is malformed."""
+    """A version record in the index is malformed (or missing): `vid`."""
+
+    def __init__(self, message: str, vid: int | None = None):
+        super().__init__(message)
+        self.vid = vid
 
 
 class NodeError(Exception):

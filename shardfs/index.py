@@ -254,7 +254,7 @@ class Version:
         try:
             return Manifest.decode(self.manifest_blob)
         except CorruptChunk as e:  # (framing is checked when the record is read: see Index._version)
-            raise BadRecord(f"malformed version record {self.vid}: {e}") from None
+            raise BadRecord(f"malformed version record {self.vid}: {e}", self.vid) from None
 
 
 def _float(raw: bytes | None, default: float) -> float:
@@ -444,10 +444,10 @@ class Index:
                           int(h[b"chunk_size"]), int(h[b"replicas"]), json.loads(h[b"stats"]),
                           h[b"manifest"])
         except (KeyError, ValueError) as e:
-            raise BadRecord(f"malformed version record {vid}: {e}") from None
+            raise BadRecord(f"malformed version record {vid}: {e}", vid) from None
         why = Manifest.framing_error(ver.manifest_blob)  # (its entries are decoded where used)
         if why is not None:
-            raise BadRecord(f"malformed version record {vid}: {why}")
+            raise BadRecord(f"malformed version record {vid}: {why}", vid)
         return ver
 
     def version(self, vid: int) -> Version:
@@ -492,9 +492,14 @@ class Index:
         return [int(v) for v in self.r.lrange(k_model_versions(name), 0, -1)]
 
     def all_vids(self) -> list[int]:
-        out = []
+        return list(self.listed_vids())
+
+    def listed_vids(self) -> dict[int, str]:
+        """Every version id a model lists (current and replaced ones kept), with its model's name."""
+        out = {}
         for key in self.r.scan_iter(match=P + "mv:*", count=1000):
-            out.extend(int(v) for v in self.r.lrange(key, 0, -1))
+            name = _s(key)[len(P) + 3:]
+            out.update((int(v), name) for v in self.r.lrange(key, 0, -1))
         return out
 
     def removed_vids(self) -> list[int]:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import envelope
-from .errors import CorruptChunk, NodeError, NotFound, ShardfsError, UnknownFormat, UsageError
+from .errors import BadRecord, CorruptChunk, NodeError, NotFound, ShardfsError, UnknownFormat, UsageError
 from .index import Index, Version
 from .placement import rank
 from .pool import NodePool
@@ -249,7 +249,9 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     want: dict[str, int] = {}
     keyrings: dict[str, object] = {}  # chunk -> keyring of its (encrypted) version
     rep = VerifyReport()
-    for ver in idx.versions(vids, rep.bad_records):
+    vers = idx.versions(vids, rep.bad_records)
+    rep.bad_records += _missing_records(idx, set(vids) - {v.vid for v in vers} - {e.vid for e in rep.bad_records})
+    for ver in vers:
         fp = ver.stats.get("key")
         if fp and (keyring is None or keyring.load().fingerprint != fp):  # (a broken key file: its error)
             if ver.vid in asked:
@@ -335,6 +337,17 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     finally:
         pool.close()
     return rep
+
+
+def _missing_records(idx: Index, gone: set[int]) -> list[BadRecord]:
+    """Of versions whose record was not found, those a model still lists (read after: gc
+    drops a record and its listing together, so a version it dropped meanwhile is not
+    one): a model that cannot be read, where verify said nothing."""
+    if not gone:
+        return []
+    listed = idx.listed_vids()
+    return [BadRecord(f"version record {vid} of {listed[vid]!r} is missing", vid) for vid in sorted(gone)
+            if vid in listed]
 
 
 def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:

@@ -471,6 +471,26 @@ def test_a_damaged_manifest_is_a_malformed_record_to_verify_ls_gc_and_rm(cli, no
     get_and_compare(cli, "b", other, tmp_path)
 
 
+def test_verify_names_a_version_record_that_is_missing(cli, nodes, redis_proc, model_small, tmp_path):
+    """(From a review of gc/verify.) A version a model lists whose record is gone was skipped:
+    verify said all was well for a model no one can read."""
+    add_nodes(cli, nodes, 1)
+    cli("put", model_small, "--name", "a", *SMALL)
+    other = tmp_path / "x.bin"
+    other.write_bytes(os.urandom(3 << 20))
+    cli("put", other, "--name", "b", *SMALL)
+    idx = open_idx(redis_proc)
+    vid = idx.models()["a"]
+    redis_proc.client().delete(f"shardfs:v:{vid}")
+    r = cli("verify", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"version record {vid} of 'a' is missing: its chunks are not checked" in r.stdout, r.stdout
+    assert "3 healthy" in r.stdout, r.stdout  # (b's chunks: still checked)
+    cli("rm", "a")
+    assert cli("verify").returncode == 0
+    get_and_compare(cli, "b", other, tmp_path)
+
+
 def test_what_a_killed_gc_leaves_is_said_and_the_next_gc_finishes(cli, nodes, redis_proc, model_small):
     """A gc killed part-way leaves its lock (until it lapses) and its claims: the gc refused
     meanwhile named no way out, and the stuck put advised a gc that was refused."""
