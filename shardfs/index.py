@@ -209,6 +209,14 @@ end
 return 1
 """
 
+# gc, when a node did not answer a delete: the nodes that did delete are unlisted, and the
+# chunk stays "deleting" (see maintenance._gc)
+UNLIST_LUA = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+for i = 2, #ARGV do redis.call('SREM', KEYS[1], ARGV[i]) end
+return 1
+"""
+
 UNLOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -324,6 +332,7 @@ class Index:
         self._claimed = client.register_script(CLAIMED_LUA)
         self._release = client.register_script(RELEASE_LUA)
         self._unlock = client.register_script(UNLOCK_LUA)
+        self._unlist = client.register_script(UNLIST_LUA)
         self._relock = client.register_script(RELOCK_LUA)
         self.gc_token: str | None = None  # set while this client holds the gc lock (gc_lock)
         self._add_node = client.register_script(ADD_NODE_LUA)
@@ -954,6 +963,11 @@ class Index:
         """gc could not delete every copy: see RELEASE_LUA."""
         self._gc_checked(self._release(keys=[k_chunk(hex_id), k_locs(hex_id), K_GC],
                                        args=[self.gc_token or "", *deleted_from]))
+
+    def unlist_claimed(self, hex_id: str, deleted_from) -> None:
+        """gc deleted only some copies, and a node may still delete another: see UNLIST_LUA."""
+        if deleted_from:
+            self._gc_checked(self._unlist(keys=[k_locs(hex_id), K_GC], args=[self.gc_token or "", *deleted_from]))
 
     def forget_chunk(self, hex_id: str) -> None:
         self._gc_checked(self._forget(keys=[k_chunk(hex_id), k_locs(hex_id), K_GC], args=[self.gc_token or ""]))

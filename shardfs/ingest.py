@@ -151,9 +151,9 @@ class Uploader:
         deadline = time.monotonic() + GC_WAIT
         while (state := self.idx.lease_chunk(self.put_id, hex_id, LEASE_TTL)) == "deleting":
             if time.monotonic() > deadline:
-                raise ShardfsError(f"chunk {hex_id[:16]} is stuck in garbage collection (a gc stopped part-way "
-                                   f"leaves the chunks it claimed until the next gc): run `shardfs gc`, "
-                                   f"then put again")
+                raise ShardfsError(f"chunk {hex_id[:16]} is stuck in garbage collection (a gc stopped part-way, "
+                                   f"or one a node did not answer, leaves the chunks it claimed until the "
+                                   f"next gc): run `shardfs gc`, then put again")
             time.sleep(0.2)
         have = set()
         if state == "ok":

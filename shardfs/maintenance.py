@@ -461,7 +461,7 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
     for h in list(idx.all_chunks()):
         if not idx.claim_for_gc(h):
             continue
-        gone, failed, lost = [], [], False
+        gone, failed, unsure, lost = [], [], [], False
         try:
             info = idx.chunk_info([h])[0] or {"locs": [], "stored": 0}
             for nid in info["locs"]:
@@ -478,7 +478,11 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
                     gone.append(nid)
                 except NodeError as e:
                     failed.append(nid)
-                    print(f"gc: could not delete chunk {h[:16]} from {nid}: {e}; will retry next gc", file=out)
+                    if e.unsure:  # (asked, no answer: the node may still delete it, later)
+                        unsure.append(nid)
+                    skip[nid] = str(e)  # (not one more timeout per chunk on a node that hangs)
+                    print(f"gc: could not delete chunk {h[:16]} from {nid}: {e}; deleting nothing more there "
+                          "this run, will retry next gc", file=out)
         except BaseException:  # interrupted, or Redis failed: a chunk left "deleting" would stall puts
             try:
                 idx.release_gc_claim(h, gone)
@@ -487,7 +491,17 @@ def _gc(idx: Index, pool: NodePool, out) -> tuple[int, int]:
             raise
         if lost:
             continue
-        if failed:
+        if unsure:
+            # A delete that went out unanswered may still be done, later: were the claim given
+            # back, a put could count on that copy (it is there when the put looks) and publish
+            # a version that then loses it. The chunk stays claimed, so such a put waits for
+            # it, until a gc whose deletes are answered finishes it (its listings on nodes
+            # that did delete go now).
+            idx.unlist_claimed(h, gone)
+            print(f"gc: chunk {h[:16]} stays claimed for deletion ({', '.join(unsure)} may still delete its "
+                  f"copy); a put of a file that holds it waits for the gc that finishes it: run gc again "
+                  f"once {'that node answers' if len(unsure) == 1 else 'those nodes answer'}", file=out)
+        elif failed:
             # give the claim back (state "ok", refs 0): a put needing the chunk re-uploads it
             # instead of waiting on a gc that cannot finish while that node is down
             idx.release_gc_claim(h, gone)

@@ -1593,6 +1593,103 @@ def test_a_lapsed_read_lease_is_reported_once(redis_proc, caplog, monkeypatch):
     assert "version(s) 7, 8 lapsed" in lapsed[0] and "Connection refused" in lapsed[0], lapsed[0]
 
 
+def _delete_holding_proxy(target: str):
+    """A loopback HTTP proxy in front of a real node server that passes every request on,
+    but, once hold() was called, holds each DELETE unanswered until release() (then passes
+    it on, its client long gone): a node that does a delete after its client stopped
+    waiting for the answer. Returns (url, held DELETE paths, hold, release, close)."""
+    import http.server
+    pool = urllib3.PoolManager()
+    gate, holding, held = threading.Event(), threading.Event(), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _pass_on(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.command == "DELETE" and holding.is_set():
+                held.append(self.path)
+                gate.wait(60)
+            r = pool.request(self.command, target + self.path, body=body or None, retries=False,
+                             headers={k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
+            try:
+                self.send_response(r.status)
+                for k, v in r.headers.items():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(r.data) if self.command != "HEAD" else
+                                                       int(r.headers.get("Content-Length") or 0)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(r.data)
+            except OSError:
+                pass  # (the held DELETE's client hung up long ago)
+        do_GET = do_HEAD = do_PUT = do_DELETE = _pass_on
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+    def close():
+        gate.set()
+        srv.shutdown()
+        pool.clear()
+    return f"http://127.0.0.1:{srv.server_address[1]}", held, holding.set, gate.set, close
+
+
+def test_a_delete_a_node_does_not_answer_leaves_the_chunk_claimed(cli, nodes, redis_proc, tmp_path, monkeypatch,
+                                                                  capsys):
+    """(A review's suspicion, reproduced.) gc gave its claim on a chunk back when a node did
+    not answer its DELETE: a put then found the copy still there, counted on it and
+    published, and the node did the DELETE after all. The model had lost a chunk. Now the
+    chunk stays claimed: the put waits for it (and says to run gc), and a later gc
+    finishes it; the same put then stores the chunk again."""
+    from shardfs import cli as shardfs_cli
+    from shardfs import ingest, maintenance, stores
+    from shardfs.index import k_chunk
+    [node] = nodes(1)
+    url, held, hold, release, close = _delete_holding_proxy(node.url)
+    try:
+        cli("node", "add", url)
+        f = tmp_path / "m.bin"
+        f.write_bytes(os.urandom(3 << 20))
+        cli("put", f, "--name", "m", "--chunk-size", "1MiB")
+        cli("rm", "m")
+        monkeypatch.setattr(stores.HttpStore.__init__, "__defaults__", (None, 1.0, 2.0))  # (a 1 s answer timeout)
+        idx = open_idx(redis_proc)
+        out = io.StringIO()
+        hold()
+        maintenance.gc(idx, out)
+        assert len(held) == 1, held  # (after one unanswered DELETE, none more to that node this run)
+        h = held[0].rsplit("/", 1)[1]
+        assert idx.r.hget(k_chunk(h), "state") == b"deleting", out.getvalue()
+        assert f"gc: chunk {h[:16]} stays claimed for deletion (n1 may still delete its copy)" in out.getvalue()
+        # a put of the same bytes, now: it must not count on the copy that DELETE may remove
+        monkeypatch.setattr(ingest, "GC_WAIT", 0.5)
+        for k, v in cli.env.items():
+            monkeypatch.setenv(k, v)
+        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
+        try:
+            rc = shardfs_cli.main(["put", str(f), "--name", "m", "--chunk-size", "1MiB", "--no-progress"])
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+        err = capsys.readouterr().err
+        assert rc == 1 and f"chunk {h[:16]} is stuck in garbage collection" in err, (rc, err)
+        release()  # the node does the DELETE now
+        wait_for(lambda: h not in {os.path.basename(p) for p in node.chunk_files()}, timeout=30,
+                 what="the held DELETE done")
+        out = io.StringIO()
+        maintenance.gc(idx, out)  # (answered now: finished)
+        assert not idx.r.exists(k_chunk(h)), out.getvalue()
+        cli("put", f, "--name", "m", "--chunk-size", "1MiB")
+        get_and_compare(cli, "m", f, tmp_path)
+        assert " 0 lost" in cli("verify").stdout
+    finally:
+        close()
+
+
 def test_gc_concurrent_with_put(cli, nodes, redis_proc, model_small, tmp_path):
     procs = add_nodes(cli, nodes, 2)
     # leave the model's chunks behind unreferenced, so gc and the next put race for them
