@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import __version__
-from .errors import NotFound, ShardfsError, UsageError
+from .errors import BadRecord, NotFound, ShardfsError, UsageError
 
 EPILOG = """\
 Where the index lives: --redis URL, else $SHARDFS_REDIS, else the config file's `redis`,
@@ -330,6 +330,10 @@ def cmd_ls(args):
     models = {n: v for n, v in idx.models().items() if n.startswith(args.prefix or "")}
     bad = []
     vers = sorted(idx.versions(list(models.values()), bad), key=lambda v: v.name)
+    found = {v.vid for v in vers} | {e.vid for e in bad}
+    now = idx.models()  # (read after: a model replaced or removed meanwhile is not one)
+    bad += [BadRecord(f"version record {vid} of {name!r} is missing", vid) for name, vid in sorted(models.items())
+            if vid not in found and now.get(name) == vid]
     for e in bad:  # (the others are listed all the same; the exit status says so)
         print(f"shardfs: {e}: that model is left out; `shardfs rm` it, or put it again with --force",
               file=sys.stderr)

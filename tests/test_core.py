@@ -486,6 +486,10 @@ def test_verify_names_a_version_record_that_is_missing(cli, nodes, redis_proc, m
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"version record {vid} of 'a' is missing: its chunks are not checked" in r.stdout, r.stdout
     assert "3 healthy" in r.stdout, r.stdout  # (b's chunks: still checked)
+    r = cli("ls", check=False)  # (it left the model out and exited 0)
+    assert r.returncode == 1 and r.stderr == (f"shardfs: version record {vid} of 'a' is missing: that model is "
+                                              "left out; `shardfs rm` it, or put it again with --force\n"), r.stderr
+    assert " b\n" in r.stdout and " a\n" not in r.stdout, r.stdout
     cli("rm", "a")
     assert cli("verify").returncode == 0
     get_and_compare(cli, "b", other, tmp_path)
