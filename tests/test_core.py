@@ -126,6 +126,20 @@ def assert_one_line_error(r, *needles):
     return lines[0]
 
 
+def main_in_process(cli, monkeypatch, *args) -> int:
+    """`shardfs ARGS` run by cli.main in this process (with cli's environment), so a test can
+    patch what it calls; its exit status. (The signal handlers main sets are put back.)"""
+    from shardfs import cli as shardfs_cli
+    for k, v in cli.env.items():
+        monkeypatch.setenv(k, v)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return shardfs_cli.main([str(a) for a in args])
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
 def spawn(cli, *args, env=None):
     return subprocess.Popen([sys.executable, "-m", "shardfs", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**cli.env, **(env or {})},
@@ -562,7 +576,6 @@ def test_put_holds_no_state_per_chunk_beyond_the_chunks_in_flight(redis_proc, no
     Futures at the front were let go, so every later one piled up behind it (257 of 257)."""
     import weakref
     from concurrent.futures import ThreadPoolExecutor
-    from shardfs import cli as shardfs_cli
     from shardfs import ingest
     live, most = weakref.WeakSet(), [0]
 
@@ -593,14 +606,7 @@ def test_put_holds_no_state_per_chunk_beyond_the_chunks_in_flight(redis_proc, no
     add_nodes(cli, nodes, 1)
     model = tmp_path / "m.safetensors"
     write_safetensors(str(model), 16 << 20, seed=4)
-    for k, v in cli.env.items():
-        monkeypatch.setenv(k, v)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
-    try:
-        assert shardfs_cli.main(["put", str(model), "--name", "m", "--chunk-size", "64KiB", "--no-progress"]) == 0
-    finally:
-        for sig, h in handlers.items():
-            signal.signal(sig, h)
+    assert main_in_process(cli, monkeypatch, "put", model, "--name", "m", "--chunk-size", "64KiB", "--no-progress") == 0
     assert len(ingest_chunks := open_idx(redis_proc).model("m").manifest.ids) > 256, len(ingest_chunks)
     assert most[0] <= 64, f"{most[0]} futures alive at once for {len(ingest_chunks)} chunks"
     assert stores and all(not u._storing for u in stores)
@@ -1649,7 +1655,6 @@ def test_a_delete_a_node_does_not_answer_leaves_the_chunk_claimed(cli, nodes, re
     published, and the node did the DELETE after all. The model had lost a chunk. Now the
     chunk stays claimed: the put waits for it (and says to run gc), and a later gc
     finishes it; the same put then stores the chunk again."""
-    from shardfs import cli as shardfs_cli
     from shardfs import ingest, maintenance, stores
     from shardfs.index import k_chunk
     [node] = nodes(1)
@@ -1671,14 +1676,7 @@ def test_a_delete_a_node_does_not_answer_leaves_the_chunk_claimed(cli, nodes, re
         assert f"gc: chunk {h[:16]} stays claimed for deletion (n1 may still delete its copy)" in out.getvalue()
         # a put of the same bytes, now: it must not count on the copy that DELETE may remove
         monkeypatch.setattr(ingest, "GC_WAIT", 0.5)
-        for k, v in cli.env.items():
-            monkeypatch.setenv(k, v)
-        handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
-        try:
-            rc = shardfs_cli.main(["put", str(f), "--name", "m", "--chunk-size", "1MiB", "--no-progress"])
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        rc = main_in_process(cli, monkeypatch, "put", str(f), "--name", "m", "--chunk-size", "1MiB", "--no-progress")
         err = capsys.readouterr().err
         assert rc == 1 and f"chunk {h[:16]} is stuck in garbage collection" in err, (rc, err)
         release()  # the node does the DELETE now
@@ -1772,7 +1770,6 @@ def test_a_put_meeting_a_chunk_a_stopped_gc_claimed_says_to_run_gc(cli, nodes, r
     """A gc stopped part-way leaves the chunks it claimed "deleting" until the next gc. A put
     that needs one waits GC_WAIT for it, then ends with one line saying to run gc, and
     publishes nothing; after that gc the same put goes through, bit-exact."""
-    from shardfs import cli as shardfs_cli
     from shardfs import ingest
     add_nodes(cli, nodes, 1)
     cli("put", model_small, "--name", "old", *SMALL)
@@ -1782,14 +1779,7 @@ def test_a_put_meeting_a_chunk_a_stopped_gc_claimed_says_to_run_gc(cli, nodes, r
     with idx.gc_lock():
         assert idx.claim_for_gc(h)  # ... and this gc stops here
     monkeypatch.setattr(ingest, "GC_WAIT", 0.5)
-    for k, v in cli.env.items():
-        monkeypatch.setenv(k, v)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
-    try:
-        rc = shardfs_cli.main(["put", str(model_small), "--name", "new", *SMALL, "--no-progress"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    rc = main_in_process(cli, monkeypatch, "put", str(model_small), "--name", "new", *SMALL, "--no-progress")
     err = capsys.readouterr().err
     assert rc != 0 and len(err.strip().splitlines()) == 1, (rc, err)
     assert err.startswith(f"shardfs: error: chunk {h[:16]} is stuck in garbage collection"), err
@@ -2102,7 +2092,6 @@ def test_a_name_taken_while_a_put_uploads_is_refused_as_before_the_upload(cli, n
                                                                         tmp_path, capsys, monkeypatch):
     """Both checks of a taken name say the same and exit 2: the one before the upload did, the
     one at publish (another put of that name landed during the upload) exited 1."""
-    from shardfs import cli as shardfs_cli
     from shardfs import ingest
     add_nodes(cli, nodes, 1)
     store = ingest.PutSession.store
@@ -2113,14 +2102,7 @@ def test_a_name_taken_while_a_put_uploads_is_refused_as_before_the_upload(cli, n
         return out
     (tmp_path / "other.bin").write_bytes(b"the winner" * 1000)
     monkeypatch.setattr(ingest.PutSession, "store", store_then_lose_the_race)
-    for k, v in cli.env.items():
-        monkeypatch.setenv(k, v)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}  # (main sets them)
-    try:
-        rc = shardfs_cli.main(["put", str(model_small), "--name", "same", *SMALL, "--no-progress"])
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    rc = main_in_process(cli, monkeypatch, "put", str(model_small), "--name", "same", *SMALL, "--no-progress")
     err = capsys.readouterr().err
     assert rc == 2 and err == "shardfs: error: model 'same' already exists; use --force to replace it\n", (rc, err)
     before = cli("put", model_small, "--name", "same", *SMALL, check=False)
