@@ -332,8 +332,7 @@ def cmd_ls(args):
     vers = sorted(idx.versions(list(models.values()), bad), key=lambda v: v.name)
     found = {v.vid for v in vers} | {e.vid for e in bad}
     now = idx.models()  # (read after: a model replaced or removed meanwhile is not one)
-    bad += [BadRecord(f"version record {vid} of {name!r} is missing", vid) for name, vid in sorted(models.items())
-            if vid not in found and now.get(name) == vid]
+    bad += [BadRecord.missing(vid, name) for name, vid in sorted(models.items()) if vid not in found and now.get(name) == vid]
     for e in bad:  # (the others are listed all the same; the exit status says so)
         print(f"shardfs: {e}: that model is left out; `shardfs rm` it, or put it again with --force",
               file=sys.stderr)

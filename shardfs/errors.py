@@ -48,6 +48,11 @@ class BadRecord(ShardfsError):
         super().__init__(message)
         self.vid = vid
 
+    @classmethod
+    def missing(cls, vid: int, name: str) -> "BadRecord":
+        """A version that model `name` lists, whose record is not there."""
+        return cls(f"version record {vid} of {name!r} is missing", vid)
+
 
 class NodeError(Exception):
     """A node could not serve or store a chunk. `full` is set when it is out of space;

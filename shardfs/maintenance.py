@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import math
@@ -237,9 +238,8 @@ def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.st
         vids = idx.all_vids() + idx.removed_vids()
     asked = {models[n] for n in names} if names else set()
     with idx.reading(vids):  # gc must not drop a version (and its chunks) mid-check: false "lost"
-        if not repair:
-            return _verify(idx, vids, asked, repair, out, keyring)
-        with idx.copies_lock("verify --repair"):  # (no `node rm` counts a copy it is making)
+        # (a repair holds the lock `node rm` takes: no `node rm` counts a copy it is making)
+        with idx.copies_lock("verify --repair") if repair else contextlib.nullcontext():
             return _verify(idx, vids, asked, repair, out, keyring)
 
 
@@ -346,8 +346,7 @@ def _missing_records(idx: Index, gone: set[int]) -> list[BadRecord]:
     if not gone:
         return []
     listed = idx.listed_vids()
-    return [BadRecord(f"version record {vid} of {listed[vid]!r} is missing", vid) for vid in sorted(gone)
-            if vid in listed]
+    return [BadRecord.missing(vid, listed[vid]) for vid in sorted(gone) if vid in listed]
 
 
 def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
@@ -368,12 +367,8 @@ def _drop_broken(idx, pool, h, bad, missing, out) -> list[str]:
                 store.delete(h)
             except NodeError:
                 gone = False  # (its listing goes all the same: readers skip a bad copy)
-        if gone:
-            try:
-                if store.has(h):
-                    continue  # stored again since it was checked (or deleted)
-            except NodeError:
-                pass
+        if gone and _holds(store, h):
+            continue  # stored again since it was checked (or deleted)
         if not idx.drop_unleased(h, nid):
             print(f"repair: left chunk {h} listed on {nid}: a running put leases it (and may be storing "
                   "it there again); verify again once it ends", file=out)
