@@ -1199,7 +1199,9 @@ def test_gc_says_when_running_puts_keep_their_chunks(cli, nodes, redis_proc):
     idx = Index(redis.Redis.from_url(redis_proc.url), redis_proc.url)
     idx.start_put("a-put", 300)
     out = cli("gc").stdout
-    assert "gc: 1 put(s) under way keep the chunks they stored" in out and "(within 300 s)" in out, out
+    # (the lease is 300 s from its start: gc says what is left of it, a second or so less on a loaded machine)
+    assert "gc: 1 put(s) under way keep the chunks they stored" in out, out
+    assert re.search(r"\(within (29[0-9]|300) s\)", out), out
     idx.end_put("a-put")
     assert "under way" not in cli("gc").stdout
 
