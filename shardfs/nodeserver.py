@@ -4,7 +4,7 @@
                             chunks went to, 503 when that cannot be told (stores.MARKER)
     PUT /chunks/<id>        token required; the body must decode and hash to <id> (a sealed
                             one: carry it), and never replaces a sealed chunk already there
-    DELETE /chunks/<id>     token required
+    DELETE /chunks/<id>     token required; 404 and 503 as for GET
     GET /health             {"used": bytes, "free": bytes, "chunks": n, "disk": "<boot id>:<st_dev>",
                              "root": "<boot id>:<st_dev>:<st_ino>", "writable": bool}
 
@@ -195,6 +195,9 @@ class NodeServer:
             size = os.stat(path).st_size
             os.unlink(path)
         except FileNotFoundError:
+            why = not_found_why(self.root)  # (as for GET: gc forgets a copy a 404 calls gone)
+            if why:
+                raise web.HTTPServiceUnavailable(text=why + "\n")
             raise web.HTTPNotFound()
         except OSError as e:
             raise web.HTTPServiceUnavailable(text=f"cannot delete the chunk: {e.strerror}\n")

@@ -28,11 +28,11 @@ import urllib3
 
 from conftest import Cli, add_nodes, ctrl_c_default, free_port, gone, sha256_file, wait_for
 from shardfs import envelope
-from shardfs.errors import ShardfsError
+from shardfs.errors import NodeError, ShardfsError
 from shardfs.index import LEASE_PREFIX, Index
 from shardfs.maintenance import gc as run_gc
 from shardfs.maintenance import get_model
-from shardfs.stores import MARKER, init_root
+from shardfs.stores import MARKER, HttpStore, init_root
 from shardfs.synth import write_safetensors
 from shardfs.placement import rank
 
@@ -2779,3 +2779,22 @@ def test_stored_bytes_sums_over_windows_of_round_trips(redis_proc):
     p.execute()
     unknown = hashlib.blake2b(b"none", digest_size=32).digest()
     assert idx.stored_bytes(set(ids) | {unknown}) == sum(range(10_000))
+
+
+def test_node_server_delete_of_a_chunk_under_a_root_without_its_marker_is_503_not_404(nodes):
+    """A DELETE answered 404 ("gone already") where the directory was not the node's (a disk
+    that did not mount): gc, racing such a swap after its own check, then forgot the copy."""
+    [srv] = nodes(1)
+    cid, blob, _ = envelope.encode(b"weights" * 1000)
+    url = f"{srv.url}/chunks/{cid.hex()}"
+    assert urllib3.request("PUT", url, body=bytes(blob)).status == 201
+    os.rename(srv.root, srv.root + ".away")
+    os.mkdir(srv.root)
+    r = urllib3.request("DELETE", url)
+    assert r.status == 503 and b".shardfs-node" in r.data, (r.status, r.data)
+    with pytest.raises(NodeError, match="HTTP 503"):
+        HttpStore(srv.url).delete(cid.hex())
+    os.rmdir(srv.root)
+    os.rename(srv.root + ".away", srv.root)
+    assert urllib3.request("DELETE", url).status == 204
+    assert urllib3.request("DELETE", url).status == 404  # (truly gone now)
