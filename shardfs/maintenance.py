@@ -278,7 +278,8 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     def check(h):
         good, bad, missing, unreadable = [], [], [], []
         blob = None  # a good copy's envelope, for repair to copy as it is
-        for nid in (infos[h] or {"locs": []})["locs"]:
+        locs = (infos[h] or {"locs": []})["locs"]
+        for nid in locs:
             if nid not in pool.nodes or isinstance(health.get(nid), NodeError):
                 continue
             try:
@@ -293,12 +294,29 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                 unreadable.append((nid, f"{e}: written by a newer shardfs?"))
             except CorruptChunk as e:
                 bad.append((nid, f"corrupt: {e}"))
-        return h, good, bad, missing, unreadable, blob
+        found = []
+        if not good:
+            found, copy = _unlisted_copies(pool, health, h, keyrings.get(h), listed=locs)
+            blob = copy if repair else None
+        return h, good, bad, missing, unreadable, blob, found
 
     try:
         with ThreadPoolExecutor(WORKERS) as ex:
-            for h, good, bad, missing, unreadable, blob in _windowed(ex, check, hexes, 2 * WORKERS):
+            for h, good, bad, missing, unreadable, blob, found in _windowed(ex, check, hexes, 2 * WORKERS):
                 rep.chunks += 1
+                relisted = False
+                if found and not repair:
+                    print(f"unlisted copy: chunk {h} is on node(s) {', '.join(found)}, where the index does not "
+                          f"list it, so mounts cannot find it there: `shardfs verify --repair` lists it", file=out)
+                elif found:
+                    if idx.add_locations(h, found):
+                        print(f"repair: listed chunk {h} on node(s) {', '.join(found)}, which hold a good copy "
+                              "the index did not list", file=out)
+                        good, relisted = found, True
+                    else:
+                        print(f"repair: chunk {h} has no record in the index (it lists no node for it), so its "
+                              f"copies on {', '.join(found)} cannot be listed: put a file that holds it again",
+                              file=out)
                 for nid, why in unreadable:
                     rep.unreadable.append((h, nid, why))
                     print(f"unreadable copy (left in place): chunk {h} on node {nid}: {why}", file=out)
@@ -312,6 +330,7 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                 if not good:
                     rep.lost.append(h)
                     print(f"LOST: chunk {h} has no good copy on any live node"
+                          + (" the index lists it on" if found else "")
                           + (f" ({len(unreadable)} copies this shardfs cannot read are left in place)"
                              if unreadable else ""), file=out)
                     if repair and (bad or missing):
@@ -322,7 +341,10 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                                   f"holds it again (with the same --chunk-size) restores it", file=out)
                     continue
                 if len(active_good) >= want[h] and not bad and not missing and not unreadable:
-                    rep.healthy += 1
+                    if relisted:
+                        rep.repaired += 1
+                    else:
+                        rep.healthy += 1
                     continue
                 if len(active_good) < want[h]:
                     rep.under.append((h, active_good, want[h]))
@@ -337,6 +359,26 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
     finally:
         pool.close()
     return rep
+
+
+def _unlisted_copies(pool: NodePool, health: dict, h: str, keyring, listed) -> tuple[list[str], bytes | None]:
+    """Good copies of chunk h on answering nodes the index does not list it on: where a chunk
+    with no good listed copy may still be (a node removed and added again under a new id, a
+    disk that was not mounted when a repair dropped its listings, a directory restored).
+    Looked for only then: one request per node, most of them a 404. Returns the nodes, and
+    one of their copies' envelope."""
+    found, copy = [], None
+    for nid in sorted(pool.nodes):
+        if nid in listed or isinstance(health.get(nid), NodeError):
+            continue
+        try:
+            got = pool.store(nid).get(h)
+            envelope.decode(got, bytes.fromhex(h), keyring)
+        except (NodeError, UnknownFormat, CorruptChunk):
+            continue
+        found.append(nid)
+        copy = got if copy is None else copy
+    return found, copy
 
 
 def _missing_records(idx: Index, gone: set[int]) -> list[BadRecord]:

@@ -2798,3 +2798,37 @@ def test_node_server_delete_of_a_chunk_under_a_root_without_its_marker_is_503_no
     os.rename(srv.root + ".away", srv.root)
     assert urllib3.request("DELETE", url).status == 204
     assert urllib3.request("DELETE", url).status == 404  # (truly gone now)
+
+
+def test_verify_finds_copies_the_index_lost_track_of_and_repair_lists_them(cli, nodes, redis_proc, model_small,
+                                                                          tmp_path):
+    """A node moved to another port is removed (--force) and added again under a new id: its
+    chunks are all there, but listed under the id that went. verify called them LOST and
+    repair could do nothing, though one request to the new node finds every one."""
+    a, b = add_nodes(cli, nodes, 2)
+    cli("put", model_small, "--name", "m", "--replicas", 1, *SMALL)
+    on_a = {os.path.basename(f) for f in a.chunk_files()}
+    assert on_a and len(on_a) < 25
+    idx = open_idx(redis_proc)
+    old = next(nid for nid, n in idx.nodes().items() if n.url == a.url)
+    a.stop()
+    a.port = None  # (the same directory, served on another port)
+    a.start()
+    cli("node", "rm", "--force", old)
+    cli("node", "add", a.url)
+    new = next(nid for nid, n in idx.nodes().items() if n.url == a.url)
+    assert cli("get", "m", tmp_path / "out", check=False).returncode != 0  # (mounts and get cannot find them)
+
+    r = cli("verify", check=False)
+    assert r.returncode == 1, r.stdout
+    unlisted = set(re.findall(rf"unlisted copy: chunk ([0-9a-f]{{64}}) is on node\(s\) {new},", r.stdout))
+    assert unlisted == on_a, r.stdout
+    assert f"{len(on_a)} lost" in r.stdout and "the index lists it on" in r.stdout
+
+    r = cli("verify", "--repair")
+    assert set(re.findall(rf"repair: listed chunk ([0-9a-f]{{64}}) on node\(s\) {new},", r.stdout)) == on_a
+    assert f"0 lost, {len(on_a)} repaired" in r.stdout, r.stdout
+    assert all(new in idx.locations(h) for h in on_a)  # (beside the removed id, which readers skip)
+    assert re.search(r"25 healthy, 0 under-replicated, 0 bad copies, 0 missing copies, 0 unreadable copies, 0 lost",
+                     cli("verify").stdout)
+    get_and_compare(cli, "m", model_small, tmp_path)
