@@ -459,6 +459,7 @@ def cmd_verify(args):
     print(f"verified {rep.chunks} chunks: {rep.healthy} healthy, {len(rep.under)} under-replicated, "
           f"{len(rep.bad_copies)} bad copies, {len(rep.missing)} missing copies, "
           f"{len(rep.unreadable)} unreadable copies, {len(rep.lost)} lost"
+          + (f", {len(rep.unlisted)} with unlisted copies" if rep.unlisted else "")
           + (f", {rep.repaired} repaired" if args.repair else "")
           + (f"; {len(rep.bad_records)} malformed or missing version record(s)" if rep.bad_records else ""))
     if rep.lost or rep.bad_records or (not rep.ok and not args.repair) or (args.repair and rep.unrepaired):

@@ -215,6 +215,7 @@ class VerifyReport:
     missing: list = field(default_factory=list)     # (hex, node id)
     unreadable: list = field(default_factory=list)  # (hex, node id, reason): node errored, copy kept
     lost: list = field(default_factory=list)        # hex with no good copy
+    unlisted: list = field(default_factory=list)    # (hex, node ids): good copies the index does not list
     repaired: int = 0  # chunks repair changed (copied, or dropped broken copies) and left with R good ones
     unrepaired: list = field(default_factory=list)  # hex repair could not bring to R good copies
     bad_records: list = field(default_factory=list)  # BadRecord: malformed version records
@@ -222,7 +223,7 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not (self.under or self.bad_copies or self.missing or self.lost or self.unreadable
-                    or self.bad_records)
+                    or self.bad_records or self.unlisted)
 
 
 def verify(idx: Index, names: list[str] | None, repair: bool = False, out=sys.stdout,
@@ -295,9 +296,10 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
             except CorruptChunk as e:
                 bad.append((nid, f"corrupt: {e}"))
         found = []
-        if not good:
+        if len([n for n in good if n in live]) < want[h]:
             found, copy = _unlisted_copies(pool, health, h, keyrings.get(h), listed=locs)
-            blob = copy if repair else None
+            if repair and blob is None:
+                blob = copy
         return h, good, bad, missing, unreadable, blob, found
 
     try:
@@ -306,13 +308,14 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
                 rep.chunks += 1
                 relisted = False
                 if found and not repair:
+                    rep.unlisted.append((h, found))
                     print(f"unlisted copy: chunk {h} is on node(s) {', '.join(found)}, where the index does not "
                           f"list it, so mounts cannot find it there: `shardfs verify --repair` lists it", file=out)
                 elif found:
                     if idx.add_locations(h, found):
                         print(f"repair: listed chunk {h} on node(s) {', '.join(found)}, which hold a good copy "
                               "the index did not list", file=out)
-                        good, relisted = found, True
+                        good, relisted = good + found, True
                     else:
                         print(f"repair: chunk {h} has no record in the index (it lists no node for it), so its "
                               f"copies on {', '.join(found)} cannot be listed: put a file that holds it again",
@@ -363,10 +366,10 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
 
 def _unlisted_copies(pool: NodePool, health: dict, h: str, keyring, listed) -> tuple[list[str], bytes | None]:
     """Good copies of chunk h on answering nodes the index does not list it on: where a chunk
-    with no good listed copy may still be (a node removed and added again under a new id, a
-    disk that was not mounted when a repair dropped its listings, a directory restored).
-    Looked for only then: one request per node, most of them a 404. Returns the nodes, and
-    one of their copies' envelope."""
+    with fewer good listed copies than it needs may have more (a node removed and added again
+    under a new id, a disk that was not mounted when a repair dropped its listings, a
+    directory restored). Looked for only then: one request per node, most of them a 404.
+    Returns the nodes, and one of their copies' envelope."""
     found, copy = [], None
     for nid in sorted(pool.nodes):
         if nid in listed or isinstance(health.get(nid), NodeError):

@@ -2832,3 +2832,35 @@ def test_verify_finds_copies_the_index_lost_track_of_and_repair_lists_them(cli, 
     assert re.search(r"25 healthy, 0 under-replicated, 0 bad copies, 0 missing copies, 0 unreadable copies, 0 lost",
                      cli("verify").stdout)
     get_and_compare(cli, "m", model_small, tmp_path)
+
+
+def test_repair_lists_the_copies_a_node_added_again_holds_instead_of_copying_them_elsewhere(cli, nodes,
+                                                                                            redis_proc,
+                                                                                            model_small, tmp_path):
+    """R=2 on 3 nodes, one moved to another port (removed with --force, added again): its
+    chunks were under-replicated, and repair copied them to the third node, leaving the
+    moved node's copies unlisted for good (gc finds copies only through listings)."""
+    procs = add_nodes(cli, nodes, 3)
+    a = procs[0]
+    cli("put", model_small, "--name", "m", "--replicas", 2, *SMALL)
+    on_a = {os.path.basename(f) for f in a.chunk_files()}
+    before = {p.url: len(p.chunk_files()) for p in procs[1:]}
+    idx = open_idx(redis_proc)
+    old = next(nid for nid, n in idx.nodes().items() if n.url == a.url)
+    a.stop()
+    a.port = None
+    a.start()
+    cli("node", "rm", old)  # (R-1 copies elsewhere: no --force needed)
+    cli("node", "add", a.url)
+    new = next(nid for nid, n in idx.nodes().items() if n.url == a.url)
+
+    r = cli("verify", check=False)
+    assert r.returncode == 1 and f"{len(on_a)} under-replicated" in r.stdout, r.stdout
+    assert f"0 lost, {len(on_a)} with unlisted copies" in r.stdout, r.stdout
+    r = cli("verify", "--repair")
+    assert set(re.findall(rf"repair: listed chunk ([0-9a-f]{{64}}) on node\(s\) {new},", r.stdout)) == on_a
+    assert "now on" not in r.stdout  # (nothing copied)
+    assert f"{len(on_a)} repaired" in r.stdout, r.stdout
+    assert {p.url: len(p.chunk_files()) for p in procs[1:]} == before
+    assert " 0 under-replicated, 0 bad copies, 0 missing copies, 0 unreadable copies, 0 lost" in cli("verify").stdout
+    get_and_compare(cli, "m", model_small, tmp_path)
