@@ -706,6 +706,8 @@ def main(argv=None) -> int:
         what, code = _stopped(e)
         if args.cmd == "put":
             what += _after_publish() or "; nothing was published (run `shardfs gc` to reclaim partial uploads)"
+        elif args.cmd == "mount" and not getattr(args, "foreground", True):
+            what += "; the mount daemon was stopped, nothing is mounted"
         elif args.cmd == "cache" and getattr(args, "cache_cmd", None) == "warm":
             what += "; the mount stops warming (what it fetched stays cached)"
         print(f"shardfs: {what}", file=sys.stderr)

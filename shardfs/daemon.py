@@ -599,7 +599,7 @@ def raise_read_ahead(mountpoint: str, kb: int) -> str:
 
 
 async def run(daemon: Daemon, ready) -> None:
-    """Serve until SIGTERM/SIGINT or an unmount. `ready()` is called once mounted."""
+    """Serve until SIGTERM/SIGINT/SIGHUP or an unmount. `ready()` is called once mounted."""
     from .fuse_ops import ShardOps
 
     cfg = daemon.cfg
@@ -608,8 +608,9 @@ async def run(daemon: Daemon, ready) -> None:
     if cfg.allow_other:
         opts.add("allow_other")
     # Signals are caught from before the mount exists: a SIGTERM in between would kill the
-    # process with the kernel mount left behind, stale.
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+    # process with the kernel mount left behind, stale. (SIGHUP: the terminal of a
+    # --foreground mount closed.)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
         pyfuse3.init(ops, cfg.mountpoint, opts)
         try:
             await _serve(daemon, ready, sigs)

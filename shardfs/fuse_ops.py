@@ -114,8 +114,8 @@ class ShardOps(pyfuse3.Operations):
     @_errors
     async def opendir(self, inode, ctx):
         listing = self.tree.listdir(inode, dots=True)
-        if listing is None:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if listing is None:  # (a folder whose models went, the kernel's entry not yet lapsed: ENOENT)
+            raise pyfuse3.FUSEError(errno.ENOTDIR if self.tree.entry(inode) is not None else errno.ENOENT)
         self._fh += 1
         self._dirs[self._fh] = (inode, listing)
         return self._fh
@@ -142,7 +142,8 @@ class ShardOps(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode, flags, ctx):
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+        # (O_APPEND alone writes nothing: a read-only open with it works, as on any read-only fs)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
             raise pyfuse3.FUSEError(errno.EROFS)
         entry = self.tree.entry(inode)
         if entry is None:

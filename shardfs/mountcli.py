@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -173,7 +174,6 @@ def recover_stale(mp: str) -> None:
 def _force_unmount(mp: str) -> None:
     """Cut a mount's daemon off (every read waiting on it fails at once), unmount, and stop
     the daemon: for a daemon that is stopped or stuck, which a plain unmount cannot reach."""
-    import signal
     _kind, dev = mounts().get(mp, ("", ""))
     aborted = bool(dev) and abort_connection(dev)
     pids = found = daemon_pids(mp)
@@ -344,6 +344,10 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
                                 start_new_session=True, cwd="/")
     os.close(w)
+    from .cli import _terminate
+    # SIGTERM or SIGHUP while the daemon starts (`timeout 10 shardfs mount`, a closed terminal)
+    # stops it as Ctrl-C does: killed silently, this command left it to mount behind its back
+    handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         with os.fdopen(r) as ready:
             line = ready.readline().strip()
@@ -354,6 +358,9 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
         raise
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if line == "ok":
         print(f"mounted {mp} (daemon pid {proc.pid}, log {log_path})")
         return

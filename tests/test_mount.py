@@ -498,6 +498,14 @@ def test_writes_fail_with_erofs(store, mounts):
         with pytest.raises(OSError) as e:
             action()
         assert e.value.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+    fd = os.open(m.file("org/small.safetensors"), os.O_RDONLY | os.O_APPEND)  # (writes nothing: was EROFS)
+    try:
+        assert os.read(fd, 100) == store["small"].read_bytes()[:100]
+        with pytest.raises(OSError) as e:
+            os.write(fd, b"x")
+        assert e.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
 
 
 def test_replica_killed_during_cold_read(cli, nodes, model_256, mounts, tmp_path):
@@ -678,9 +686,11 @@ def test_a_control_socket_that_cannot_be_made_fails_the_mount_in_one_line(store,
     assert not os.path.ismount(mp)
 
 
-def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_path, sig):
     """Ctrl-C while `mount` waited for its daemon said "interrupted", and the daemon (in a
-    session of its own) mounted anyway, behind the user's back."""
+    session of its own) mounted anyway, behind the user's back. SIGTERM (`timeout 10 shardfs
+    mount ...`) killed the command silently, with the same result."""
     from shardfs.mounttab import mounts as mount_table
     mp = tmp_path / "mp"
     mp.mkdir()
@@ -700,9 +710,11 @@ def test_a_mount_interrupted_while_its_daemon_starts_leaves_no_mount(cli, tmp_pa
         return subprocess.run(["pgrep", "-f", f"mount {mp} --foreground"], capture_output=True,
                               text=True).stdout.split()
     wait_for(daemons, timeout=30, what="the mount daemon to start")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err, (proc.returncode, out, err)
+    said = "interrupted" if sig == signal.SIGINT else "terminated"
+    assert proc.returncode == 128 + sig and f"shardfs: {said}; the mount daemon was stopped, nothing is mounted" \
+        in err, (proc.returncode, out, err)
     time.sleep(5)  # (long enough for a daemon left running to have mounted)
     assert str(mp) not in mount_table() and not daemons()  # (ismount says False on a stale mount)
 
@@ -760,11 +772,14 @@ def test_mounting_over_a_non_empty_directory_warns(store, cli, tmp_path):
     assert (mp / "mine.txt").read_text() == "hidden while mounted"
 
 
-def test_sigterm_unmounts_cleanly(store, mounts):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_sigterm_unmounts_cleanly(store, mounts, sig):
+    """(SIGHUP: the terminal of a --foreground mount closed; it killed the daemon and left the
+    mount stale.)"""
     m = mounts()
     assert os.path.ismount(m.path)
-    os.kill(m.pid, signal.SIGTERM)
-    wait_for(lambda: not os.path.ismount(m.path), timeout=10, what="unmount on SIGTERM")
+    os.kill(m.pid, sig)
+    wait_for(lambda: not os.path.ismount(m.path), timeout=10, what=f"unmount on signal {sig}")
     assert os.listdir(m.path) == []
 
 

@@ -107,6 +107,13 @@ def test_operations_translate_and_refuse_writes():
         assert await ops.getxattr(a.st_ino, b"user.shardfs.sha256", None) == b"sha1"
         s = await ops.statfs(None)
         assert s.f_blocks == 1 and s.f_bfree == 0
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.opendir(a.st_ino, None)
+        assert e.value.errno == errno.ENOTDIR
+        t.update(cat({"b": 2}))  # org/ is gone; the kernel may still hold its inode for a moment
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.opendir(org.st_ino, None)
+        assert e.value.errno == errno.ENOENT  # (was ENOTDIR: "Not a directory", of a directory)
     trio.run(main)
 
 
