@@ -368,12 +368,23 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
     raise ShardfsError(line.removeprefix("error: ") if line else f"mount daemon exited; see {log_path}")
 
 
-def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
-    import trio
+def _new_daemon(args, mp: str, cache_dir: str):
     from .cli import _keyring
     from .connect import open_index
     from .control import socket_path
-    from .daemon import Daemon, MountConfig, run, sd_notify
+    from .daemon import Daemon, MountConfig
+    cfg = MountConfig(mountpoint=mp, cache_dir=cache_dir,
+                      cache_size=args.cache_size or _default_cache_size(cache_dir),
+                      read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
+                      control_path=socket_path(mp), notify_store=not args.no_notify_store,
+                      prefetch=not args.no_prefetch, cache_local_nodes=args.cache_local_nodes,
+                      keyring=_keyring(args))
+    return Daemon(cfg, lambda: open_index(args.redis, timeout=3.0, loading_wait=0))  # (it keeps serving meanwhile)
+
+
+def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
+    import trio
+    from .daemon import run, sd_notify
 
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     for h in logging.getLogger().handlers:
@@ -391,13 +402,11 @@ def _run_foreground(args, mp: str, cache_dir: str, idx) -> None:
             ready_file = None
 
     try:
-        cfg = MountConfig(mountpoint=mp, cache_dir=cache_dir,
-                          cache_size=args.cache_size or _default_cache_size(cache_dir),
-                          read_ahead=args.read_ahead, mem_limit=args.memory, allow_other=args.allow_other,
-                          control_path=socket_path(mp), notify_store=not args.no_notify_store,
-                          prefetch=not args.no_prefetch, cache_local_nodes=args.cache_local_nodes,
-                          keyring=_keyring(args))
-        daemon = Daemon(cfg, lambda: open_index(args.redis, timeout=3.0, loading_wait=0))  # (it keeps serving meanwhile)
+        try:
+            daemon = _new_daemon(args, mp, cache_dir)
+        except OSError as e:  # (the cache directory: read-only, full, a file where a folder goes)
+            where = f" ({e.filename})" if e.filename and e.filename != cache_dir else ""
+            raise ShardfsError(f"cannot use cache directory {cache_dir}: {e.strerror or e}{where}") from None
         daemon.idx = idx
         if args.metrics:
             from .metrics import daemon_metrics, serve_metrics

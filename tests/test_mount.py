@@ -1185,3 +1185,18 @@ def test_evicting_a_model_keeps_the_chunks_a_pinned_model_shares(cli, nodes, tmp
     assert by["a.bin"]["cached_pct"] == 100.0 and by["b.bin"]["cached"] == 4 << 20, by
     assert m.cli("cache", "evict", "a.bin", "--mount", m.path).stdout.strip() == "evicted 4.0 MiB"  # its own pin: asked for
     assert open(m.file("b.bin"), "rb").read() == b.read_bytes()
+
+
+def test_a_cache_dir_the_daemon_cannot_use_is_named_in_one_line(cli, tmp_path):
+    """An OSError while the daemon set up its cache directory reached the command only as
+    "mount daemon exited; see LOG": the reason was in the log alone."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "snapshots").write_text("a file where the daemon keeps a folder")
+    r = cli("mount", mp, "--cache-dir", cache, check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == f"shardfs: error: cannot use cache directory {cache}: File exists " \
+                               f"({cache / 'snapshots'})", r.stderr
+    assert not os.path.ismount(mp)
