@@ -364,7 +364,10 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
     if line == "ok":
         print(f"mounted {mp} (daemon pid {proc.pid}, log {log_path})")
         return
-    proc.wait(timeout=10) if proc.poll() is None else None
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # (it said why it failed, then hung on its way out)
+        proc.kill()
     raise ShardfsError(line.removeprefix("error: ") if line else f"mount daemon exited; see {log_path}")
 
 
