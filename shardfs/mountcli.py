@@ -19,7 +19,7 @@ from .mounttab import abort_connection, daemon_pids, mounts, resolve, stat_withi
 MOUNT_EPILOG = """\
 By default `mount` returns once the filesystem is ready; the daemon keeps running in the
 background and logs to $SHARDFS_HOME/logs/. Use --foreground under systemd (it sends
-READY=1 and STOPPING=1 when NOTIFY_SOCKET is set). SIGTERM or SIGINT unmount cleanly.
+READY=1 and STOPPING=1 when NOTIFY_SOCKET is set). SIGTERM, SIGINT or SIGHUP unmount cleanly.
 """
 
 
