@@ -36,6 +36,9 @@ log = logging.getLogger("shardfs.node")
 
 PUT_BODIES = 4  # PUT bodies held at once (each up to envelope.MAX_STORED, ~64 MiB): the rest wait
 KEEPALIVE = 75.0  # seconds an idle client connection is kept open
+# seconds for a PUT's whole body: a client that stops sending mid-body (a `shardfs put`
+# suspended with Ctrl-Z) held one of the PUT_BODIES slots for good, and four of them every PUT
+PUT_BODY_DEADLINE = float(os.environ.get("SHARDFS_PUT_BODY_DEADLINE", "60"))
 
 
 class NodeServer:
@@ -45,6 +48,7 @@ class NodeServer:
         self.used = 0
         self.chunks = 0
         self._bodies = asyncio.Semaphore(PUT_BODIES)
+        self._ids: dict[str, list] = {}  # chunk id -> [lock, users]: see _one_at_a_time
         why = init_root(self.root, adopt=False)  # (marks a root it creates, never an empty one it finds)
         if why:
             raise UsageError(f"--root {root}: {why}")
@@ -85,6 +89,21 @@ class NodeServer:
         if scheme.lower() != "bearer" or not hmac.compare_digest(
                 given.strip().encode("utf-8", "surrogateescape"), self.token.encode()):
             raise web.HTTPUnauthorized(text="missing or wrong token\n")
+
+    @contextlib.asynccontextmanager
+    async def _one_at_a_time(self, cid: str):
+        """PUTs and DELETEs of one chunk id, one at a time: each looks at what the directory
+        holds, changes it, and counts the change (used, chunks). Interleaved across the
+        awaits in between, they counted one file twice, or a deleted one as kept (-1 chunks)."""
+        slot = self._ids.setdefault(cid, [asyncio.Lock(), 0])
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if not slot[1]:
+                del self._ids[cid]
 
     def _root_ok(self) -> None:
         if not os.path.isdir(self.root):
@@ -145,7 +164,12 @@ class NodeServer:
             return await self._put(request, path)
 
     async def _put(self, request, path):
-        body = await request.read()  # bounded by client_max_size
+        try:
+            async with asyncio.timeout(PUT_BODY_DEADLINE):
+                body = await request.read()  # bounded by client_max_size
+        except TimeoutError:
+            raise web.HTTPRequestTimeout(text=f"the body did not arrive within {PUT_BODY_DEADLINE:g} s\n",
+                                         headers={"Connection": "close"}) from None
         cid = bytes.fromhex(request.match_info["cid"])
         try:
             sealed_checked = False
@@ -171,26 +195,33 @@ class NodeServer:
         why = write_refused(self.root)  # (see stores.MARKER)
         if why:
             raise web.HTTPServiceUnavailable(text=why + "\n")
-        existed = os.path.exists(path)
-        if existed and envelope.is_sealed(body) and not sealed_checked:
-            # A sealed body can only be checked against its id's header, and against the
-            # hash the client sent of it (stores.SEALED_HASH): without that, a second PUT must
-            # not replace a copy that may be good with one that may have been damaged on its way.
-            return web.Response(status=201)
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)
-        except NodeError as e:
-            if e.full:
-                raise web.HTTPInsufficientStorage(text="node is out of space\n")
-            raise web.HTTPInternalServerError(text=f"{e}\n")
-        if not existed:
-            self.used += len(body)
-            self.chunks += 1
+        async with self._one_at_a_time(request.match_info["cid"]):
+            was = _size(path)
+            if was is not None and envelope.is_sealed(body) and not sealed_checked:
+                # A sealed body can only be checked against its id's header, and against the
+                # hash the client sent of it (stores.SEALED_HASH): without that, a second PUT must
+                # not replace a copy that may be good with one that may have been damaged on its way.
+                return web.Response(status=201)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, write_atomic, path, body)
+            except NodeError as e:
+                now = _size(path)  # (a failure after the rename leaves the new file in place)
+                self.used += (now or 0) - (was or 0)
+                self.chunks += (now is not None) - (was is not None)
+                if e.full:
+                    raise web.HTTPInsufficientStorage(text="node is out of space\n")
+                raise web.HTTPInternalServerError(text=f"{e}\n")
+            self.used += len(body) - (was or 0)
+            self.chunks += was is None
         return web.Response(status=201)
 
     async def delete(self, request):
         path = self._path(request)
         self._authorize(request)
+        async with self._one_at_a_time(request.match_info["cid"]):
+            return self._delete(path)
+
+    def _delete(self, path: str):
         try:
             size = os.stat(path).st_size
             os.unlink(path)
@@ -204,6 +235,13 @@ class NodeServer:
         self.used -= size
         self.chunks -= 1
         return web.Response(status=204)
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
 
 
 def _raise_fd_limit() -> None:

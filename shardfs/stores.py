@@ -17,6 +17,7 @@ import heapq
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 
 import blake3
 import urllib3
+import urllib3.connection
 
 from . import directio, envelope
 from .errors import NodeError, UsageError
@@ -389,20 +391,26 @@ def dir_usage(root: str) -> int:
 SMALL_ANSWER = 64 << 10  # bytes: the most read of an answer that is not a chunk (health, errors)
 
 
-def _small(store_url: str, r, what: str) -> bytes:
+def _small(store_url: str, r, what: str, limit: int = SMALL_ANSWER, deadline: float = 10.0) -> bytes:
     """The body of an answer that is not a chunk (r opened with preload_content=False), read
-    to at most SMALL_ANSWER: a node answering with an endless or huge body is a failed node,
-    not a client out of memory."""
+    to at most `limit` bytes within `deadline` seconds: a node answering with an endless,
+    huge or trickled body is a failed node, not a client out of memory or a thread held."""
+    late = _deadlines.watch(r, deadline)
     try:
-        body = r.read(SMALL_ANSWER + 1, decode_content=False)
-        if len(body) > SMALL_ANSWER:
+        body = r.read(limit + 1, decode_content=False)
+        if late[0]:
+            raise OSError("shut")
+        if len(body) > limit:
             r.close()
-            raise NodeError(store_url, f"{what}: an answer of over {SMALL_ANSWER} bytes")
+            raise NodeError(store_url, f"{what}: an answer of over {limit} bytes")
         return body
-    except urllib3.exceptions.HTTPError as e:
+    except (urllib3.exceptions.HTTPError, OSError) as e:
         r.close()
+        if late[0]:
+            raise NodeError(store_url, f"{what}: the answer took over {deadline:g} s") from None
         raise NodeError(store_url, f"{what}: {type(e).__name__}: {e}") from None
     finally:
+        _deadlines.done(late)
         r.release_conn()
 
 
@@ -475,6 +483,50 @@ _deadlines = _Deadlines()
 HEALTH_TIMEOUT = 3.0  # seconds for a node's /health answer (chunk requests wait 10)
 
 
+class _Shut:
+    """What _Deadlines shuts for a connection still waiting for its answer's head."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def shutdown(self):
+        sock = self.conn.sock
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class _HeadDeadline:
+    """A connection whose answer's status line and headers must all arrive within the read
+    timeout. urllib3's timeout bounds each socket read: a node trickling its headers a byte
+    a second held a fetch thread for good, and a few such nodes every thread of a mount's
+    pool (no read then reached a good replica)."""
+
+    def getresponse(self):
+        wait = self.timeout if isinstance(self.timeout, (int, float)) else None
+        late = _deadlines.watch(_Shut(self), wait) if wait else None
+        try:
+            r = super().getresponse()
+        except BaseException:
+            if late is not None and late[0]:
+                raise urllib3.exceptions.ReadTimeoutError(None, "", f"no answer within {wait:g} s") from None
+            raise
+        finally:
+            if late is not None:
+                _deadlines.done(late)
+        if late is not None and late[0]:  # (cut off mid-headers, http.client takes the end for theirs)
+            r.close()
+            raise urllib3.exceptions.ReadTimeoutError(None, "", f"no answer within {wait:g} s")
+        return r
+
+
+class _HTTPConnection(_HeadDeadline, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_HeadDeadline, urllib3.connection.HTTPSConnection):
+    pass
+
+
 class HttpStore(NodeStore):
     """Client of a node server. urllib3 keeps keep-alive connections per node."""
 
@@ -485,6 +537,8 @@ class HttpStore(NodeStore):
         self._pool = urllib3.connection_from_url(
             self.url, maxsize=32, block=False, retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=timeout))
+        self._pool.ConnectionCls = (_HTTPSConnection if isinstance(self._pool, urllib3.HTTPSConnectionPool)
+                                    else _HTTPConnection)
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._connect_timeout = connect_timeout
 
@@ -517,8 +571,8 @@ class HttpStore(NodeStore):
         try:
             if r.status != 200:
                 try:
-                    text = r.read(500)
-                except urllib3.exceptions.HTTPError:
+                    text = _small(self.url, r, "GET", limit=500)
+                except NodeError:
                     text = b""
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r, text)}",
                                 missing=r.status == 404)
@@ -526,15 +580,17 @@ class HttpStore(NodeStore):
             # front of it) answering with an endless or huge body is a failed node, not an
             # out-of-memory mount.
             length = r.headers.get("Content-Length")
-            if length is not None and (not length.isdigit() or int(length) > envelope.MAX_STORED):
+            if length is not None and not (length.isascii() and length.isdigit()):  # ("²".isdigit())
+                raise NodeError(self.url, f"GET chunk {hex_id[:16]}: a Content-Length of {length!r}")
+            if length is not None and int(length) > envelope.MAX_STORED:
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: an answer of {length} bytes is not a chunk")
             # urllib3's timeout bounds each socket read, not the answer: a node trickling a
             # byte now and then held this thread (one of the pool's) for as long as it liked.
             late = _deadlines.watch(r, BODY_DEADLINE)
             try:
-                if length is not None:
+                if length is not None and not r.chunked:
                     data = r.read(decode_content=False)  # (Content-Length bytes, into one buffer)
-                else:  # chunked: read up to the bound
+                else:  # chunked (which overrides a Content-Length sent with it): read up to the bound
                     parts, n = [], 0
                     for part in r.stream(1 << 20, decode_content=False):
                         n += len(part)
@@ -600,13 +656,13 @@ class HttpStore(NodeStore):
         # put's node check for the whole chunk timeout)
         r = self._request("GET", "/health", timeout=urllib3.Timeout(connect=self._connect_timeout,
                                                                     read=HEALTH_TIMEOUT), preload_content=False)
-        text = _small(self.url, r, "health")
+        text = _small(self.url, r, "health", deadline=HEALTH_TIMEOUT)
         if r.status != 200:
             raise NodeError(self.url, f"health: HTTP {r.status}{_why(r, text)}")
         import json
         try:
             got = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # (RecursionError: a few thousand nested arrays)
             got = None
         if not isinstance(got, dict):
             raise NodeError(self.url, "health answer is not a JSON object")
