@@ -59,8 +59,10 @@ class NodeServer:
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if HEX_ID.fullmatch(name):
-                    self.chunks += 1
-                    self.used += os.stat(os.path.join(dirpath, name)).st_size
+                    size = _size(os.path.join(dirpath, name))  # (None: deleted meanwhile, by gc through file://)
+                    if size is not None:
+                        self.chunks += 1
+                        self.used += size
                 else:
                     swept += remove_stale_temp(dirpath, name, now)  # left by a server killed mid-PUT
         if swept:
