@@ -24,8 +24,14 @@ from .units import parse_size
 MAX_CONFIG = 1 << 20  # bytes: a config file is a few lines
 
 
+def home() -> str:
+    """$SHARDFS_HOME: the state directory (embedded Redis, logs, the default cache and node).
+    (Here, not in connect: finding the config must not import redis, which `node serve` and
+    `--help` do without.)"""
+    return os.path.abspath(os.environ.get("SHARDFS_HOME") or os.path.expanduser("~/.local/share/shardfs"))
+
+
 def _home_cache():
-    from .connect import home
     return os.path.join(home(), "cache")
 
 
@@ -54,7 +60,6 @@ def config_path(flag: str | None) -> str | None:
         return flag
     if os.environ.get("SHARDFS_CONFIG"):
         return os.environ["SHARDFS_CONFIG"]
-    from .connect import home
     for p in (os.path.join(home(), "config.toml"), "/etc/shardfs/config.toml"):
         if os.path.exists(p):
             return p

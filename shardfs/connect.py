@@ -15,6 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 
+from .config import home  # noqa: F401 - connect.home, as callers know it
 from .errors import IndexUnavailable, UsageError
 from .index import Index
 
@@ -22,10 +23,6 @@ MAX_SOCKET_PATH = 100
 # A Redis that is up but still loading its AOF (the first command after a reboot starts the
 # embedded one) answers every command with LOADING: wait this long for it, not fail.
 LOADING_WAIT = 60.0
-
-
-def home() -> str:
-    return os.path.abspath(os.environ.get("SHARDFS_HOME") or os.path.expanduser("~/.local/share/shardfs"))
 
 
 def display_url(url: str) -> str:
