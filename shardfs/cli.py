@@ -629,6 +629,13 @@ def _terminate(signum, frame):
     raise Terminated(signum)
 
 
+def stop_signals() -> list:
+    """The signals that stop a command cleanly: SIGTERM, and SIGHUP unless it is ignored (as
+    under `nohup`, which asks for the work to go on when the terminal closes)."""
+    import signal
+    return [signal.SIGTERM] + ([signal.SIGHUP] if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN else [])
+
+
 def _after_publish() -> str:
     """'' or, for a put stopped once its publish was done, what it published."""
     from .ingest import published
@@ -675,8 +682,8 @@ def main(argv=None) -> int:
         return 1
     if args.cmd in ("put", "get", "verify", "gc"):  # (mount and node serve handle SIGTERM themselves)
         import signal
-        signal.signal(signal.SIGTERM, _terminate)
-        signal.signal(signal.SIGHUP, _terminate)
+        for sig in stop_signals():
+            signal.signal(sig, _terminate)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="shardfs: %(levelname)s: %(message)s")
     try:

@@ -610,7 +610,8 @@ async def run(daemon: Daemon, ready) -> None:
     # Signals are caught from before the mount exists: a SIGTERM in between would kill the
     # process with the kernel mount left behind, stale. (SIGHUP: the terminal of a
     # --foreground mount closed.)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+    from .cli import stop_signals  # (SIGHUP unless ignored: `nohup shardfs mount --foreground`)
+    with trio.open_signal_receiver(signal.SIGINT, *stop_signals()) as sigs:
         pyfuse3.init(ops, cfg.mountpoint, opts)
         try:
             await _serve(daemon, ready, sigs)

@@ -296,7 +296,11 @@ def _verify(idx: Index, vids: list[int], asked: set[int], repair: bool, out, key
             except CorruptChunk as e:
                 bad.append((nid, f"corrupt: {e}"))
         found = []
-        if len([n for n in good if n in live]) < want[h]:
+        # Short of good copies, with no listed one on a node that is down or cannot answer now
+        # to explain it: look elsewhere. (Not for every chunk of a node that is down: that
+        # would be a request to every other node for each of its chunks, each verify.)
+        away = [n for n in locs if isinstance(health.get(n), NodeError)] + [n for n, _ in unreadable]
+        if len([n for n in good if n in live]) + len(away) < want[h]:
             found, copy = _unlisted_copies(pool, health, h, keyrings.get(h), listed=locs)
             if repair and blob is None:
                 blob = copy

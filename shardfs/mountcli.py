@@ -340,18 +340,24 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
         cmd += ["--metrics", args.metrics]
     if args.key_file:
         cmd += ["--key-file", os.path.abspath(args.key_file)]
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
-                                start_new_session=True, cwd="/")
-    os.close(w)
-    from .cli import _terminate
+    from .cli import _terminate, stop_signals
     # SIGTERM or SIGHUP while the daemon starts (`timeout 10 shardfs mount`, a closed terminal)
     # stops it as Ctrl-C does: killed silently, this command left it to mount behind its back
-    handlers = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    handlers = {sig: signal.signal(sig, _terminate) for sig in stop_signals()}
+    proc = None
     try:
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,),
+                                    start_new_session=True, cwd="/")
+        os.close(w)
         with os.fdopen(r) as ready:
             line = ready.readline().strip()
+        _restore(handlers)  # (the answer is in: a signal from here on meets a finished start)
     except BaseException:  # interrupted while the daemon starts: it must not mount after we said no
+        if proc is None:
+            os.close(w)
+            os.close(r)
+            raise
         proc.terminate()  # (it unmounts cleanly on SIGTERM, caught from before the mount exists)
         try:
             proc.wait(timeout=30)
@@ -359,8 +365,7 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
             proc.kill()
         raise
     finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        _restore(handlers)
     if line == "ok":
         print(f"mounted {mp} (daemon pid {proc.pid}, log {log_path})")
         return
@@ -369,6 +374,11 @@ def _spawn(args, mp: str, cache_dir: str) -> None:
     except subprocess.TimeoutExpired:  # (it said why it failed, then hung on its way out)
         proc.kill()
     raise ShardfsError(line.removeprefix("error: ") if line else f"mount daemon exited; see {log_path}")
+
+
+def _restore(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def _new_daemon(args, mp: str, cache_dir: str):

@@ -170,8 +170,9 @@ class NodeServer:
             async with asyncio.timeout(PUT_BODY_DEADLINE):
                 body = await request.read()  # bounded by client_max_size
         except TimeoutError:
-            raise web.HTTPRequestTimeout(text=f"the body did not arrive within {PUT_BODY_DEADLINE:g} s\n",
-                                         headers={"Connection": "close"}) from None
+            resp = web.Response(status=408, text=f"the body did not arrive within {PUT_BODY_DEADLINE:g} s\n")
+            resp.force_close()  # (the rest of that body must not be read as a request)
+            return resp
         cid = bytes.fromhex(request.match_info["cid"])
         try:
             sealed_checked = False

@@ -391,10 +391,12 @@ def dir_usage(root: str) -> int:
 SMALL_ANSWER = 64 << 10  # bytes: the most read of an answer that is not a chunk (health, errors)
 
 
-def _small(store_url: str, r, what: str, limit: int = SMALL_ANSWER, deadline: float = 10.0) -> bytes:
+def _small(store_url: str, r, what: str, limit: int = SMALL_ANSWER, deadline: float = 10.0,
+           cut: bool = False) -> bytes:
     """The body of an answer that is not a chunk (r opened with preload_content=False), read
     to at most `limit` bytes within `deadline` seconds: a node answering with an endless,
-    huge or trickled body is a failed node, not a client out of memory or a thread held."""
+    huge or trickled body is a failed node, not a client out of memory or a thread held.
+    With `cut`, a longer body gives its first `limit` bytes (an error's text) instead."""
     late = _deadlines.watch(r, deadline)
     try:
         body = r.read(limit + 1, decode_content=False)
@@ -402,6 +404,8 @@ def _small(store_url: str, r, what: str, limit: int = SMALL_ANSWER, deadline: fl
             raise OSError("shut")
         if len(body) > limit:
             r.close()
+            if cut:
+                return body[:limit]
             raise NodeError(store_url, f"{what}: an answer of over {limit} bytes")
         return body
     except (urllib3.exceptions.HTTPError, OSError) as e:
@@ -484,15 +488,27 @@ HEALTH_TIMEOUT = 3.0  # seconds for a node's /health answer (chunk requests wait
 
 
 class _Shut:
-    """What _Deadlines shuts for a connection still waiting for its answer's head."""
+    """What _Deadlines shuts for a connection still waiting for its answer's head: only
+    while it waits (the deadline thread may get here just after the answer came, and the
+    connection may be back in the pool, carrying another request, by then)."""
 
     def __init__(self, conn):
         self.conn = conn
+        self._lock = threading.Lock()
+        self._waiting = True
+        self.fired = False
 
     def shutdown(self):
-        sock = self.conn.sock
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
+        with self._lock:
+            if self._waiting and self.conn.sock is not None:
+                self.fired = True
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+
+    def end(self) -> bool:
+        """The wait is over; whether the deadline cut it."""
+        with self._lock:
+            self._waiting = False
+            return self.fired
 
 
 class _HeadDeadline:
@@ -503,17 +519,19 @@ class _HeadDeadline:
 
     def getresponse(self):
         wait = self.timeout if isinstance(self.timeout, (int, float)) else None
-        late = _deadlines.watch(_Shut(self), wait) if wait else None
+        if not wait:
+            return super().getresponse()
+        shut = _Shut(self)
+        late = _deadlines.watch(shut, wait)
         try:
             r = super().getresponse()
         except BaseException:
-            if late is not None and late[0]:
+            if shut.end():
                 raise urllib3.exceptions.ReadTimeoutError(None, "", f"no answer within {wait:g} s") from None
             raise
         finally:
-            if late is not None:
-                _deadlines.done(late)
-        if late is not None and late[0]:  # (cut off mid-headers, http.client takes the end for theirs)
+            _deadlines.done(late)
+        if shut.end():  # (cut off mid-headers, http.client takes the end for theirs)
             r.close()
             raise urllib3.exceptions.ReadTimeoutError(None, "", f"no answer within {wait:g} s")
         return r
@@ -571,7 +589,7 @@ class HttpStore(NodeStore):
         try:
             if r.status != 200:
                 try:
-                    text = _small(self.url, r, "GET", limit=500)
+                    text = _small(self.url, r, "GET", limit=500, cut=True)
                 except NodeError:
                     text = b""
                 raise NodeError(self.url, f"GET chunk {hex_id[:16]}: HTTP {r.status}{_why(r, text)}",

@@ -2946,6 +2946,16 @@ def test_a_node_answer_with_a_length_and_chunked_is_bounded_and_a_bad_length_ref
     finally:
         close()
 
+    def long_why(c):  # (an error page over the 500 bytes kept of it: its start is still the reason)
+        body = b"the node directory is gone\n" + b"." * 2000
+        c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    store, close = _raw_node(long_why)
+    try:
+        with pytest.raises(NodeError, match="HTTP 503: the node directory is gone"):
+            store().get("ab" * 32)
+    finally:
+        close()
+
 
 def test_a_health_answer_nested_too_deep_is_a_node_error_not_a_traceback(cli):
     from shardfs.errors import NodeError
@@ -3002,6 +3012,8 @@ def test_stalled_put_bodies_hold_the_node_servers_put_slots_only_until_their_dea
         for c in stalled:
             c.settimeout(30)
             assert c.recv(100).startswith(b"HTTP/1.1 408"), "the stalled PUT is answered 408"
+            while c.recv(65536):  # ... and its connection closed (a timeout here fails the test)
+                pass
     finally:
         for c in stalled:
             c.close()

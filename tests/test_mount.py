@@ -772,6 +772,28 @@ def test_mounting_over_a_non_empty_directory_warns(store, cli, tmp_path):
     assert (mp / "mine.txt").read_text() == "hidden while mounted"
 
 
+def test_a_mount_under_nohup_keeps_running_through_sighup(store, cli, tmp_path):
+    """SIGHUP unmounts (a terminal closed), but not where it was ignored from the start, as
+    `nohup shardfs mount` asks: catching it overrode that."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    r = subprocess.run([sys.executable, "-m", "shardfs", "mount", str(mp), "--cache-dir", str(tmp_path / "c")],
+                       env=cli.env, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout.split("daemon pid ")[1].split(")")[0].split(",")[0])
+    log = r.stdout.split(", log ")[1].rsplit(")", 1)[0]
+    try:
+        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGTERM)  # (signals arrive in order: a SIGHUP it took would come first)
+        wait_for(lambda: not os.path.ismount(mp), timeout=30, what="unmount on SIGTERM")
+        text = open(log).read()
+        assert "signal 15: unmounting" in text and "signal 1:" not in text, text[-2000:]
+    finally:
+        if os.path.ismount(mp):
+            cli("umount", mp, check=False)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_sigterm_unmounts_cleanly(store, mounts, sig):
     """(SIGHUP: the terminal of a --foreground mount closed; it killed the daemon and left the
