@@ -2932,29 +2932,18 @@ def test_a_node_answer_with_a_length_and_chunked_is_bounded_and_a_bad_length_ref
 
     def odd_length(c):
         c.sendall("HTTP/1.1 200 OK\r\nContent-Length: \u00b2\r\n\r\nab".encode("latin-1"))
-    store, close = _raw_node(both)
-    try:
-        with pytest.raises(NodeError, match=f"an answer of over {MAX_STORED} bytes"):
-            store().get("ab" * 32)
-    finally:
-        close()
-    assert len(blocks) < 200, "the whole answer was read"
-    store, close = _raw_node(odd_length)
-    try:
-        with pytest.raises(NodeError, match="a Content-Length of '\u00b2'"):
-            store().get("ab" * 32)
-    finally:
-        close()
-
     def long_why(c):  # (an error page over the 500 bytes kept of it: its start is still the reason)
         body = b"the node directory is gone\n" + b"." * 2000
         c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-    store, close = _raw_node(long_why)
-    try:
-        with pytest.raises(NodeError, match="HTTP 503: the node directory is gone"):
-            store().get("ab" * 32)
-    finally:
-        close()
+    for reply, match in ((both, f"an answer of over {MAX_STORED} bytes"), (odd_length, "a Content-Length of '\u00b2'"),
+                         (long_why, "HTTP 503: the node directory is gone")):
+        store, close = _raw_node(reply)
+        try:
+            with pytest.raises(NodeError, match=match):
+                store().get("ab" * 32)
+        finally:
+            close()
+    assert len(blocks) < 200, "the whole answer was read"
 
 
 def test_a_health_answer_nested_too_deep_is_a_node_error_not_a_traceback(cli):
